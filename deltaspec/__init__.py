@@ -1,0 +1,16 @@
+"""deltaspec: exact spectral analysis of fine-tuning weight updates (ΔW).
+
+>>> import deltaspec
+>>> sorted(deltaspec.__all__)[:3]
+['Delta', 'DeltaspecError', 'Spectrum']
+"""
+
+from deltaspec.analyze import analyze, compare, spectra
+from deltaspec.delta import Delta
+from deltaspec.errors import DeltaspecError
+from deltaspec.loaders import load
+from deltaspec.spectrum import Spectrum, spectrum
+
+__all__ = sorted(["Delta", "DeltaspecError", "Spectrum", "analyze", "compare", "load",
+                  "spectra", "spectrum"])
+__version__ = "0.1.0"

@@ -1,0 +1,249 @@
+"""The only loop over modules: ``analyze`` (one update) and ``compare`` (two) → pandas.DataFrame."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from deltaspec import columns as cols
+from deltaspec import metrics as M
+from deltaspec.delta import Delta
+from deltaspec.errors import DeltaspecError, ShapeError, UsageError
+from deltaspec.loaders import Deltas, detect_format, load
+from deltaspec.names import kind_of, layer_of, match_key
+from deltaspec.pipeline import prefetch, shard
+from deltaspec.spectrum import Spectrum, compute
+
+INTRUDER_TOP = 10  # Shuttleworth et al. look at the top-10 singular vectors of W + ΔW
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options of ``analyze``/``compare`` (keyword arguments of the same names)."""
+
+    top_k: int | None = None  # spectral metrics over the top K values only (fair across ranks)
+    k: int = 8  # subspace dimension K for similarity and amplification
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", …
+    intruders: bool = True  # needs the base's singular vectors: turn off on very large models
+    include: str | None = None  # regex: only modules whose name matches (re.search)
+    progress: bool = False  # a tqdm progress bar on stderr
+    allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway
+    shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
+    keep_spectra: bool = False  # attach spectra (dict name → Spectrum) as .spectra on the result
+
+
+def make_options(options: dict[str, Any]) -> Options:
+    """Validate keyword options into an :class:`Options` (unknown names are an error)."""
+    known = {f.name for f in dataclasses.fields(Options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    opts = Options(**options)
+    if opts.top_k is not None and opts.top_k < 1:
+        raise UsageError(f"top_k must be a positive integer, not {opts.top_k}")
+    if opts.k < 1:
+        raise UsageError(f"k must be a positive integer, not {opts.k}")
+    if opts.include is not None:
+        try:
+            re.compile(opts.include)
+        except re.error as exc:
+            raise UsageError(f"include: invalid regular expression {opts.include!r} ({exc})") from None
+    return opts
+
+
+class Result(pd.DataFrame):
+    """A DataFrame that may also carry ``.spectra`` and ``.skipped`` (not copied by pandas ops)."""
+
+    _metadata = ["spectra", "skipped"]
+
+    @property
+    def _constructor(self) -> type[pd.DataFrame]:
+        return pd.DataFrame
+
+
+def _selected(deltas: dict[str, Delta], opts: Options) -> list[str]:
+    names = list(deltas)
+    if opts.include:
+        names = [n for n in names if re.search(opts.include, n)]
+    if opts.shard:
+        names = shard(names, *opts.shard)
+    return names
+
+
+def _progress(items: list[Any], opts: Options, what: str) -> Any:
+    if not opts.progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=what, unit="module", leave=False)
+
+
+def _identity(d: Delta) -> dict[str, Any]:
+    return {"module": d.name, "layer": layer_of(d.name), "kind": kind_of(d.name),
+            "method": d.method, "shape": f"{d.shape[0]}×{d.shape[1]}", "rank_bound": d.rank_bound}
+
+
+def _base_metrics(d: Delta, sp: Spectrum, fro: float, opts: Options) -> dict[str, Any]:
+    assert d.base is not None
+    w = d.base().to(torch.float64)
+    out: dict[str, Any] = {"relative_norm": M.relative_norm(fro, w)}
+    r = min(opts.k, M.numerical_rank(sp.values, sp.shape))
+    u = sp.U[:, :r] if sp.U is not None else torch.zeros(sp.shape[0], 0)
+    v = sp.V[:, :r] if sp.V is not None else torch.zeros(sp.shape[1], 0)
+    out["amplification"] = M.amplification(fro, w, u, v)
+    out["intruders"] = _intruders(w, d, opts) if opts.intruders else math.nan
+    return out
+
+
+def _intruders(w: torch.Tensor, d: Delta, opts: Options) -> int:
+    if not bool(d.dense(torch.float64).any()):
+        return 0
+    u_w = compute(w, vectors_k=-1, device=opts.device).U
+    tuned = compute(w + d.dense(torch.float64), vectors_k=INTRUDER_TOP, device=opts.device).U
+    assert u_w is not None and tuned is not None
+    return M.intruders(u_w, tuned)
+
+
+def _solve(d: Delta, opts: Options, vectors: bool) -> tuple[Delta, Spectrum]:
+    return d, compute(d, vectors_k=opts.k if vectors else 0, device=opts.device)
+
+
+def _stream(deltas: dict[str, Delta], names: list[str], opts: Options,
+            vectors: bool) -> Iterator[tuple[Delta, Spectrum]]:
+    """Modules read one ahead on a worker thread, solved here in order."""
+    items = prefetch(names, lambda n: deltas[n].materialize())
+    for d in _progress(list(names), opts, "analyze"):
+        md = next(items)
+        assert md.name == d
+        yield _solve(md, opts, vectors)
+
+
+def _analyze_deltas(deltas: Deltas, opts: Options) -> Result:
+    with_base = any(d.base is not None for d in deltas.values())
+    rows, spectra = [], {}
+    for d, sp in _stream(deltas, _selected(deltas, opts), opts, vectors=with_base):
+        row = _identity(d) | M.spectral_metrics(sp.values, sp.shape, opts.top_k)
+        if with_base:
+            fro = M.fro_norm(sp.values)
+            row |= _base_metrics(d, sp, fro, opts) if d.base is not None else {}
+        rows.append(row)
+        if opts.keep_spectra:
+            spectra[d.name] = sp
+    return _frame(rows, cols.analyze_columns(with_base), spectra, deltas.skipped)
+
+
+def _frame(rows: list[dict[str, Any]], columns: list[str], spectra: dict[str, Spectrum],
+           skipped: list[tuple[str, str]]) -> Result:
+    df = Result(pd.DataFrame(rows, columns=columns))
+    for c in columns:
+        if cols.is_integer(c) or c == "layer":
+            df[c] = df[c].astype("Int64")
+    for c in ("kind", "method", "method_a", "method_b"):
+        if c in df:
+            df[c] = df[c].astype("string")
+    df.spectra = spectra
+    df.skipped = skipped
+    return df
+
+
+def analyze(path: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
+    """One row of metrics per module of the update at ``path`` (see :class:`Options`).
+
+    Columns are defined in :mod:`deltaspec.columns`: identity (module, layer, kind, method, shape,
+    rank_bound), every spectral metric, and with a base the base-relative ones.
+    """
+    opts = make_options(options)
+    deltas = load(path, base, allow_modified_base=opts.allow_modified_base)
+    return _analyze_deltas(deltas, opts)
+
+
+def _side(path: str | Path, base: str | Path | None, opts: Options) -> Deltas:
+    return load(path, base, allow_modified_base=opts.allow_modified_base)
+
+
+def _pairs(da: Deltas, db: Deltas) -> list[tuple[str, str]]:
+    by_key = {match_key(n): n for n in db}
+    pairs = [(n, by_key[match_key(n)]) for n in da if match_key(n) in by_key]
+    for na, nb in pairs:
+        if da[na].shape != db[nb].shape:
+            raise ShapeError(f"module {na!r}: shape {da[na].shape} in A but {db[nb].shape} in B")
+    return pairs
+
+
+def _pairwise(a: Delta, sa: Spectrum, b: Delta, sb: Spectrum, k: int) -> dict[str, float]:
+    ra = min(k, M.numerical_rank(sa.values, sa.shape))
+    rb = min(k, M.numerical_rank(sb.values, sb.shape))
+    assert sa.U is not None and sb.U is not None and sa.V is not None and sb.V is not None
+    ua, ub, va, vb = sa.U[:, :ra], sb.U[:, :rb], sa.V[:, :ra], sb.V[:, :rb]
+    operand = lambda d: d.factors(torch.float64) if d.is_factored else d.dense(torch.float64)  # noqa: E731
+    return {
+        "cosine": M.cosine(operand(a), operand(b)),
+        "subspace_sim_left": M.subspace_similarity(ua, ub),
+        "subspace_sim_right": M.subspace_similarity(va, vb),
+        "min_angle_left": M.min_angle_degrees(ua, ub),
+        "min_angle_right": M.min_angle_degrees(va, vb),
+    }
+
+
+def compare(a: str | Path, b: str | Path, base: str | Path | None = None,
+            **options: Any) -> pd.DataFrame:
+    """One row per module common to updates ``a`` and ``b``: both sides' metrics (suffixes
+    ``_a``/``_b``) and the pairwise ones (cosine, subspace similarity at K, principal angles).
+
+    Each side is an adapter folder, or a full checkpoint (then ``base`` is required). When both
+    are full checkpoints and no base is given, the update is ΔW = b − a, analysed like ``analyze``.
+    """
+    opts = make_options(options)
+    if base is None and detect_format(a) == detect_format(b) == "full":
+        return analyze(b, base=a, **options)
+    da, db = _side(a, base, opts), _side(b, base, opts)
+    pairs = _pairs(da, db)
+    if not pairs:
+        raise DeltaspecError(f"{a} and {b} have no module in common")
+    with_base = base is not None
+    keep = set(_selected({na: da[na] for na, _ in pairs}, opts))
+    rows, spectra = [], {}
+    for na, nb in _progress([p for p in pairs if p[0] in keep], opts, "compare"):
+        (a_d, sa), (b_d, sb) = _solve(da[na].materialize(), opts, True), _solve(
+            db[nb].materialize(), opts, True)
+        rows.append(_compare_row(a_d, sa, b_d, sb, opts, with_base))
+        if opts.keep_spectra:
+            spectra[na] = (sa, sb)
+    df = _frame(rows, cols.compare_columns(with_base), spectra, da.skipped + db.skipped)
+    df.attrs["only_a"] = sorted(set(da) - {p[0] for p in pairs})
+    df.attrs["only_b"] = sorted(set(db) - {p[1] for p in pairs})
+    return df
+
+
+def _compare_row(a: Delta, sa: Spectrum, b: Delta, sb: Spectrum, opts: Options,
+                 with_base: bool) -> dict[str, Any]:
+    ident = _identity(a)
+    row: dict[str, Any] = {c: ident[c] for c in cols.IDENTITY if c not in cols.PER_SIDE_IDENTITY}
+    for side, d, sp in (("a", a, sa), ("b", b, sb)):
+        part = {"method": d.method, "rank_bound": d.rank_bound}
+        part |= M.spectral_metrics(sp.values, sp.shape, opts.top_k)
+        if with_base and d.base is not None:
+            part |= _base_metrics(d, sp, M.fro_norm(sp.values), opts)
+        row |= {f"{c}_{side}": v for c, v in part.items()}
+    return row | _pairwise(a, sa, b, sb, opts.k)
+
+
+def spectra(path: str | Path, base: str | Path | None = None, k: int | None = None,
+            vectors: bool = False, **options: Any) -> dict[str, Spectrum]:
+    """Module name → :class:`Spectrum` of the update at ``path`` (values, and top-k vectors)."""
+    opts = make_options(options)
+    deltas = load(path, base, allow_modified_base=opts.allow_modified_base)
+    vk = (k if k is not None else -1) if vectors else 0
+    out = {}
+    for name in _progress(_selected(deltas, opts), opts, "spectra"):
+        sp = compute(deltas[name], vectors_k=vk, device=opts.device)
+        out[name] = sp if k is None else Spectrum(sp.values[:k], sp.shape, sp.route, sp.U, sp.V)
+    return out

@@ -1,0 +1,51 @@
+"""The ``deltaspec`` command line: one click group, one module per family of commands.
+
+Each module in ``_COMMAND_MODULES`` exposes ``COMMANDS``, a list of click commands. No math here:
+commands parse options, call the library, and print. Every :class:`DeltaspecError` becomes one line
+on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from deltaspec.errors import DeltaspecError
+
+_COMMAND_MODULES = ("analyze", "report", "check", "train")
+
+
+class _Group(click.Group):
+    """A click group that turns DeltaspecError (and Ctrl-C) into a one-line message and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DeltaspecError as exc:
+            click.echo(f"deltaspec: error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("deltaspec: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="deltaspec")
+def main() -> None:
+    """deltaspec: what did this fine-tune actually change?
+
+    Exact spectra of weight updates (LoRA, MultiLoRA, full fine-tunes), the metrics that describe
+    them, comparisons between updates, reports and CI gates.
+    """
+
+
+for _name in _COMMAND_MODULES:
+    for _command in importlib.import_module(f"deltaspec.cli.{_name}").COMMANDS:
+        main.add_command(_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

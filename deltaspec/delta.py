@@ -1,0 +1,118 @@
+"""`Delta`: the one type every loader yields — a weight update ΔW, factored or dense, read lazily.
+
+A Delta knows its name, its canonical shape (out, in) and how to produce its tensors; nothing is
+read from disk until :meth:`Delta.factors` or :meth:`Delta.dense` is called. Factored deltas keep
+every scale folded into ``B`` so that ``ΔW = B @ A`` exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from deltaspec.errors import DeltaspecError, NumericalError
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Return ``t`` unchanged, or raise :class:`NumericalError` naming ``what`` if it has NaN/Inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise NumericalError(f"{what}: {n_bad} NaN/Inf value(s) in a tensor of shape {tuple(t.shape)}")
+    return t
+
+
+@dataclass(frozen=True, eq=False)
+class Delta:
+    """A weight update ΔW of one module, in canonical (out, in) orientation.
+
+    Attributes:
+        name: canonical module path, e.g. ``model.layers.0.self_attn.q_proj``.
+        shape: (out, in) of ΔW.
+        rank_bound: structural rank bound: Σ r for a factored delta, min(out, in) for a dense one.
+        method: where it came from: ``lora``, ``multilora``, ``dora``, ``full``, ``modules_to_save``.
+        source: the file the tensors are read from (used in error messages).
+        base: optional thunk returning the base weight W0 in (out, in) orientation.
+        bias: optional thunk returning the bias update (out,).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    rank_bound: int
+    method: str
+    source: str
+    _factors: Callable[[], Factors] | None = field(default=None, repr=False)
+    _dense: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    base: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    bias: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self._factors is None) == (self._dense is None):
+            raise ValueError("a Delta is either factored or dense")
+
+    @property
+    def is_factored(self) -> bool:
+        """True when ΔW = B @ A is kept as its factors (never materialised)."""
+        return self._factors is not None
+
+    @property
+    def label(self) -> str:
+        """``source:name``, the way error messages name this tensor."""
+        return f"{self.source}: {self.name}"
+
+    def factors(self, dtype: torch.dtype = torch.float32) -> Factors:
+        """(B, A) with ΔW = B @ A, B of shape (out, R), A of shape (R, in). Factored deltas only."""
+        if self._factors is None:
+            raise DeltaspecError(f"{self.label}: a dense delta has no factors")
+        b, a = self._factors()
+        return (
+            check_finite(b.to(dtype), f"{self.label} (B factor)"),
+            check_finite(a.to(dtype), f"{self.label} (A factor)"),
+        )
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW as an (out, in) tensor. Factored deltas are multiplied out in float64 first."""
+        if self._factors is not None:
+            b, a = self.factors(torch.float64)
+            return (b @ a).to(dtype)
+        assert self._dense is not None
+        return check_finite(self._dense().to(dtype), self.label)
+
+    def materialize(self) -> Delta:
+        """A copy whose tensors are already read (used to prefetch the next module off-thread)."""
+        if self._factors is not None:
+            b, a = self._factors()
+            return _replace(self, _factors=lambda: (b, a))
+        assert self._dense is not None
+        w = self._dense()
+        return _replace(self, _dense=lambda: w)
+
+
+def _replace(d: Delta, **changes: object) -> Delta:
+    fields = {
+        "name": d.name, "shape": d.shape, "rank_bound": d.rank_bound, "method": d.method,
+        "source": d.source, "_factors": None, "_dense": None, "base": d.base, "bias": d.bias,
+    }
+    fields.update(changes)
+    return Delta(**fields)  # type: ignore[arg-type]
+
+
+def factored(
+    name: str, shape: tuple[int, int], load: Callable[[], Factors], *, method: str, source: str,
+    rank: int, base: Callable[[], torch.Tensor] | None = None,
+    bias: Callable[[], torch.Tensor] | None = None,
+) -> Delta:
+    """Build a factored Delta (ΔW = B @ A, scales folded into B)."""
+    return Delta(name, shape, min(rank, *shape), method, source, _factors=load, base=base, bias=bias)
+
+
+def dense(
+    name: str, shape: tuple[int, int], load: Callable[[], torch.Tensor], *, method: str,
+    source: str, base: Callable[[], torch.Tensor] | None = None,
+    bias: Callable[[], torch.Tensor] | None = None,
+) -> Delta:
+    """Build a dense Delta."""
+    return Delta(name, shape, min(shape), method, source, _dense=load, base=base, bias=bias)

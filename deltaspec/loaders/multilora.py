@@ -1,0 +1,84 @@
+"""MultiLoRA checkpoints: n parallel LoRA modules with learnable scalings, an exact factored delta.
+
+ΔW = Σᵢ sᵢ·Bᵢ·Aᵢ·(α/r) = [s₁B₁ | … | sₙBₙ]·[A₁; …; Aₙ]·(α/r), rank ≤ n·r. Stacked tensors
+``<module>.lora_A`` (n, r, in), ``.lora_B`` (n, out, r), ``.lora_scaling`` (n,) or (n, out), and a
+JSON config (``multilora_config.json``: α, r, n). The MTL-LoRA re-implementation's keys (the same
+names, optionally with PEFT's ``base_model.model.`` prefix and a ``.weight`` leaf) read the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from deltaspec import delta as _delta
+from deltaspec.delta import Delta
+from deltaspec.errors import CheckpointError, ConfigError
+from deltaspec.loaders.full import Checkpoint
+from deltaspec.loaders.store import TensorStore, read_json
+from deltaspec.names import strip_peft_prefix
+
+CONFIG = "multilora_config.json"
+WEIGHTS = "multilora_model.safetensors"
+_KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<part>A|B|scaling)(?:\.weight)?$")
+
+
+def detect(path: Path) -> bool:
+    """True for a folder with ``multilora_config.json``."""
+    return (path / CONFIG).is_file()
+
+
+def load_multilora(path: Path, base: Checkpoint | None,
+                   skipped: list[tuple[str, str]]) -> dict[str, Delta]:
+    """Every module's factored ΔW in a MultiLoRA folder."""
+    config = read_json(path / CONFIG)
+    alpha, r = config.get("lora_alpha", config.get("alpha")), config.get("r")
+    if not isinstance(alpha, (int, float)) or not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"{path / CONFIG}: needs numeric 'lora_alpha' and a positive integer 'r'")
+    files = [path / WEIGHTS] if (path / WEIGHTS).is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no {WEIGHTS}")
+    store = TensorStore.from_files(files)
+    parts: dict[str, dict[str, str]] = {}
+    for key in store.keys():
+        m = _KEY.match(strip_peft_prefix(key))
+        if m is None:
+            skipped.append((key, "not a MultiLoRA tensor"))
+            continue
+        parts.setdefault(m["mod"], {})[m["part"]] = key
+    out = {mod: _module(store, mod, keys, alpha / r, base) for mod, keys in parts.items()}
+    if not out:
+        raise CheckpointError(f"{files[0]}: holds no MultiLoRA tensors")
+    return out
+
+
+def _module(store: TensorStore, mod: str, keys: dict[str, str], scale: float,
+            base: Checkpoint | None) -> Delta:
+    source = str(store.file_of(next(iter(keys.values()))))
+    for part in ("A", "B", "scaling"):
+        if part not in keys:
+            raise CheckpointError(f"{source}: module {mod!r} has no lora_{part} tensor")
+    a_shape, b_shape = store.shape(keys["A"]), store.shape(keys["B"])
+    s_shape = store.shape(keys["scaling"])
+    if len(a_shape) != 3 or len(b_shape) != 3 or a_shape[0] != b_shape[0] or a_shape[1] != b_shape[2]:
+        raise CheckpointError(f"{source}: {mod}: lora_A {a_shape} and lora_B {b_shape} are not "
+                              "stacked (n, r, in) and (n, out, r)")
+    n, r, d_in = a_shape
+    d_out = b_shape[1]
+    if s_shape not in ((n,), (n, d_out), (n, 1)):
+        raise CheckpointError(f"{source}: {mod}: lora_scaling shape {s_shape} is neither (n,) nor "
+                              "(n, out)")
+
+    def load() -> _delta.Factors:
+        a = store.get(keys["A"]).to(torch.float32)  # (n, r, in)
+        b = store.get(keys["B"]).to(torch.float32)  # (n, out, r)
+        s = store.get(keys["scaling"]).to(torch.float32).reshape(n, -1, 1)  # (n, 1|out, 1)
+        b_cat = (b * s * scale).permute(1, 0, 2).reshape(d_out, n * r)  # [s₁B₁|…|sₙBₙ]: (out, n·r)
+        a_cat = a.reshape(n * r, d_in)  # [A₁; …; Aₙ]: (n·r, in)
+        return b_cat, a_cat
+
+    base_w = base.oriented(mod, (d_out, d_in), False) if base is not None else None
+    return _delta.factored(mod, (d_out, d_in), load, method="multilora", source=source,
+                           rank=n * r, base=base_w)

@@ -1,0 +1,52 @@
+"""Pure metric functions: of one spectrum, between two updates, and against the base weight.
+
+No pandas, matplotlib or click here: tensors in, floats out.
+"""
+
+from deltaspec.metrics.base_relative import amplification, intruders, relative_norm
+from deltaspec.metrics.pairwise import (
+    cosine,
+    frobenius_inner,
+    min_angle_degrees,
+    principal_angles,
+    subspace_similarity,
+    subspace_similarity_grid,
+)
+from deltaspec.metrics.spectral import (
+    effective_rank,
+    energy_entropy,
+    energy_rank,
+    entropy,
+    fro_norm,
+    normalized_entropy,
+    nuclear_norm,
+    numerical_rank,
+    spectral_metrics,
+    spectral_norm,
+    stable_rank,
+    top_share,
+)
+
+__all__ = [
+    "amplification",
+    "cosine",
+    "effective_rank",
+    "energy_entropy",
+    "energy_rank",
+    "entropy",
+    "fro_norm",
+    "frobenius_inner",
+    "intruders",
+    "min_angle_degrees",
+    "normalized_entropy",
+    "nuclear_norm",
+    "numerical_rank",
+    "principal_angles",
+    "relative_norm",
+    "spectral_metrics",
+    "spectral_norm",
+    "stable_rank",
+    "subspace_similarity",
+    "subspace_similarity_grid",
+    "top_share",
+]

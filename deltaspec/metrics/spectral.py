@@ -1,0 +1,176 @@
+r"""Metrics of one spectrum σ₁ ≥ σ₂ ≥ … ≥ 0 (k = len(σ), usually min(m, n)).
+
+Pure functions of a 1-D tensor (or anything ``torch.as_tensor`` takes). An empty or all-zero
+spectrum gives 0 for every metric here: no crash, no NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def _sigma(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    s = torch.as_tensor(values, dtype=torch.float64).flatten()
+    return torch.sort(s.clamp_min(0), descending=True).values
+
+
+def _probs(values: torch.Tensor | Sequence[float], power: int) -> torch.Tensor:
+    s = _sigma(values) ** power
+    total = s.sum()
+    return s / total if total > 0 else s[:0]
+
+
+def _entropy_of(p: torch.Tensor) -> float:
+    p = p[p > 0]
+    return float(-(p * p.log()).sum()) if p.numel() else 0.0
+
+
+def fro_norm(values: torch.Tensor | Sequence[float]) -> float:
+    r"""Frobenius norm :math:`\sqrt{\sum_i \sigma_i^2}`.
+
+    >>> fro_norm([3.0, 4.0])
+    5.0
+    """
+    return float(_sigma(values).square().sum().sqrt())
+
+
+def spectral_norm(values: torch.Tensor | Sequence[float]) -> float:
+    r"""Spectral norm :math:`\sigma_1`.
+
+    >>> spectral_norm([1.0, 3.0])
+    3.0
+    """
+    s = _sigma(values)
+    return float(s[0]) if s.numel() else 0.0
+
+
+def nuclear_norm(values: torch.Tensor | Sequence[float]) -> float:
+    r"""Nuclear norm :math:`\sum_i \sigma_i`.
+
+    >>> nuclear_norm([3.0, 1.0])
+    4.0
+    """
+    return float(_sigma(values).sum())
+
+
+def numerical_rank(values: torch.Tensor | Sequence[float], shape: tuple[int, int]) -> int:
+    r"""Numerical rank :math:`\#\{\sigma_i > \sigma_1 \cdot \max(m, n) \cdot \varepsilon_{f32}\}`.
+
+    >>> numerical_rank([1.0, 1e-3, 1e-9], (3, 3))
+    2
+    """
+    s = _sigma(values)
+    if not s.numel() or s[0] == 0:
+        return 0
+    return int((s > s[0] * max(shape) * FLOAT32_EPS).sum())
+
+
+def entropy(values: torch.Tensor | Sequence[float]) -> float:
+    r"""Singular-value entropy :math:`H = -\sum_i p_i \ln p_i`, :math:`p_i = \sigma_i / \sum_j \sigma_j`.
+
+    >>> round(entropy([1.0, 1.0]), 6) == round(math.log(2), 6)
+    True
+    """
+    return _entropy_of(_probs(values, 1))
+
+
+def effective_rank(values: torch.Tensor | Sequence[float]) -> float:
+    r"""Effective rank :math:`\exp(H)` (Roy & Vetterli 2007); 0 for a zero spectrum.
+
+    >>> round(effective_rank([2.0, 2.0, 2.0, 0.0]), 6)
+    3.0
+    """
+    p = _probs(values, 1)
+    return math.exp(_entropy_of(p)) if p.numel() else 0.0
+
+
+def normalized_entropy(values: torch.Tensor | Sequence[float], k: int | None = None) -> float:
+    r"""Entropy divided by :math:`\ln k` (k = len(σ) unless given): 1 for a flat spectrum.
+
+    >>> normalized_entropy([1.0, 1.0, 1.0, 1.0])
+    1.0
+    >>> normalized_entropy([1.0, 0.0, 0.0, 0.0])
+    0.0
+    """
+    k = len(_sigma(values)) if k is None else k
+    return entropy(values) / math.log(k) if k > 1 else 0.0
+
+
+def energy_entropy(values: torch.Tensor | Sequence[float], k: int | None = None) -> float:
+    r"""Entropy of the energy shares :math:`p_i = \sigma_i^2/\sum_j\sigma_j^2`, divided by ln k.
+
+    >>> energy_entropy([1.0, 1.0])
+    1.0
+    """
+    k = len(_sigma(values)) if k is None else k
+    return _entropy_of(_probs(values, 2)) / math.log(k) if k > 1 else 0.0
+
+
+def stable_rank(values: torch.Tensor | Sequence[float]) -> float:
+    r"""Stable rank :math:`\sum_i \sigma_i^2 / \sigma_1^2`.
+
+    >>> stable_rank([2.0, 2.0, 0.0])
+    2.0
+    """
+    s = _sigma(values)
+    return float(s.square().sum() / s[0] ** 2) if s.numel() and s[0] > 0 else 0.0
+
+
+def energy_rank(values: torch.Tensor | Sequence[float], tau: float) -> int:
+    r"""Least r with :math:`\sum_{i \le r}\sigma_i^2 \ge \tau \sum_i \sigma_i^2`.
+
+    >>> energy_rank([3.0, 1.0, 1.0], 0.9)
+    2
+    """
+    p = _probs(values, 2)
+    if not p.numel():
+        return 0
+    cum = torch.cumsum(p, 0)
+    # a tiny slack so that τ = 1 and exact ties are not lost to rounding
+    return int((cum < tau - 1e-12).sum()) + 1
+
+
+def top_share(values: torch.Tensor | Sequence[float], t: int) -> float:
+    r"""Energy share of the top t values :math:`\sum_{i \le t}\sigma_i^2 / \sum_i \sigma_i^2`.
+
+    >>> top_share([3.0, 1.0], 1)
+    0.9
+    """
+    p = _probs(values, 2)
+    return float(p[:t].sum()) if p.numel() else 0.0
+
+
+def spectral_metrics(values: torch.Tensor | Sequence[float], shape: tuple[int, int],
+                     top_k: int | None = None) -> dict[str, float]:
+    """Every single-update metric, over all values or over the top ``top_k`` only.
+
+    With ``top_k``, the normalising k of the entropies is min(top_k, len(σ)), so that a rank-16
+    LoRA and a full fine-tune are compared over the same number of directions.
+
+    >>> m = spectral_metrics([2.0, 1.0, 0.0], (3, 3))
+    >>> m["rank"], round(m["top1_share"], 2)
+    (2, 0.8)
+    """
+    s = _sigma(values)
+    if top_k is not None:
+        s = s[:top_k]
+    return {
+        "fro_norm": fro_norm(s),
+        "spectral_norm": spectral_norm(s),
+        "nuclear_norm": nuclear_norm(s),
+        "rank": numerical_rank(s, shape),
+        "entropy": entropy(s),
+        "effective_rank": effective_rank(s),
+        "normalized_entropy": normalized_entropy(s),
+        "energy_entropy": energy_entropy(s),
+        "stable_rank": stable_rank(s),
+        "energy_rank_90": energy_rank(s, 0.90),
+        "energy_rank_99": energy_rank(s, 0.99),
+        "top1_share": top_share(s, 1),
+        "top8_share": top_share(s, 8),
+    }

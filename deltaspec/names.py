@@ -1,0 +1,64 @@
+"""Module names: canonical paths, the keys used to pair two checkpoints, layer index and kind."""
+
+from __future__ import annotations
+
+import re
+
+PEFT_PREFIX = "base_model.model."
+# Prefixes that differ between a bare model and the same model with a head (LlamaModel vs
+# LlamaForCausalLM, GPT2Model vs GPT2LMHeadModel): stripped before two checkpoints are paired.
+DRIFT_PREFIXES = ("model.", "transformer.", "gpt_neox.", "decoder.")
+
+# Architectures whose linear layers are GPT-2 ``Conv1D`` (weights stored as (in, out)).
+CONV1D_MODULES: dict[str, frozenset[str]] = {
+    "gpt2": frozenset({"c_attn", "c_proj", "c_fc", "q_attn"}),
+    "openai-gpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+    "imagegpt": frozenset({"c_attn", "c_proj", "c_fc"}),
+    "decision_transformer": frozenset({"c_attn", "c_proj", "c_fc"}),
+}
+
+_LAYER = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def strip_peft_prefix(key: str) -> str:
+    """``base_model.model.model.layers.0…`` → ``model.layers.0…``."""
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def match_key(name: str) -> str:
+    """The key two checkpoints are paired by: the name without PEFT's and one drift prefix.
+
+    >>> match_key("base_model.model.model.layers.0.self_attn.q_proj")
+    'layers.0.self_attn.q_proj'
+    >>> match_key("transformer.h.0.attn.c_attn")
+    'h.0.attn.c_attn'
+    """
+    name = strip_peft_prefix(name)
+    for prefix in DRIFT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def layer_of(name: str) -> int | None:
+    """The first integer path component (the block index), or None.
+
+    >>> layer_of("model.layers.11.mlp.up_proj")
+    11
+    """
+    m = _LAYER.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def kind_of(name: str) -> str:
+    """The last path component, e.g. ``q_proj``.
+
+    >>> kind_of("model.layers.0.self_attn.q_proj")
+    'q_proj'
+    """
+    return name.rsplit(".", 1)[-1]
+
+
+def is_conv1d(model_type: str | None, name: str) -> bool:
+    """True when ``name`` is a GPT-2-style Conv1D module (stored (in, out)) of ``model_type``."""
+    return kind_of(name) in CONV1D_MODULES.get(model_type or "", frozenset())

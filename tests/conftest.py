@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny genuine checkpoints (built once per session) and the GPU skip rule."""
+
+from __future__ import annotations
+
+import factories as F
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """(model, base folder) of a tiny random Llama."""
+    model = F.tiny_llama()
+    return model, F.save_model(model, tmp_path_factory.mktemp("llama_base"))
+
+
+@pytest.fixture(scope="session")
+def llama_lora(tmp_path_factory, llama):
+    """(adapter folder, PeftModel) of a rank-4 LoRA on every linear layer of the tiny Llama."""
+    model, _ = llama
+    return F.lora_adapter(model, tmp_path_factory.mktemp("llama_lora"), r=4, lora_alpha=8,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                          "up_proj", "down_proj"])
+
+
+@pytest.fixture(scope="session")
+def llama_full(tmp_path_factory, llama):
+    """A full fine-tune of the tiny Llama (dense random updates)."""
+    model, _ = llama
+    return F.full_finetune(model, tmp_path_factory.mktemp("llama_full"))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    """(model, base folder) of a tiny random GPT-2 (Conv1D layers)."""
+    model = F.tiny_gpt2()
+    return model, F.save_model(model, tmp_path_factory.mktemp("gpt2_base"))
