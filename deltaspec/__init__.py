@@ -11,6 +11,14 @@ from deltaspec.errors import DeltaspecError
 from deltaspec.loaders import load
 from deltaspec.spectrum import Spectrum, spectrum
 
-__all__ = sorted(["Delta", "DeltaspecError", "Spectrum", "analyze", "compare", "load",
-                  "spectra", "spectrum"])
+__all__ = [
+    "Delta",
+    "DeltaspecError",
+    "Spectrum",
+    "analyze",
+    "compare",
+    "load",
+    "spectra",
+    "spectrum",
+]
 __version__ = "0.1.0"

@@ -37,7 +37,8 @@ class Options:
     progress: bool = False  # a tqdm progress bar on stderr
     allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway
     shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
-    keep_spectra: bool = False  # attach spectra (dict name → Spectrum) as .spectra on the result
+    keep_spectra: bool = False  # attach spectra (name → Spectrum; compare: (a, b)) as .spectra
+    vectors: bool = False  # also compute the top-K singular vectors (kept with keep_spectra)
 
 
 def make_options(options: dict[str, Any]) -> Options:
@@ -129,7 +130,8 @@ def _stream(deltas: dict[str, Delta], names: list[str], opts: Options,
 def _analyze_deltas(deltas: Deltas, opts: Options) -> Result:
     with_base = any(d.base is not None for d in deltas.values())
     rows, spectra = [], {}
-    for d, sp in _stream(deltas, _selected(deltas, opts), opts, vectors=with_base):
+    vectors = with_base or opts.vectors
+    for d, sp in _stream(deltas, _selected(deltas, opts), opts, vectors=vectors):
         row = _identity(d) | M.spectral_metrics(sp.values, sp.shape, opts.top_k)
         if with_base:
             fro = M.fro_norm(sp.values)

@@ -32,7 +32,7 @@ class Checkpoint:
         cfg = folder / "config.json"
         self.config: dict[str, Any] = read_json(cfg) if cfg.is_file() else {}
         self.model_type: str | None = self.config.get("model_type")
-        self._by_match = {match_key(k): k for k in store.keys()}
+        self._by_match = {match_key(k): k for k in store}
 
     @staticmethod
     def detect(folder: Path) -> bool:
@@ -87,7 +87,7 @@ def load_full(path: Path, base: Path | None, skipped: list[tuple[str, str]]) -> 
     ft, bs = Checkpoint(path), Checkpoint(base)
     model_type = ft.model_type or bs.model_type
     out: dict[str, Delta] = {}
-    for key in ft.store.keys():
+    for key in ft.store:
         shape = ft.store.shape(key)
         if len(shape) != 2:
             skipped.append((key, f"{len(shape)}-D tensor"))

@@ -42,7 +42,7 @@ def load_multilora(path: Path, base: Checkpoint | None,
         raise CheckpointError(f"{path}: no {WEIGHTS}")
     store = TensorStore.from_files(files)
     parts: dict[str, dict[str, str]] = {}
-    for key in store.keys():
+    for key in store:
         m = _KEY.match(strip_peft_prefix(key))
         if m is None:
             skipped.append((key, "not a MultiLoRA tensor"))

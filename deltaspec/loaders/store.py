@@ -33,7 +33,7 @@ class TensorStore:
         where: dict[str, Path] = {}
         store = cls(where)
         for path in paths:
-            for key in store._open(path).keys():
+            for key in store._open(path).keys():  # noqa: SIM118 (safe_open has no __iter__)
                 where[key] = path
         return store
 
@@ -66,6 +66,12 @@ class TensorStore:
     def keys(self) -> list[str]:
         """Tensor names in file order."""
         return list(self._where)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
