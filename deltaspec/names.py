@@ -18,6 +18,10 @@ CONV1D_MODULES: dict[str, frozenset[str]] = {
 }
 
 _LAYER = re.compile(r"\.(\d+)(?:\.|$)")
+# Key shapes that identify an architecture when a folder has no config.json (GPT-2's blocks).
+_SIGNATURES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"(?:^|\.)h\.\d+\.attn\.c_attn\.weight$"), "gpt2"),
+)
 
 
 def strip_peft_prefix(key: str) -> str:
@@ -60,5 +64,30 @@ def kind_of(name: str) -> str:
 
 
 def is_conv1d(model_type: str | None, name: str) -> bool:
-    """True when ``name`` is a GPT-2-style Conv1D module (stored (in, out)) of ``model_type``."""
-    return kind_of(name) in CONV1D_MODULES.get(model_type or "", frozenset())
+    """True when ``name`` is a GPT-2-style Conv1D module (stored (in, out)) of ``model_type``.
+
+    ``name`` may end in ``.weight``.
+
+    >>> is_conv1d("gpt2", "transformer.h.0.attn.c_attn.weight"), is_conv1d("llama", "q_proj")
+    (True, False)
+    """
+    return kind_of(name.removesuffix(".weight")) in CONV1D_MODULES.get(model_type or "", frozenset())
+
+
+def has_conv1d(model_type: str | None) -> bool:
+    """True when ``model_type`` is an architecture of the Conv1D table."""
+    return (model_type or "") in CONV1D_MODULES
+
+
+def guess_model_type(keys: list[str]) -> str | None:
+    """The model type a state dict's key names betray (only for Conv1D architectures), or None.
+
+    Used when a checkpoint folder has no ``config.json``.
+
+    >>> guess_model_type(["transformer.h.0.attn.c_attn.weight"]), guess_model_type(["layers.0.q"])
+    ('gpt2', None)
+    """
+    for pattern, model_type in _SIGNATURES:
+        if any(pattern.search(k) for k in keys):
+            return model_type
+    return None

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from deltaspec.errors import CheckpointError
+from deltaspec.delta import check_finite
+from deltaspec.errors import CheckpointError, ConfigError
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -88,13 +89,14 @@ class TensorStore:
         return tuple(handle.get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
-        """Read one tensor (as stored: dtype unchanged)."""
+        """Read one tensor (as stored: dtype unchanged); NaN/Inf is a NumericalError naming it."""
         path = self._where[key]
         handle = self._open(path)
         try:
-            return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+            t = handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
         except (SafetensorError, RuntimeError, ValueError, OSError) as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} ({_why(exc)})") from None
+        return check_finite(t, f"{path}: tensor {key!r}")
 
     def _open(self, path: Path) -> Any:
         if path not in self._handles:
@@ -157,11 +159,7 @@ def read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
-        from deltaspec.errors import ConfigError
-
         raise ConfigError(f"{path}: not valid JSON ({_why(exc)})") from None
     if not isinstance(data, dict):
-        from deltaspec.errors import ConfigError
-
         raise ConfigError(f"{path}: expected a JSON object")
     return data

@@ -27,7 +27,7 @@ def _probs(values: torch.Tensor | Sequence[float], power: int) -> torch.Tensor:
 
 def _entropy_of(p: torch.Tensor) -> float:
     p = p[p > 0]
-    return float(-(p * p.log()).sum()) if p.numel() else 0.0
+    return max(float(-(p * p.log()).sum()), 0.0) + 0.0 if p.numel() else 0.0  # no -0.0
 
 
 def fro_norm(values: torch.Tensor | Sequence[float]) -> float:

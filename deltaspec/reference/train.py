@@ -16,9 +16,8 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -308,3 +307,147 @@ def _val_loss(model: nn.Module, stream: torch.Tensor, seq_len: int, device: str)
     y = stream[1 : n * seq_len + 1].view(n, seq_len).to(device)  # (N, T)
     logits = model(x)  # (N, T, V)
     return F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+
+
+def _prepare_model(
+    method: str, base_dir: Path, adapter: AdapterConfig, device: str
+) -> tuple[DeltaspecReferenceLM, dict, dict, list[nn.Parameter]]:
+    """Load the base and make it trainable for ``method``: (model, base config, layers, params)."""
+    model, base_config = load_full_checkpoint(base_dir)
+    model = model.to(device)
+    layers: dict = {}
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        r = adapter.lora_rank() if method == "lora" else adapter.r
+        layers = apply_adapters(model, method, adapter.target_modules, r=r, n=adapter.n,
+                                alpha=adapter.alpha, scaling_shape=adapter.scaling_shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, base_config, layers, params
+
+
+def _formula_params(method: str, layers: dict, adapter: AdapterConfig) -> int | None:
+    """Trainable parameters predicted by the closed-form formulas (None for full fine-tuning)."""
+    if method == "lora":
+        return sum(lora_num_params(m.base.in_features, m.base.out_features, m.r)
+                   for m in layers.values())
+    if method == "multilora":
+        return sum(multilora_num_params(m.base.in_features, m.base.out_features, m.n, m.r,
+                                        m.scaling_shape) for m in layers.values())
+    return None
+
+
+def _save_method(method: str, model: nn.Module, layers: dict, out: Path, base: Path,
+                 adapter: AdapterConfig, base_config: dict) -> str:
+    """Write the checkpoint of ``method`` into ``out``; return the format name."""
+    targets = sorted({p.rpartition(".")[2] for p in layers})
+    if method == "lora":
+        save_peft_lora(layers, out, str(base), targets)
+        return "peft-lora"
+    if method == "multilora":
+        save_multilora(layers, out, str(base), targets)
+        return "multilora"
+    config = {k: v for k, v in base_config.items() if k != "deltaspec_pretrain_hash"}
+    save_full_checkpoint(model.cpu(), out, {**config, "deltaspec_finetuned_from": str(base)})
+    return "hf-full"
+
+
+def finetune(
+    method: str,
+    base_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    adapter: AdapterConfig | None = None,
+    train_config: TrainConfig | None = None,
+    data_config: DataConfig | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    threads: int | None = None,
+    log: Log | None = None,
+) -> dict:
+    """Fine-tune the base in ``base_dir`` on the task mixture with ``method`` and save to ``out_dir``.
+
+    ``method`` is "lora" (PEFT-style adapter), "multilora" (MultiLoRA folder) or "full" (HF-style
+    full checkpoint). ``data_config`` must be the one the base was pretrained with (the facts).
+    Returns the metrics, also written to ``out_dir/metrics.json``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    adapter = adapter or AdapterConfig()
+    tcfg = train_config or default_train_config(method, quick, seed)
+    dcfg = data_config or (quick_data_config(seed) if quick else DataConfig(seed=seed))
+    base, out = Path(base_dir).resolve(), Path(out_dir)
+    wall = time.perf_counter()
+    with _threads(threads) as n_threads:
+        torch.manual_seed(tcfg.seed)
+        tok, mix = CharTokenizer(), build_mixture(dcfg)
+        encode = _encoder(tok)
+        model, base_config, layers, params = _prepare_model(method, base, adapter, device)
+        if log:
+            log(f"fine-tuning {method}: {sum(p.numel() for p in params)} trainable params")
+        train_enc = {t: [encode(e) for e in exs] for t, exs in mix.train.items()}
+        batches = finetune_batches(train_enc, tcfg.batch_size, tcfg.seed, tok.pad_id, device)
+        stats = train_loop(model, params, batches, tcfg, device, log=log)
+        acc = evaluate_tasks(model, mix.heldout, encode, tok.pad_id, device)
+        train_acc = evaluate_tasks(model, mix.train, encode, tok.pad_id, device, limit=64)
+        samples = _samples(model, mix.heldout, tok)
+        ckpt = _save_method(method, model, layers, out, base, adapter, base_config)
+    base_metrics = base / "metrics.json"
+    metrics = {
+        "method": method, "stage": "finetune", "path": str(out), "base_path": str(base),
+        "checkpoint_format": ckpt, **stats, **_accuracy_block(acc),
+        **_accuracy_block(train_acc, "train_"),
+        "base_accuracy": (json.loads(base_metrics.read_text()).get("accuracy")
+                          if base_metrics.is_file() else None),
+        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params_formula": _formula_params(method, layers, adapter),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "wall_time_s": time.perf_counter() - wall, "samples": samples,
+        "environment": _environment(device, n_threads),
+        "config": {"model": base_config, "train": asdict(tcfg), "data": dcfg.to_dict(),
+                   "adapter": {**asdict(adapter), "lora_rank": adapter.lora_rank()}
+                   if method != "full" else None},
+    }
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def run_all(
+    out_dir: str | os.PathLike,
+    quick: bool = False,
+    seed: int = 0,
+    methods: tuple[str, ...] = METHODS,
+    adapter: AdapterConfig | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    model_config: ModelConfig | None = None,
+    data_config: DataConfig | None = None,
+    pretrain_config: TrainConfig | None = None,
+    finetune_configs: dict[str, TrainConfig] | None = None,
+    device: str = "cpu",
+    log: Log | None = None,
+) -> dict[str, dict]:
+    """Pretrain (or reuse) the base, then fine-tune every method of ``methods``.
+
+    Writes ``out_dir/base`` and ``out_dir/<method>`` for each method and returns
+    ``{"base": base metrics, "<method>": metrics, ...}``. With ``cache_dir``, the base is trained
+    once into ``cache_dir/base-<hash>`` and copied into ``out_dir/base``.
+    """
+    out = Path(out_dir)
+    mcfg = model_config or (quick_model_config() if quick else ModelConfig())
+    dcfg = data_config or (quick_data_config(seed) if quick else DataConfig(seed=seed))
+    pcfg = pretrain_config or default_train_config("pretrain", quick, seed)
+    key = pretrain_hash(mcfg, pcfg, dcfg)
+    base_dir = Path(cache_dir) / f"base-{key}" if cache_dir else out / "base"
+    results = {"base": pretrain(base_dir, mcfg, pcfg, dcfg, seed=seed, device=device, log=log)}
+    if cache_dir and not cached_base(out / "base", key):
+        (out / "base").mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "metrics.json", "config.json"):  # config last
+            tmp = out / "base" / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(base_dir / name, tmp)
+            os.replace(tmp, out / "base" / name)
+    for method in methods:
+        tcfg = (finetune_configs or {}).get(method) or default_train_config(method, quick, seed)
+        results[method] = finetune(method, out / "base", out / method, adapter, tcfg, dcfg,
+                                   seed=seed, device=device, log=log)
+    return results

@@ -1,0 +1,5 @@
+"""``python -m deltaspec.cli``: the same as the ``deltaspec`` command."""
+
+from deltaspec.cli import main
+
+main(prog_name="deltaspec")

@@ -1,0 +1,133 @@
+"""Metrics against hand-computed cases (and the docstring examples, run as doctests)."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+import torch
+
+from deltaspec import metrics as M
+from deltaspec.metrics import base_relative, pairwise, spectral
+
+
+@pytest.mark.parametrize("module", [spectral, pairwise, base_relative])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_two_value_spectrum_by_hand():
+    s = [3.0, 4.0]  # unsorted on purpose
+    p = [4 / 7, 3 / 7]
+    h = -(p[0] * math.log(p[0]) + p[1] * math.log(p[1]))
+    q = [16 / 25, 9 / 25]
+    he = -(q[0] * math.log(q[0]) + q[1] * math.log(q[1]))
+    m = M.spectral_metrics(s, (2, 2))
+    assert m["fro_norm"] == pytest.approx(5.0)
+    assert m["spectral_norm"] == pytest.approx(4.0)
+    assert m["nuclear_norm"] == pytest.approx(7.0)
+    assert m["rank"] == 2
+    assert m["entropy"] == pytest.approx(h)
+    assert m["effective_rank"] == pytest.approx(math.exp(h))
+    assert m["normalized_entropy"] == pytest.approx(h / math.log(2))
+    assert m["energy_entropy"] == pytest.approx(he / math.log(2))
+    assert m["stable_rank"] == pytest.approx(25 / 16)
+    assert m["energy_rank_90"] == 2 and m["energy_rank_99"] == 2
+    assert m["top1_share"] == pytest.approx(0.64)
+    assert m["top8_share"] == pytest.approx(1.0)
+
+
+def test_flat_and_single_direction():
+    flat = M.spectral_metrics([2.0] * 16, (16, 32))
+    assert flat["normalized_entropy"] == pytest.approx(1.0)
+    assert flat["effective_rank"] == pytest.approx(16.0)
+    assert flat["energy_rank_90"] == 15  # 15/16 = 0.9375 ≥ 0.9, 14/16 = 0.875 < 0.9
+    spike = M.spectral_metrics([5.0] + [0.0] * 15, (16, 16))
+    assert spike["normalized_entropy"] == 0.0
+    assert spike["effective_rank"] == pytest.approx(1.0)
+    assert spike["stable_rank"] == pytest.approx(1.0)
+    assert spike["top1_share"] == pytest.approx(1.0)
+
+
+def test_zero_spectrum_is_all_zero_not_nan():
+    m = M.spectral_metrics([0.0] * 8, (8, 8))
+    assert all(v == 0 for v in m.values()), m
+    m = M.spectral_metrics([], (0, 0))
+    assert all(v == 0 for v in m.values()), m
+
+
+def test_top_k_restricts_every_metric():
+    s = [4.0, 3.0, 1.0, 1.0]
+    top = M.spectral_metrics(s, (4, 4), top_k=2)
+    assert top == M.spectral_metrics([4.0, 3.0], (4, 4))
+    assert top["normalized_entropy"] != M.spectral_metrics(s, (4, 4))["normalized_entropy"]
+
+
+def test_numerical_rank_threshold_uses_float32_eps_and_max_dim():
+    eps = float(torch.finfo(torch.float32).eps)
+    tol = 1.0 * 100 * eps
+    assert M.numerical_rank([1.0, tol * 1.01, tol * 0.99], (10, 100)) == 2
+
+
+def test_subspace_similarity_identical_orthogonal_random():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(200, 16, generator=g, dtype=torch.float64))
+    assert M.subspace_similarity(q[:, :8], q[:, :8]) == pytest.approx(1.0)
+    assert M.subspace_similarity(q[:, :8], q[:, 8:16]) == pytest.approx(0.0, abs=1e-12)
+    r, _ = torch.linalg.qr(torch.randn(200, 8, generator=g, dtype=torch.float64))
+    assert M.subspace_similarity(q[:, :8], r) < 0.2  # ≈ k/d = 0.04 for random subspaces
+    # the same span in another basis is still similarity 1
+    rot, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    assert M.subspace_similarity(q[:, :8], q[:, :8] @ rot) == pytest.approx(1.0)
+
+
+def test_subspace_grid_matches_definition():
+    g = torch.Generator().manual_seed(1)
+    a, _ = torch.linalg.qr(torch.randn(30, 5, generator=g, dtype=torch.float64))
+    b, _ = torch.linalg.qr(torch.randn(30, 4, generator=g, dtype=torch.float64))
+    grid = M.subspace_similarity_grid(a, b)
+    assert grid.shape == (5, 4)
+    for i in range(1, 6):
+        for j in range(1, 5):
+            want = float((a[:, :i].T @ b[:, :j]).square().sum()) / min(i, j)
+            assert float(grid[i - 1, j - 1]) == pytest.approx(want)
+
+
+def test_empty_vectors_give_nan_similarity():
+    empty = torch.zeros(10, 0, dtype=torch.float64)
+    full = torch.eye(10, dtype=torch.float64)[:, :2]
+    assert math.isnan(M.subspace_similarity(empty, full))
+    assert math.isnan(M.min_angle_degrees(empty, full))
+
+
+def test_cosine_factored_equals_dense():
+    g = torch.Generator().manual_seed(2)
+    b1, a1 = torch.randn(20, 3, generator=g), torch.randn(3, 30, generator=g)
+    b2, a2 = torch.randn(20, 2, generator=g), torch.randn(2, 30, generator=g)
+    w1, w2 = b1.double() @ a1.double(), b2.double() @ a2.double()
+    dense = float((w1 * w2).sum() / (w1.norm() * w2.norm()))
+    assert M.cosine((b1, a1), (b2, a2)) == pytest.approx(dense, rel=1e-9)
+    assert M.cosine(w1, (b2, a2)) == pytest.approx(dense, rel=1e-9)
+    assert M.cosine((b1, a1), w2) == pytest.approx(dense, rel=1e-9)
+    assert math.isnan(M.cosine(torch.zeros(2, 2), torch.eye(2)))
+
+
+def test_principal_angles_known_case():
+    e = torch.eye(3, dtype=torch.float64)
+    u = torch.stack([e[0], (e[1] + e[2]) / math.sqrt(2)], dim=1)
+    angles = M.principal_angles(e[:, :2], u)
+    assert [math.degrees(float(x)) for x in angles] == pytest.approx([0.0, 45.0], abs=1e-9)
+
+
+def test_base_relative_by_hand():
+    w = torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    assert M.relative_norm(1.0, w) == pytest.approx(0.2)
+    e2 = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    assert M.amplification(2.0, w, e2, e2) == pytest.approx(0.5)
+    tilted = torch.tensor([[math.cos(0.9)], [math.sin(0.9)]], dtype=torch.float64)
+    # cos(0.9) = 0.62 and sin(0.9) = 0.78 against e1, e2: not an intruder
+    assert M.intruders(torch.eye(2, dtype=torch.float64), tilted) == 0
+    u_base = torch.eye(3, dtype=torch.float64)[:, :1]
+    assert M.intruders(u_base, torch.eye(3, dtype=torch.float64)[:, 1:]) == 2
