@@ -19,7 +19,7 @@ DESCRIPTIONS = {
     "module": "canonical module path",
     "layer": "block index (first integer in the path)",
     "kind": "module kind (last path component), e.g. q_proj",
-    "method": "lora, multilora, dora, full or modules_to_save",
+    "method": "lora, multilora, dora, full, modules_to_save or trainable_tokens",
     "shape": "(out × in) of ΔW",
     "rank_bound": "structural rank bound: Σr for factored deltas, min(out, in) for dense",
     "fro_norm": "‖ΔW‖_F",

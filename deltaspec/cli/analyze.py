@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import sys
 from typing import Any
 
 import click
@@ -43,7 +44,8 @@ def library_options(kw: dict[str, Any]) -> dict[str, Any]:
     """CLI keyword arguments → the library's ``analyze``/``compare`` options."""
     return {"top_k": kw["top_k"], "k": kw["k"], "device": kw["device"],
             "include": kw["include"], "intruders": not kw["no_intruders"],
-            "allow_modified_base": kw["allow_modified_base"], "progress": not kw["quiet"]}
+            "allow_modified_base": kw["allow_modified_base"],
+            "progress": not kw["quiet"] and sys.stderr.isatty()}
 
 
 def emit(df: Any, kw: dict[str, Any]) -> None:

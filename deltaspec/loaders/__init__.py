@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError
+from deltaspec.errors import CheckpointError, ConfigError
 from deltaspec.loaders import multilora, peft_lora
 from deltaspec.loaders.full import Checkpoint, base_for, load_full, open_weights_exists
 
@@ -41,9 +41,7 @@ def _multilora(path: Path, base: Path | None, skipped: list[tuple[str, str]],
 
 def _full(path: Path, base: Path | None, skipped: list[tuple[str, str]],
           opts: dict[str, Any]) -> dict[str, Delta]:
-    if base is not None and not base.exists():
-        raise CheckpointError(f"{base}: no such file or directory")
-    return load_full(path, base, skipped)
+    return load_full(path, resolve(base) if base is not None else None, skipped)
 
 
 FORMATS: list[tuple[str, Callable[[Path], bool], Loader]] = [
@@ -67,6 +65,10 @@ def detect_format(path: str | Path) -> str:
     for name, detect, _ in FORMATS:
         if detect(folder):
             return name
+    orphan = next((w for w in peft_lora.WEIGHTS if (folder / w).is_file()), None)
+    if orphan is not None:
+        raise ConfigError(f"{folder / peft_lora.CONFIG}: missing (needed to read {orphan}: it "
+                          "gives lora_alpha and the other settings of the adapter)")
     raise CheckpointError(f"{folder}: not a checkpoint deltaspec knows (no adapter_config.json, "
                           "multilora_config.json or model weights)")
 
@@ -93,7 +95,9 @@ def load(path: str | Path, base: str | Path | None = None, *,
     base_path = Path(base) if base is not None else None
     items = loader(folder, base_path, skipped, {"allow_modified_base": allow_modified_base})
     if not items:
-        raise CheckpointError(f"{folder}: no weight update found (nothing pairs with the base)")
+        why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
+            if skipped else ""
+        raise CheckpointError(f"{folder}: no weight update found{why}")
     return Deltas(dict(sorted(items.items(), key=lambda kv: _order(kv[0]))), fmt, skipped)
 
 

@@ -1,7 +1,14 @@
-"""Full fine-tunes: ΔW = W_finetuned − W_base, paired tensor by tensor, read one at a time."""
+"""Full fine-tunes: ΔW = W_finetuned − W_base, paired tensor by tensor, read one at a time.
+
+Tensors pair by name after normalising known prefixes (``model.``, ``transformer.``, …), so a base
+saved as a bare ``LlamaModel``/``GPT2Model`` pairs with a ``*ForCausalLM`` fine-tune. GPT-2-style
+``Conv1D`` weights (stored (in, out)) are canonicalised to (out, in) through the model-type table
+of :mod:`deltaspec.names`, so full and LoRA updates of the same model pair with equal shapes.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +19,13 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders.store import TensorStore, open_weights, read_json
-from deltaspec.names import is_conv1d, match_key
+from deltaspec.names import guess_model_type, has_conv1d, is_conv1d, match_key
 
 WEIGHT_STEMS = ("model", "pytorch_model")
 TIED_HEAD = "lm_head.weight"
 EMBED_KEYS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
 
 
 class Checkpoint:
@@ -31,7 +40,9 @@ class Checkpoint:
         self.store: TensorStore = store
         cfg = folder / "config.json"
         self.config: dict[str, Any] = read_json(cfg) if cfg.is_file() else {}
-        self.model_type: str | None = self.config.get("model_type")
+        model_type = self.config.get("model_type")
+        self.model_type: str | None = model_type if isinstance(model_type, str) else None
+        self.model_type = self.model_type or guess_model_type(store.keys())
         self._by_match = {match_key(k): k for k in store}
 
     @staticmethod
@@ -39,45 +50,71 @@ class Checkpoint:
         """True when the folder holds model weights an HF model would save."""
         return open_weights_exists(folder)
 
+    @property
+    def tied(self) -> bool:
+        """Whether the output head shares the input embedding (HF's default when unsaid)."""
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    def embedding_key(self) -> str | None:
+        """The stored key of the input embedding, if any."""
+        return next((self._by_match[e] for e in EMBED_KEYS if e in self._by_match), None)
+
     def find(self, name: str) -> str | None:
         """The stored key of tensor ``name`` (any prefix drift), or the tied embedding for lm_head."""
         key = self._by_match.get(match_key(name))
-        if key is None and match_key(name) == TIED_HEAD:
-            key = next((self._by_match[e] for e in EMBED_KEYS if e in self._by_match), None)
+        if key is None and match_key(name) == TIED_HEAD and self.tied:
+            key = self.embedding_key()
         return key
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor as float32 (read now)."""
         return self.store.get(key).to(torch.float32)
 
-    def oriented(self, name: str, shape: tuple[int, int], fan_in_fan_out: bool) -> Callable[[], torch.Tensor]:
-        """A thunk giving the base weight of module ``name`` in (out, in) = ``shape`` orientation."""
+    def oriented(self, name: str, shape: tuple[int, int],
+                 fan_in_fan_out: bool | None = None) -> Callable[[], torch.Tensor]:
+        """A thunk giving the base weight of module ``name`` as an (out, in) = ``shape`` tensor.
+
+        The orientation comes from the stored tensor's shape; a square weight is transposed when
+        it is a Conv1D module of this model type (or, for an architecture deltaspec does not know,
+        when the adapter says ``fan_in_fan_out``). Conv kernels are flattened to (out, in·k…).
+        """
         key = self.find(name + ".weight") or self.find(name)
         if key is None:
             raise CheckpointError(f"{self.folder}: base has no weight for module {name!r}")
-        stored = self.store.shape(key)
-        transpose = _needs_transpose(stored, shape, fan_in_fan_out, f"{self.folder}: {key}")
-        return lambda: self.tensor(key).T if transpose else self.tensor(key)
+        conv = is_conv1d(self.model_type, name) if has_conv1d(self.model_type) else fan_in_fan_out
+        transpose = needs_transpose(self.store.shape(key), shape, bool(conv),
+                                    f"{self.store.file_of(key)}: tensor {key!r}")
+
+        def load() -> torch.Tensor:
+            w = self.tensor(key)
+            return (w.T if transpose else w).reshape(shape)
+
+        return load
 
 
-def _needs_transpose(stored: tuple[int, ...], shape: tuple[int, int], fan_in_fan_out: bool,
-                     what: str) -> bool:
+def needs_transpose(stored: tuple[int, ...], shape: tuple[int, int], conv: bool, what: str) -> bool:
+    """Whether a stored weight must be transposed to be (out, in) = ``shape``.
+
+    Decided by the shapes; only a square weight falls back on ``conv`` (stored (in, out)).
+    """
+    stored = tuple(stored)
     if len(stored) != 2:
-        stored_flat = (stored[0], int(torch.tensor(stored[1:]).prod())) if stored else ()
-        if stored_flat == tuple(shape):
+        flat = (stored[0], math.prod(stored[1:])) if len(stored) > 2 else stored
+        if flat == tuple(shape):
             return False
-    if tuple(stored) == tuple(shape) and (shape[0] != shape[1] or not fan_in_fan_out):
-        return False
-    if tuple(stored) == (shape[1], shape[0]):
-        return True
-    raise ShapeError(f"{what}: base shape {tuple(stored)} does not fit an update of shape {shape}")
+    else:
+        fits, flipped = stored == tuple(shape), stored == (shape[1], shape[0])
+        if fits and flipped:
+            return conv
+        if fits or flipped:
+            return flipped
+    raise ShapeError(f"{what}: base shape {stored} does not fit an update of shape {tuple(shape)}")
 
 
 def open_weights_exists(folder: Path) -> bool:
-    names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-             "pytorch_model.bin.index.json")
-    return any((folder / n).is_file() for n in names) or any(folder.glob("model-*-of-*.safetensors")) \
-        or any(folder.glob("pytorch_model-*-of-*.bin"))
+    """True when ``folder`` holds HF model weights (single, sharded or pickled)."""
+    return any((folder / n).is_file() for n in WEIGHT_FILES) \
+        or any(folder.glob("model-*-of-*.safetensors")) or any(folder.glob("pytorch_model-*-of-*.bin"))
 
 
 def load_full(path: Path, base: Path | None, skipped: list[tuple[str, str]]) -> dict[str, Delta]:
@@ -87,6 +124,7 @@ def load_full(path: Path, base: Path | None, skipped: list[tuple[str, str]]) -> 
     ft, bs = Checkpoint(path), Checkpoint(base)
     model_type = ft.model_type or bs.model_type
     out: dict[str, Delta] = {}
+    paired: set[str] = set()
     for key in ft.store:
         shape = ft.store.shape(key)
         if len(shape) != 2:
@@ -98,12 +136,29 @@ def load_full(path: Path, base: Path | None, skipped: list[tuple[str, str]]) -> 
             continue
         base_shape = bs.store.shape(base_key)
         if base_shape != shape:
-            raise ShapeError(f"{path}: tensor {key!r} has shape {shape} but the base {base} has "
-                             f"{base_shape}")
-        name = key[: -len(".weight")] if key.endswith(".weight") else key
-        conv = is_conv1d(model_type, name)
-        out[name] = _full_delta(ft, bs, key, base_key, name, conv)
+            raise ShapeError(f"{ft.store.file_of(key)}: tensor {key!r} has shape {shape} but the "
+                             f"base's {base_key!r} in {bs.store.file_of(base_key)} has {base_shape}")
+        paired.add(base_key)
+        name = key.removesuffix(".weight")
+        out[name] = _full_delta(ft, bs, key, base_key, name, is_conv1d(model_type, name))
+    _tied_head(ft, bs, out, paired, skipped)
     return out
+
+
+def _tied_head(ft: Checkpoint, bs: Checkpoint, out: dict[str, Delta], paired: set[str],
+               skipped: list[tuple[str, str]]) -> None:
+    """A fine-tune with a tied head against a base with its own: ΔW = embedding′ − lm_head."""
+    head = bs.find(TIED_HEAD)
+    embed = ft.embedding_key()
+    for key in bs.store:
+        if key in paired or len(bs.store.shape(key)) != 2:
+            continue
+        if key == head and match_key(key) == TIED_HEAD and ft.tied and embed is not None \
+                and ft.store.shape(embed) == bs.store.shape(key):
+            name = key.removesuffix(".weight")
+            out[name] = _full_delta(ft, bs, embed, key, name, False)
+        else:
+            skipped.append((key, "only in the base checkpoint"))
 
 
 def _full_delta(ft: Checkpoint, bs: Checkpoint, key: str, base_key: str, name: str,
@@ -120,7 +175,11 @@ def _full_delta(ft: Checkpoint, bs: Checkpoint, key: str, base_key: str, name: s
         d = ft.tensor(key) - bs.tensor(base_key)
         return d.T if conv else d
 
-    return _delta.dense(name, shape, load, method="full", source=source, base=base_w)
+    def parts() -> tuple[torch.Tensor, torch.Tensor]:  # as stored: the engine up-casts
+        t, b = ft.store.get(key), bs.store.get(base_key)
+        return (t.T, b.T) if conv else (t, b)
+
+    return _delta.dense(name, shape, load, method="full", source=source, base=base_w, parts=parts)
 
 
 def base_for(base: Path | None) -> Checkpoint | None:
@@ -129,7 +188,7 @@ def base_for(base: Path | None) -> Checkpoint | None:
         return None
     if not base.exists():
         raise CheckpointError(f"{base}: no such file or directory")
-    return Checkpoint(base)
+    return Checkpoint(base.parent if base.is_file() else base)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -37,7 +37,11 @@ def load_multilora(path: Path, base: Checkpoint | None,
     alpha, r = config.get("lora_alpha", config.get("alpha")), config.get("r")
     if not isinstance(alpha, (int, float)) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"{path / CONFIG}: needs numeric 'lora_alpha' and a positive integer 'r'")
-    files = [path / WEIGHTS] if (path / WEIGHTS).is_file() else sorted(path.glob("*.safetensors"))
+    n = config.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+        raise ConfigError(f"{path / CONFIG}: 'n' must be a positive integer, not {n!r}")
+    files = [path / WEIGHTS] if (path / WEIGHTS).is_file() else \
+        sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     if not files:
         raise CheckpointError(f"{path}: no {WEIGHTS}")
     store = TensorStore.from_files(files)
@@ -48,10 +52,23 @@ def load_multilora(path: Path, base: Checkpoint | None,
             skipped.append((key, "not a MultiLoRA tensor"))
             continue
         parts.setdefault(m["mod"], {})[m["part"]] = key
-    out = {mod: _module(store, mod, keys, alpha / r, base) for mod, keys in parts.items()}
+    out = {}
+    for mod, keys in parts.items():
+        d = _module(store, mod, keys, alpha / r, base)  # checks that lora_A/B/scaling are there
+        stacked_n, stacked_r = _stacked(store, keys)
+        if stacked_r != r or (n is not None and stacked_n != n):
+            raise ConfigError(f"{path / CONFIG}: n={n}, r={r} but {mod}.lora_A is stacked as "
+                              f"{store.shape(keys['A'])} (n, r, in)")
+        out[mod] = d
     if not out:
         raise CheckpointError(f"{files[0]}: holds no MultiLoRA tensors")
     return out
+
+
+def _stacked(store: TensorStore, keys: dict[str, str]) -> tuple[int, int]:
+    """(n, r) of a module's stacked lora_A."""
+    shape = store.shape(keys["A"])
+    return shape[0], shape[1]
 
 
 def _module(store: TensorStore, mod: str, keys: dict[str, str], scale: float,
@@ -79,6 +96,6 @@ def _module(store: TensorStore, mod: str, keys: dict[str, str], scale: float,
         a_cat = a.reshape(n * r, d_in)  # [A₁; …; Aₙ]: (n·r, in)
         return b_cat, a_cat
 
-    base_w = base.oriented(mod, (d_out, d_in), False) if base is not None else None
+    base_w = base.oriented(mod, (d_out, d_in)) if base is not None else None
     return _delta.factored(mod, (d_out, d_in), load, method="multilora", source=source,
                            rank=n * r, base=base_w)

@@ -1,9 +1,19 @@
 """PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``).
 
-ΔW = B·A·s with s = α/r (α/√r with rsLoRA), per-module r and α from ``rank_pattern`` /
-``alpha_pattern`` resolved the way PEFT resolves them. Variants plug in through ``_BUILDERS``:
-a table from the kind of module (linear, embedding, DoRA, full weight) to the function that
-turns its tensors into a :class:`Delta`. PEFT's own ``get_delta_weight`` is the reference.
+ΔW = B·A·s with s = α/r (α/√r with rsLoRA), per-module α from ``alpha_pattern`` resolved the way
+PEFT resolves it (:mod:`deltaspec.loaders.peft_config`); r is the tensors' own rank. Key names are
+those PEFT 0.21 writes (adapter name stripped; an unstripped one is tolerated)::
+
+    <module>.lora_A.weight (r, in[, k…])   <module>.lora_B.weight (out, r[, 1…])   <module>.lora_B.bias
+    <module>.lora_embedding_A (r, num)     <module>.lora_embedding_B (dim, r)
+    <module>.lora_magnitude_vector (out,)  (DoRA; (dim,) for an embedding)
+    <module>.base_layer.weight             (an embedding layer saved along: the base weight)
+    <module>.weight / .bias                (modules_to_save: full weights)
+    <module>.token_adapter.trainable_tokens_delta (n, dim)  (trainable_token_indices)
+
+Variants plug in through ``_BUILDERS`` (module kind → function making its :class:`Delta`).
+PEFT's own ``get_delta_weight`` and DoRA merge (peft/tuners/lora/layer.py, variants.py) are the
+reference; the tests use PEFT's ``merge_and_unload`` as the oracle.
 """
 
 from __future__ import annotations
@@ -19,18 +29,20 @@ import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError, UsageError
-from deltaspec.loaders.full import Checkpoint
+from deltaspec.errors import CheckpointError, UsageError
+from deltaspec.loaders import peft_config, peft_extras
+from deltaspec.loaders.full import Checkpoint, needs_transpose
 from deltaspec.loaders.store import TensorStore, read_json
 from deltaspec.names import strip_peft_prefix
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MODIFIES_BASE = ("pissa", "olora", "corda", "lora_ga", "loftq", "eva")
 _PART = re.compile(
-    r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector)(?:\.[^.]+)?(?:\.(?P<leaf>weight|bias))?$"
+    r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?!(?:weight|bias)$)[^.]+)?(?:\.(?P<leaf>weight|bias))?$"
 )
+_TOKENS = re.compile(r"^(?P<mod>.+?)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+_FULL = re.compile(r"^(?P<mod>.+?)(?P<base>\.base_layer)?\.(?P<leaf>weight|bias)$")
 
 
 @dataclass
@@ -41,10 +53,23 @@ class _Module:
     keys: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class _Groups:
+    """An adapter's keys sorted by role."""
+
+    lora: dict[str, _Module] = field(default_factory=dict)
+    base_layer: dict[str, dict[str, str]] = field(default_factory=dict)  # module → leaf → key
+    full: dict[str, dict[str, str]] = field(default_factory=dict)  # modules_to_save
+    tokens: dict[str, str] = field(default_factory=dict)  # module → trainable_tokens_delta key
+    other: list[str] = field(default_factory=list)
+
+
 def find_adapter_dir(path: Path) -> Path | None:
     """``path`` itself, or its one sub-folder named after an adapter, that holds the config."""
     if (path / CONFIG).is_file():
         return path
+    if not path.is_dir():
+        return None
     subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG).is_file())
     if len(subs) > 1:
         names = ", ".join(p.name for p in subs)
@@ -58,30 +83,37 @@ def detect(path: Path) -> bool:
 
 
 @dataclass
-class _Ctx:
-    """What every builder needs: the store, config, scaling rules and the optional base."""
+class Ctx:
+    """What every builder needs: the store, config, the optional base and the skip list."""
 
     store: TensorStore
     config: dict[str, Any]
     base: Checkpoint | None
     source: str
+    config_path: Path
     skipped: list[tuple[str, str]]
+    base_layers: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def scale(self, module: str, r: int) -> float:
-        alpha = float(_pattern(self.config.get("alpha_pattern") or {}, module,
-                               self.config.get("lora_alpha", 8)))
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        """s = α/r (α/√r with rsLoRA) for ``module``."""
+        return peft_config.scale(self.config, module, r)
 
     def get(self, key: str) -> torch.Tensor:
+        """One adapter tensor as float32."""
         return self.store.get(key).to(torch.float32)
 
-
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first key k (dict order) with ``(.*\\.)?(k)$`` matching."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    def base_weight(self, name: str, shape: tuple[int, int],
+                    fan_in_fan_out: bool | None) -> Callable[[], torch.Tensor] | None:
+        """The base weight of module ``name`` as (out, in) = ``shape``: from ``--base``, else from
+        the adapter's own ``base_layer.weight`` (saved with embedding LoRA), else None."""
+        if self.base is not None:
+            return self.base.oriented(name, shape, fan_in_fan_out)
+        key = self.base_layers.get(name, {}).get("weight")
+        if key is None:
+            return None
+        transpose = needs_transpose(self.store.shape(key), shape, bool(fan_in_fan_out),
+                                    f"{self.source}: tensor {key!r}")
+        return lambda: (self.get(key).T if transpose else self.get(key)).reshape(shape)
 
 
 def load_peft(path: Path, base: Checkpoint | None, skipped: list[tuple[str, str]], *,
@@ -91,75 +123,71 @@ def load_peft(path: Path, base: Checkpoint | None, skipped: list[tuple[str, str]
     if folder is None:
         raise CheckpointError(f"{path}: no {CONFIG} here")
     config = read_json(folder / CONFIG)
-    _check_config(folder / CONFIG, config, allow_modified_base)
+    peft_config.check_config(folder / CONFIG, config, allow_modified_base)
     weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
-        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin "
+                              f"next to {CONFIG}")
     store = TensorStore.from_files([weights])
-    ctx = _Ctx(store, config, base, str(weights), skipped)
-    modules, full = _group(store.keys())
-    out: dict[str, Delta] = {}
-    for mod in modules.values():
-        out[mod.name] = _build(ctx, mod)
-    for name, key in full.items():
-        d = _full_weight(ctx, name, key)
-        if d is not None:
-            out[name] = d
+    if len(store) == 0:
+        raise CheckpointError(f"{weights}: the adapter holds no tensors")
+    groups = _group(store.keys())
+    ctx = Ctx(store, config, base, str(weights), folder / CONFIG, skipped, groups.base_layer)
+    out: dict[str, Delta] = {mod.name: _build(ctx, mod) for mod in groups.lora.values()}
+    for name, keys in groups.base_layer.items():
+        if name not in out:  # a base layer without LoRA on it is loaded as a full weight
+            groups.full.setdefault(name, keys)
+    extras = peft_extras.full_weights(ctx, groups.full) | peft_extras.trainable_tokens(ctx, groups.tokens)
+    for name, d in extras.items():
+        if name in out:
+            raise CheckpointError(f"{ctx.source}: module {name!r} holds both LoRA factors and a "
+                                  f"{d.method} update")
+        out[name] = d
+    skipped.extend((key, "not a LoRA tensor deltaspec knows") for key in groups.other)
     if not out and not skipped:
         raise CheckpointError(f"{weights}: the adapter holds no LoRA tensors")
     return out
 
 
-def _check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) -> None:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise UnsupportedError(f"{path}: peft_type {config.get('peft_type')!r} is not supported "
-                               "(deltaspec reads LORA adapters and MultiLoRA checkpoints)")
-    init = str(config.get("init_lora_weights", True)).lower()
-    if any(init.startswith(m) for m in MODIFIES_BASE) and not allow_modified_base:
-        raise UnsupportedError(
-            f"{path}: init_lora_weights={config['init_lora_weights']!r} changed the base weights, "
-            "so s·B·A is not the update of the original base; re-save the adapter with PEFT's "
-            "path_initial_model_for_weight_conversion, or pass --allow-modified-base")
-    if config.get("layer_replication"):
-        raise UnsupportedError(f"{path}: layer_replication adapters are not supported")
-    for key in ("r", "lora_alpha"):
-        if key in config and not isinstance(config[key], (int, float)):
-            raise ConfigError(f"{path}: {key!r} must be a number, not {config[key]!r}")
-
-
-def _group(keys: list[str]) -> tuple[dict[str, _Module], dict[str, str]]:
-    modules: dict[str, _Module] = {}
-    full: dict[str, str] = {}
+def _group(keys: list[str]) -> _Groups:
+    g = _Groups()
     for key in keys:
         name = strip_peft_prefix(key)
-        m = _PART.match(name)
-        if m:
-            mod = modules.setdefault(m["mod"], _Module(m["mod"]))
-            part = m["part"] + (".bias" if m["leaf"] == "bias" else "")
-            mod.keys[part] = key
-        elif name.endswith(".weight"):
-            full[name[: -len(".weight")].removesuffix(".base_layer")] = key
-    return modules, full
+        if m := _PART.match(name):
+            mod = g.lora.setdefault(m["mod"], _Module(m["mod"]))
+            mod.keys[m["part"] + (".bias" if m["leaf"] == "bias" else "")] = key
+        elif m := _TOKENS.match(name):
+            g.tokens[m["mod"]] = key
+        elif m := _FULL.match(name):
+            target = g.base_layer if m["base"] else g.full
+            target.setdefault(m["mod"], {})[m["leaf"]] = key
+        else:
+            g.other.append(key)
+    return g
 
 
-def _build(ctx: _Ctx, mod: _Module) -> Delta:
+def _build(ctx: Ctx, mod: _Module) -> Delta:
     kind = "embedding" if "lora_embedding_A" in mod.keys else "linear"
-    if "lora_magnitude_vector" in mod.keys:
-        kind = "dora"
     needed = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A", "lora_B")
     for part in needed:
         if part not in mod.keys:
             raise CheckpointError(f"{ctx.source}: module {mod.name!r} has no {part} tensor")
+    if "lora_magnitude_vector" in mod.keys:
+        kind = "dora"
     return _BUILDERS[kind](ctx, mod)
 
 
-def _linear_factors(ctx: _Ctx, mod: _Module) -> tuple[tuple[int, int], int, Callable[[], _delta.Factors]]:
+Thunk = Callable[[], _delta.Factors]
+
+
+def _linear_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, float, Thunk]:
+    """Shape (out, in·k…), rank, scale and the (B·s, A) thunk of a linear or conv LoRA module."""
     a_shape, b_shape = ctx.store.shape(mod.keys["lora_A"]), ctx.store.shape(mod.keys["lora_B"])
-    r = a_shape[0]
-    if len(b_shape) < 2 or b_shape[1] != r:
+    if len(a_shape) < 2 or len(b_shape) < 2 or b_shape[1] != a_shape[0] \
+            or math.prod(b_shape[2:]) != 1:
         raise CheckpointError(f"{ctx.source}: {mod.name}: lora_B shape {b_shape} does not match "
                               f"lora_A shape {a_shape}")
+    r = a_shape[0]
     shape = (b_shape[0], math.prod(a_shape[1:]))  # conv kernels flatten to (out, in·k…)
     s = ctx.scale(mod.name, r)
 
@@ -168,88 +196,87 @@ def _linear_factors(ctx: _Ctx, mod: _Module) -> tuple[tuple[int, int], int, Call
         a = ctx.get(mod.keys["lora_A"]).reshape(r, shape[1])  # (r, in)
         return b * s, a
 
-    return shape, r, load
+    return shape, r, s, load
 
 
-def _bias(ctx: _Ctx, mod: _Module) -> Callable[[], torch.Tensor] | None:
-    key = mod.keys.get("lora_B.bias")
-    return (lambda: ctx.get(key)) if key else None
-
-
-def _base_thunk(ctx: _Ctx, name: str, shape: tuple[int, int]) -> Callable[[], torch.Tensor] | None:
-    if ctx.base is None:
-        return None
-    return ctx.base.oriented(name, shape, bool(ctx.config.get("fan_in_fan_out")))
-
-
-def _linear(ctx: _Ctx, mod: _Module) -> Delta:
-    shape, r, load = _linear_factors(ctx, mod)
-    return _delta.factored(mod.name, shape, load, method="lora", source=ctx.source, rank=r,
-                           base=_base_thunk(ctx, mod.name, shape), bias=_bias(ctx, mod))
-
-
-def _embedding(ctx: _Ctx, mod: _Module) -> Delta:
+def _embedding_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, float, Thunk]:
+    """Embedding LoRA: ΔW = (B·A)ᵀ·s = (Aᵀ·s)·Bᵀ of shape (num_embeddings, dim)."""
     a_key, b_key = mod.keys["lora_embedding_A"], mod.keys["lora_embedding_B"]
-    r, num = ctx.store.shape(a_key)  # A: (r, num_embeddings)
-    dim = ctx.store.shape(b_key)[0]  # B: (dim, r)
+    a_shape, b_shape = ctx.store.shape(a_key), ctx.store.shape(b_key)
+    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
+        raise CheckpointError(f"{ctx.source}: {mod.name}: lora_embedding_B shape {b_shape} does "
+                              f"not match lora_embedding_A shape {a_shape}")
+    (r, num), dim = a_shape, b_shape[0]
     s = ctx.scale(mod.name, r)
 
     def load() -> _delta.Factors:
-        # ΔW = (B·A)ᵀ·s = (Aᵀ·s)·Bᵀ: (num_embeddings, r) @ (r, dim)
-        return ctx.get(a_key).T * s, ctx.get(b_key).T
+        return ctx.get(a_key).T * s, ctx.get(b_key).T  # (num, r) @ (r, dim)
 
-    return _delta.factored(mod.name, (num, dim), load, method="lora", source=ctx.source, rank=r,
-                           base=_base_thunk(ctx, mod.name, (num, dim)))
+    return (num, dim), r, s, load
 
 
-def _dora(ctx: _Ctx, mod: _Module) -> Delta:
-    shape, _, factors = _linear_factors(ctx, mod)
-    base = _base_thunk(ctx, mod.name, shape)
+def _bias(ctx: Ctx, mod: _Module, s: float, out: int) -> Callable[[], torch.Tensor] | None:
+    """The bias update: lora_B.bias·s (``lora_bias=True``; PEFT's merge adds exactly this) plus,
+    for ``bias="all"``/``"lora_only"``, the trained base_layer.bias minus the base's bias."""
+    key = mod.keys.get("lora_B.bias")
+    if key is not None and ctx.store.shape(key) != (out,):
+        raise CheckpointError(f"{ctx.source}: {key} has shape {ctx.store.shape(key)}, not ({out},)")
+    trained = peft_extras.trained_bias(ctx, mod.name, ctx.base_layers.get(mod.name, {}).get("bias"), out)
+    if key is None:
+        return trained
+    return lambda: ctx.get(key) * s + (trained() if trained is not None else 0.0)
+
+
+def _fan_in_fan_out(ctx: Ctx) -> bool:
+    return bool(ctx.config.get("fan_in_fan_out"))
+
+
+def _linear(ctx: Ctx, mod: _Module) -> Delta:
+    shape, r, s, load = _linear_factors(ctx, mod)
+    base = ctx.base_weight(mod.name, shape, _fan_in_fan_out(ctx))
+    return _delta.factored(mod.name, shape, load, method="lora", source=ctx.source, rank=r,
+                           base=base, bias=_bias(ctx, mod, s, shape[0]))
+
+
+def _embedding(ctx: Ctx, mod: _Module) -> Delta:
+    shape, r, _, load = _embedding_factors(ctx, mod)
+    return _delta.factored(mod.name, shape, load, method="lora", source=ctx.source, rank=r,
+                           base=ctx.base_weight(mod.name, shape, False))
+
+
+def _dora(ctx: Ctx, mod: _Module) -> Delta:
+    """DoRA: W′ = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖, ΔW = W′ − W0 (dense; needs the base).
+
+    The norm is taken per output row for linear/conv layers and per embedding dimension (column)
+    for embeddings, as in PEFT's DoraLinearVariant / DoraEmbeddingVariant merges.
+    """
+    is_embedding = "lora_embedding_A" in mod.keys
+    builder = _embedding_factors if is_embedding else _linear_factors
+    shape, _, s, factors = builder(ctx, mod)
+    base = ctx.base_weight(mod.name, shape, False if is_embedding else _fan_in_fan_out(ctx))
     if base is None:
         raise UsageError(f"{ctx.source}: {mod.name} is a DoRA module; its update depends on the "
                          "base weight, so pass --base")
-    mkey = mod.keys["lora_magnitude_vector"]
+    mkey, axis = mod.keys["lora_magnitude_vector"], 0 if is_embedding else 1
+    m_shape = ctx.store.shape(mkey)
+    if math.prod(m_shape) != shape[1 - axis]:
+        raise CheckpointError(f"{ctx.source}: {mkey} has shape {m_shape}; expected "
+                              f"({shape[1 - axis]},) for an update of shape {shape}")
+    base_w = base
 
     def load() -> torch.Tensor:
         b, a = factors()
-        w0 = base().to(torch.float64)
-        w = w0 + b.to(torch.float64) @ a.to(torch.float64)  # (out, in)
-        norm = w.norm(p=2, dim=1, keepdim=True)  # per output row, as PEFT's DoRA
-        m = ctx.get(mkey).to(torch.float64).reshape(-1, 1)
+        w0 = base_w().to(torch.float64)
+        w = w0 + b.to(torch.float64) @ a.to(torch.float64)
+        norm = w.norm(p=2, dim=axis, keepdim=True)
+        m = ctx.get(mkey).to(torch.float64).reshape(norm.shape)
         return (m / norm * w - w0).to(torch.float32)
 
     return _delta.dense(mod.name, shape, load, method="dora", source=ctx.source, base=base,
-                        bias=_bias(ctx, mod))
+                        bias=None if is_embedding else _bias(ctx, mod, s, shape[0]))
 
 
-def _full_weight(ctx: _Ctx, name: str, key: str) -> Delta | None:
-    """A full weight saved in the adapter (modules_to_save, base_layer): saved − base."""
-    stored = ctx.store.shape(key)
-    if len(stored) != 2:
-        ctx.skipped.append((name, f"{len(stored)}-D full weight"))
-        return None
-    if ctx.base is None:
-        ctx.skipped.append((name, "full weight (modules_to_save); pass --base to analyse it"))
-        return None
-    base_key = ctx.base.find(name + ".weight")
-    if base_key is None:
-        ctx.skipped.append((name, "full weight not in the base"))
-        return None
-    if ctx.base.store.shape(base_key) != stored:
-        from deltaspec.errors import ShapeError
-
-        raise ShapeError(f"{ctx.source}: {key} has shape {stored} but the base has "
-                         f"{ctx.base.store.shape(base_key)}")
-    base_w = ctx.base
-
-    def load() -> torch.Tensor:
-        return ctx.get(key) - base_w.tensor(base_key)
-
-    return _delta.dense(name, stored, load, method="modules_to_save", source=ctx.source,
-                        base=lambda: base_w.tensor(base_key))
-
-
-_BUILDERS: dict[str, Callable[[_Ctx, _Module], Delta]] = {
+_BUILDERS: dict[str, Callable[[Ctx, _Module], Delta]] = {
     "linear": _linear,
     "embedding": _embedding,
     "dora": _dora,

@@ -1,0 +1,110 @@
+"""``adapter_config.json`` of a PEFT LoRA adapter: what deltaspec can read, and each module's r, α.
+
+The rules follow PEFT 0.21 (``peft/tuners/lora/model.py`` ``_create_and_replace`` and
+``peft/utils/other.py`` ``get_pattern_key``): a module takes the value of the *first* key k of
+``rank_pattern`` / ``alpha_pattern`` (in the file's order) for which
+``re.match(rf"(.*\\.)?({k})$", module_path)`` succeeds, else the global ``r`` / ``lora_alpha``.
+The scale is α/r, or α/√r with ``use_rslora``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from deltaspec.errors import ConfigError, UnsupportedError
+
+# init_lora_weights values whose initialisation rewrote the base weight (W_res = W − s·B₀A₀, or a
+# quantised residual): s·B·A of such an adapter is not its update of the original base.
+MODIFIES_BASE = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# LoraConfig options whose adapters merge differently from s·B·A (PEFT "variants" other than DoRA).
+UNSUPPORTED_OPTIONS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora",
+                       "arrow_config", "kasa_config", "target_parameters", "layer_replication")
+DEFAULT_R, DEFAULT_ALPHA = 8, 8
+
+
+def check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) -> None:
+    """Raise a one-line error naming ``path`` unless deltaspec reads this adapter exactly."""
+    peft_type = config.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise UnsupportedError(f"{path}: peft_type {peft_type!r} is not supported "
+                               "(deltaspec reads LORA adapters and MultiLoRA checkpoints)")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if any(init.startswith(m) for m in MODIFIES_BASE) and not allow_modified_base:
+        raise UnsupportedError(
+            f"{path}: init_lora_weights={config['init_lora_weights']!r} changed the base weights, "
+            "so s·B·A is not the update of the original base; re-save the adapter with PEFT's "
+            "path_initial_model_for_weight_conversion, or pass --allow-modified-base")
+    for option in UNSUPPORTED_OPTIONS:
+        if config.get(option):
+            raise UnsupportedError(f"{path}: adapters with {option}={config[option]!r} are not "
+                                   "supported (their update is not s·B·A)")
+    for key in ("r", "lora_alpha"):
+        if key in config and not _is_number(config[key]):
+            raise ConfigError(f"{path}: {key!r} must be a number, not {config[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        _check_patterns(path, key, config.get(key))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_patterns(path: Path, key: str, patterns: Any) -> None:
+    if patterns in (None, {}):
+        return
+    if not isinstance(patterns, dict):
+        raise ConfigError(f"{path}: {key!r} must be a mapping, not {patterns!r}")
+    for pattern, value in patterns.items():
+        if not _is_number(value):
+            raise ConfigError(f"{path}: {key}[{pattern!r}] must be a number, not {value!r}")
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as exc:
+            raise ConfigError(f"{path}: {key} key {pattern!r} is not a valid pattern ({exc})") from None
+
+
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key`` + lookup: the value of the first matching key, else ``default``.
+
+    >>> pattern_value({"q_proj": 2, "layers.0.self_attn.q_proj": 5}, "model.layers.0.self_attn.q_proj", 8)
+    2
+    >>> pattern_value({"layers\\\\.1\\\\..*proj": 3}, "model.layers.1.mlp.up_proj", 8)
+    3
+    >>> pattern_value({"proj": 3}, "model.layers.1.mlp.up_proj", 8)
+    8
+    """
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def scale(config: dict[str, Any], module: str, r: int) -> float:
+    """The LoRA scale s of ``module`` with rank ``r``: α/r, or α/√r with ``use_rslora``."""
+    alpha = float(pattern_value(config.get("alpha_pattern"), module,
+                                config.get("lora_alpha", DEFAULT_ALPHA)))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def configured_rank(config: dict[str, Any], module: str) -> int:
+    """The rank the config gives ``module`` (the tensors' shapes are authoritative)."""
+    return int(pattern_value(config.get("rank_pattern"), module, config.get("r", DEFAULT_R)))
+
+
+def token_indices(path: Path, config: dict[str, Any], module: str,
+                  input_embedding: bool) -> list[int]:
+    """The token rows ``trainable_token_indices`` lets ``module`` train.
+
+    A list applies to the input embedding; a mapping names modules (matched like patterns).
+    """
+    spec = config.get("trainable_token_indices")
+    input_spec = spec if input_embedding else None
+    found = pattern_value(spec, module, None) if isinstance(spec, dict) else input_spec
+    if not isinstance(found, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                              for i in found):
+        raise ConfigError(f"{path}: trainable_token_indices gives no list of token ids for "
+                          f"module {module!r}")
+    return found

@@ -1,0 +1,131 @@
+"""Full weights inside a PEFT adapter: ``modules_to_save`` and ``trainable_token_indices``.
+
+Both store new *values*, not updates, so they become deltas only against a base (``saved − base``);
+without one they are listed in ``.skipped``. GPT-2 Conv1D weights are canonicalised to (out, in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from deltaspec import delta as _delta
+from deltaspec.delta import Delta
+from deltaspec.errors import CheckpointError, ShapeError
+from deltaspec.loaders import peft_config
+from deltaspec.names import has_conv1d, is_conv1d, match_key
+
+if TYPE_CHECKING:
+    from deltaspec.loaders.peft_lora import Ctx
+
+NO_BASE = "{what}; pass --base to analyse it"
+
+
+def full_weights(ctx: Ctx, modules: dict[str, dict[str, str]]) -> dict[str, Delta]:
+    """modules_to_save (module → {"weight": key, "bias": key}): ΔW = saved − base."""
+    out: dict[str, Delta] = {}
+    for name, keys in modules.items():
+        key = keys.get("weight")
+        if key is None or len(ctx.store.shape(key)) < 2:
+            for leaf_key in keys.values():
+                ctx.skipped.append((leaf_key, f"{len(ctx.store.shape(leaf_key))}-D tensor (a trained "
+                                              "bias or norm weight, not a matrix)"))
+            continue
+        if ctx.base is None:
+            ctx.skipped.append((key, NO_BASE.format(what="full weight (modules_to_save)")))
+            continue
+        d = _full_weight(ctx, name, key, keys.get("bias"))
+        if d is not None:
+            out[name] = d
+    return out
+
+
+def _full_weight(ctx: Ctx, name: str, key: str, bias_key: str | None) -> Delta | None:
+    assert ctx.base is not None
+    bs = ctx.base
+    base_key = bs.find(name + ".weight")
+    if base_key is None:
+        ctx.skipped.append((key, "full weight (modules_to_save) not in the base"))
+        return None
+    stored, base_stored = ctx.store.shape(key), bs.store.shape(base_key)
+    if stored != base_stored:
+        raise ShapeError(f"{ctx.source}: tensor {key!r} has shape {stored} but the base's "
+                         f"{base_key!r} in {bs.store.file_of(base_key)} has {base_stored}")
+    conv = len(stored) == 2 and has_conv1d(bs.model_type) and is_conv1d(bs.model_type, name)
+    rows, cols = stored[0], math.prod(stored[1:])
+    shape = (cols, rows) if conv else (rows, cols)
+
+    def canonical(w: torch.Tensor) -> torch.Tensor:
+        return w.T if conv else w.reshape(shape)
+
+    def load() -> torch.Tensor:
+        return canonical(ctx.get(key) - bs.tensor(base_key))
+
+    return _delta.dense(name, shape, load, method="modules_to_save", source=ctx.source,
+                        base=lambda: canonical(bs.tensor(base_key)),
+                        bias=trained_bias(ctx, name, bias_key, shape[0]))
+
+
+def trained_bias(ctx: Ctx, name: str, bias_key: str | None,
+                 out: int) -> Callable[[], torch.Tensor] | None:
+    """A bias the adapter saved as a value (modules_to_save, or LoRA's ``bias="all"``): saved − base.
+
+    None when there is no such bias; listed in ``.skipped`` when there is no base to subtract.
+    """
+    if bias_key is None:
+        return None
+    if ctx.base is None:
+        ctx.skipped.append((bias_key, NO_BASE.format(what="trained bias")))
+        return None
+    base_key = ctx.base.find(name + ".bias")
+    if base_key is None:
+        ctx.skipped.append((bias_key, "trained bias not in the base"))
+        return None
+    shapes = ctx.store.shape(bias_key), ctx.base.store.shape(base_key)
+    if shapes[0] != shapes[1] or shapes[0] != (out,):
+        raise ShapeError(f"{ctx.source}: tensor {bias_key!r} has shape {shapes[0]} but the base's "
+                         f"{base_key!r} has {shapes[1]} (module output {out})")
+    base = ctx.base
+    return lambda: ctx.get(bias_key) - base.tensor(base_key)
+
+
+def trainable_tokens(ctx: Ctx, modules: dict[str, str]) -> dict[str, Delta]:
+    """trainable_token_indices: rows ``idx`` of an embedding take the saved values.
+
+    ΔW is zero except rows idx, where it is saved − base (PEFT merges with ``index_copy``).
+    """
+    out: dict[str, Delta] = {}
+    for name, key in modules.items():
+        if ctx.base is None:
+            ctx.skipped.append((key, NO_BASE.format(what="trainable token rows")))
+            continue
+        is_input = match_key(name).split(".")[-1] in ("embed_tokens", "wte", "embed_in",
+                                                      "word_embeddings", "shared")
+        idx = peft_config.token_indices(ctx.config_path, ctx.config, name, is_input)
+        base_key = ctx.base.find(name + ".weight")
+        if base_key is None:
+            raise CheckpointError(f"{ctx.base.folder}: base has no weight for module {name!r}")
+        shape = ctx.base.store.shape(base_key)
+        saved = ctx.store.shape(key)
+        if len(shape) != 2 or saved != (len(idx), shape[1]) or max(idx) >= shape[0] or min(idx) < 0:
+            raise ShapeError(f"{ctx.source}: tensor {key!r} of shape {saved} does not fit "
+                             f"{len(idx)} token rows of the base's {base_key!r} {shape}")
+        out[name] = _tokens_delta(ctx, name, key, base_key, idx, (shape[0], shape[1]))
+    return out
+
+
+def _tokens_delta(ctx: Ctx, name: str, key: str, base_key: str, idx: list[int],
+                  shape: tuple[int, int]) -> Delta:
+    assert ctx.base is not None
+    base = ctx.base
+    rows = torch.tensor(idx, dtype=torch.long)
+
+    def load() -> torch.Tensor:
+        w = base.tensor(base_key)
+        return torch.zeros(shape).index_copy(0, rows, ctx.get(key) - w[rows])
+
+    return _delta.dense(name, shape, load, method="trainable_tokens", source=ctx.source,
+                        base=lambda: base.tensor(base_key))
