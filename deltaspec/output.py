@@ -28,6 +28,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise UsageError(f"{target}: folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the user's usual mode
     try:
         yield Path(tmp)
         os.replace(tmp, target)

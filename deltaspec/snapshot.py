@@ -1,0 +1,320 @@
+"""Baseline files for ``deltaspec check``: what a snapshot stores, and how it is written and read.
+
+A baseline is one JSON object (format ``deltaspec-baseline``, version 1)::
+
+    {"format": "deltaspec-baseline", "version": 1, "created": "2025-01-01T00:00:00Z",
+     "deltaspec_version": "0.1.0", "source": "runs/adapter", "base": null,
+     "k": 8, "top_k": null, "include": null, "intruders": true,
+     "vectors": {"encoding": "float16-base64-le", "layout": "row-major (rows, k)",
+                 "sketch": null},
+     "modules": {"model.layers.0.self_attn.q_proj": {
+         "kind": "q_proj", "layer": 0, "method": "lora", "shape": [4096, 4096], "rank_bound": 16,
+         "metrics": {"normalized_entropy": 0.31, ...},
+         "vectors": {"k": 8,
+                     "left": {"rows": 4096, "sketched": false, "data": "<base64>"},
+                     "right": {"rows": 4096, "sketched": false, "data": "<base64>"}}}}}
+
+``metrics`` holds every metric ``analyze`` computed (null where undefined). ``vectors`` holds the
+top-K singular vectors of each side (K = min(k, numerical rank)) as float16, little-endian,
+row-major (rows, K), base64-encoded; ``null`` for a zero update. With a sketch
+(``"sketch": {"dim": D, "hash": "splitmix64-osnap8", "seed": 0}``) a side with more than D rows
+is stored as the orthonormal basis of S·U (D × K), S a fixed sparse ±1 matrix that ``check``
+regenerates from the hash (:func:`sketch_matrix`): φ is then approximate (measured within ±0.05
+at D = 256; unrelated subspaces read K/D instead of K/m) but a 7B-shaped baseline shrinks from
+53 MB to 2.6 MB. Only what ``check`` needs is stored, never whole matrices.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as _dt
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from deltaspec import metrics as M
+from deltaspec.errors import CheckpointError, ConfigError, UsageError
+from deltaspec.output import atomic_path
+
+FORMAT = "deltaspec-baseline"
+VERSION = 1
+ENCODING = "float16-base64-le"
+SKETCH_HASH = "splitmix64-osnap8"
+SKETCH_NNZ = 8  # non-zeros per column of the sparse sketch
+_IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound")
+
+
+@dataclass(frozen=True, eq=False)
+class Basis:
+    """Orthonormal columns spanning a top-K singular subspace (rows × K, float64).
+
+    ``sketch`` is 0 for the vectors themselves, else the sketch dimension D (rows = D).
+    """
+
+    matrix: torch.Tensor
+    sketch: int = 0
+
+
+@dataclass(frozen=True)
+class ModuleRecord:
+    """What a baseline keeps of one module."""
+
+    name: str
+    kind: str
+    layer: int | None
+    method: str
+    shape: tuple[int, int]
+    rank_bound: int
+    metrics: dict[str, float | None]
+    left: Basis | None = None
+    right: Basis | None = None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A snapshot of one update's per-module metrics and top-K subspaces."""
+
+    source: str
+    modules: dict[str, ModuleRecord]
+    k: int = 8
+    top_k: int | None = None
+    base: str | None = None
+    include: str | None = None
+    intruders: bool = True
+    sketch: int = 0
+    created: str = ""
+    deltaspec_version: str = ""
+    path: str = field(default="", compare=False)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=8)
+def sketch_matrix(dim: int, rows: int, seed: int = 0) -> Any:
+    """The fixed sparse (dim × rows) sketch S: column j has one ±1/√8 entry in each of 8 blocks
+    of dim/8 rows (an OSNAP sparse embedding); row and sign come from splitmix64(seed, j, t).
+
+    Integer arithmetic only, so every deltaspec version regenerates the same matrix; S·U costs
+    O(8·rows·K), about 1 ms for an 11008 × 8 side.
+    """
+    from scipy import sparse
+
+    if dim % SKETCH_NNZ:
+        raise UsageError(f"sketch dimension {dim} must be a multiple of {SKETCH_NNZ}")
+    block = np.uint64(dim // SKETCH_NNZ)
+    j = np.repeat(np.arange(rows, dtype=np.uint64), SKETCH_NNZ)
+    t = np.tile(np.arange(SKETCH_NNZ, dtype=np.uint64), rows)
+    v = _splitmix64(np.uint64(seed) * np.uint64(1 << 48) + j * np.uint64(SKETCH_NNZ) + t)
+    r = (t * block + (v & np.uint64(0xFFFFFFFF)) % block).astype(np.int64)
+    signs = np.where((v >> np.uint64(63)) == 1, 1.0, -1.0) / math.sqrt(SKETCH_NNZ)
+    return sparse.csr_matrix((signs, (r, j.astype(np.int64))), shape=(dim, rows))
+
+
+# The small products below run in numpy: for (m × K)ᵀ(m × K) float64 products torch's CPU path
+# was measured 10–100× slower here, and they are the only work check adds to the analysis.
+def make_basis(vectors: torch.Tensor, sketch: int = 0) -> Basis:
+    """The stored form of top-K vectors (rows × K): themselves, or orth(S·U) when sketched."""
+    u = vectors.detach().to("cpu", torch.float64).numpy()
+    if not sketch or sketch >= u.shape[0]:
+        return Basis(torch.from_numpy(np.ascontiguousarray(u)), 0)
+    q, _ = np.linalg.qr(np.asarray(sketch_matrix(sketch, u.shape[0]) @ u))
+    return Basis(torch.from_numpy(q), sketch)
+
+
+def like(reference: Basis, vectors: torch.Tensor) -> Basis:
+    """``vectors`` (rows × K, exact) in the same form as ``reference`` (sketched or not)."""
+    return make_basis(vectors, reference.sketch)
+
+
+def similarity(a: Basis, b: Basis, k: int | None = None) -> float:
+    """φ(k, k) = ‖Aᵀ B‖²_F / k over the first k columns (k defaults to the smaller count) of two
+    bases of the same form — :func:`deltaspec.metrics.subspace_similarity`; NaN when empty."""
+    ua, ub = a.matrix.numpy(), b.matrix.numpy()
+    k = min(ua.shape[1], ub.shape[1], *(() if k is None else (k,)))
+    if k < 1:
+        return math.nan
+    return float(np.square(ua[:, :k].T @ ub[:, :k]).sum() / k)
+
+
+def _encode(b: Basis) -> dict[str, Any]:
+    raw = b.matrix.to(torch.float16).numpy().astype("<f2").tobytes()
+    return {"rows": int(b.matrix.shape[0]), "sketched": bool(b.sketch),
+            "data": base64.b64encode(raw).decode("ascii")}
+
+
+def _decode(obj: Any, k: int, sketch: int, where: str) -> Basis:
+    try:
+        rows, sketched = int(obj["rows"]), bool(obj.get("sketched", False))
+        raw = base64.b64decode(obj["data"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise ConfigError(f"{where}: unreadable vectors ({exc})") from None
+    if len(raw) != rows * k * 2:
+        raise ConfigError(f"{where}: vectors hold {len(raw)} bytes, expected {rows}×{k} float16")
+    if sketched and rows != sketch:
+        raise ConfigError(f"{where}: a sketched side has {rows} rows, the sketch dimension is {sketch}")
+    arr = np.frombuffer(raw, dtype="<f2").astype(np.float64).reshape(rows, k)
+    return Basis(torch.from_numpy(arr.copy()), sketch if sketched else 0)
+
+
+def _plain(v: Any) -> Any:
+    if v is None or v is pd.NA:
+        return None
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def records_from(df: Any, k: int, sketch: int = 0) -> dict[str, ModuleRecord]:
+    """Module records from an ``analyze`` frame run with ``vectors=True, keep_spectra=True``."""
+    metric_cols = [c for c in df.columns if c not in _IDENTITY]
+    out = {}
+    for row in df.to_dict(orient="records"):
+        sp = df.spectra[row["module"]]
+        kk = min(k, M.numerical_rank(sp.values, sp.shape))
+        left = right = None
+        if kk and sp.U is not None and sp.V is not None:
+            left, right = make_basis(sp.U[:, :kk], sketch), make_basis(sp.V[:, :kk], sketch)
+        out[row["module"]] = ModuleRecord(
+            name=row["module"], kind=str(row["kind"]), layer=_plain(row["layer"]),
+            method=str(row["method"]), shape=tuple(sp.shape), rank_bound=int(row["rank_bound"]),
+            metrics={c: _plain(row[c]) for c in metric_cols}, left=left, right=right)
+    return out
+
+
+def run_analysis(path: str | Path, base: str | Path | None, *, k: int, top_k: int | None,
+                 include: str | None, intruders: bool, device: str = "auto",
+                 progress: bool = False, allow_modified_base: bool = False) -> Any:
+    """The one ``analyze`` pass snapshot and check both make (values and top-K vectors)."""
+    from deltaspec.analyze import analyze
+
+    return analyze(path, base=base, k=k, top_k=top_k, include=include, intruders=intruders,
+                   device=device, progress=progress, allow_modified_base=allow_modified_base,
+                   vectors=True, keep_spectra=True)
+
+
+def take_snapshot(path: str | Path, base: str | Path | None = None, *, k: int = 8,
+                  top_k: int | None = None, sketch: int = 0, include: str | None = None,
+                  intruders: bool = True, device: str = "auto", progress: bool = False,
+                  allow_modified_base: bool = False) -> Baseline:
+    """Analyse the update at ``path`` once and keep what ``check`` needs (see the module doc).
+
+    Args:
+        k: how many top singular vectors per side to keep (the subspace dimension K).
+        sketch: 0 stores the vectors (float16); D > 0 stores a D-row sketch of each side.
+    """
+    if sketch and (sketch < 2 * k or sketch % SKETCH_NNZ):
+        raise UsageError(f"sketch dimension {sketch} does not fit k = {k}: use a multiple of "
+                         f"{SKETCH_NNZ}, at least {2 * k} (e.g. 256)")
+    df = run_analysis(path, base, k=k, top_k=top_k, include=include, intruders=intruders,
+                      device=device, progress=progress, allow_modified_base=allow_modified_base)
+    from deltaspec import __version__
+
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return Baseline(source=str(path), modules=records_from(df, k, sketch), k=k, top_k=top_k,
+                    base=None if base is None else str(base), include=include,
+                    intruders=intruders, sketch=sketch, created=now.replace("+00:00", "Z"),
+                    deltaspec_version=__version__)
+
+
+def to_json(b: Baseline) -> dict[str, Any]:
+    """The baseline as the JSON object described in the module doc."""
+    sketch = {"dim": b.sketch, "hash": SKETCH_HASH, "seed": 0} if b.sketch else None
+    modules = {}
+    for name, r in b.modules.items():
+        vec = None
+        if r.left is not None and r.right is not None:
+            vec = {"k": int(r.left.matrix.shape[1]), "left": _encode(r.left),
+                   "right": _encode(r.right)}
+        modules[name] = {"kind": r.kind, "layer": r.layer, "method": r.method,
+                         "shape": list(r.shape), "rank_bound": r.rank_bound,
+                         "metrics": r.metrics, "vectors": vec}
+    return {"format": FORMAT, "version": VERSION, "created": b.created,
+            "deltaspec_version": b.deltaspec_version, "source": b.source, "base": b.base,
+            "k": b.k, "top_k": b.top_k, "include": b.include, "intruders": b.intruders,
+            "vectors": {"encoding": ENCODING, "layout": "row-major (rows, k)", "sketch": sketch},
+            "modules": modules}
+
+
+def write_shared(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically, readable like any file the user creates (umask permissions;
+    the temporary file is private), e.g. for a baseline committed to a repository."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+        os.chmod(tmp, 0o666 & ~umask)
+
+
+def write_baseline(b: Baseline, out: str | Path) -> None:
+    """Write ``b`` to ``out`` atomically (a temporary file, then a rename)."""
+    write_shared(out, json.dumps(to_json(b), indent=1, allow_nan=False) + "\n")
+
+
+def read_baseline(path: str | Path) -> Baseline:
+    """Read a baseline file, refusing other formats and versions with a one-line error."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no such file (create it with `deltaspec snapshot`)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p}: not a JSON baseline ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{p}: not a deltaspec baseline (format {got!r}, expected {FORMAT!r}); "
+                          "create one with `deltaspec snapshot`")
+    version = data.get("version")
+    if version != VERSION or isinstance(version, bool):
+        raise ConfigError(f"{p}: format version {version} is not supported by this deltaspec "
+                          f"(expects {VERSION}); re-create it with `deltaspec snapshot`")
+    return from_json(data, str(p))
+
+
+def from_json(data: dict[str, Any], where: str) -> Baseline:
+    """Parse a version-1 baseline object (``where`` names it in errors)."""
+    try:
+        vec = data["vectors"]
+        if vec["encoding"] != ENCODING:
+            raise ConfigError(f"{where}: unknown vector encoding {vec['encoding']!r}")
+        sketch = int(vec["sketch"]["dim"]) if vec.get("sketch") else 0
+        if sketch and vec["sketch"].get("hash") != SKETCH_HASH:
+            raise ConfigError(f"{where}: unknown sketch {vec['sketch'].get('hash')!r}")
+        modules = {name: _record(name, m, sketch, where) for name, m in data["modules"].items()}
+        top_k = data["top_k"]
+        return Baseline(source=str(data["source"]), modules=modules, k=int(data["k"]),
+                        top_k=None if top_k is None else int(top_k), base=data.get("base"),
+                        include=data.get("include"), intruders=bool(data.get("intruders", True)),
+                        sketch=sketch, created=str(data.get("created", "")),
+                        deltaspec_version=str(data.get("deltaspec_version", "")), path=where)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}: malformed baseline ({type(exc).__name__}: {exc})") from None
+
+
+def _record(name: str, m: dict[str, Any], sketch: int, where: str) -> ModuleRecord:
+    shape = tuple(int(x) for x in m["shape"])
+    if len(shape) != 2:
+        raise ConfigError(f"{where}: module {name!r}: shape must have two entries")
+    metrics = {str(key): (None if v is None else float(v)) for key, v in m["metrics"].items()}
+    left = right = None
+    vec = m.get("vectors")
+    if vec:
+        kk = int(vec["k"])
+        left = _decode(vec["left"], kk, sketch, f"{where}: module {name!r} (left)")
+        right = _decode(vec["right"], kk, sketch, f"{where}: module {name!r} (right)")
+    layer = m.get("layer")
+    return ModuleRecord(name=name, kind=str(m["kind"]), layer=None if layer is None else int(layer),
+                        method=str(m["method"]), shape=(shape[0], shape[1]),
+                        rank_bound=int(m["rank_bound"]), metrics=metrics, left=left, right=right)
