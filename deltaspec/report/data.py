@@ -1,0 +1,343 @@
+"""The democracy report's data: several labelled updates of one base → tidy pandas tables.
+
+``collect`` loads every update, checks that they are updates of the same model (same module
+shapes, and the same ``base`` when one is given), analyses the modules common to all of them and
+builds the tables the figures and the verdict are drawn from:
+
+- ``metrics``: one row per (label, module): ``analyze``'s columns plus the entropy and effective
+  rank over the top ``top_k`` singular values (a K common to every update, so that a rank-16 LoRA
+  and a full fine-tune are compared over the same number of directions);
+- ``spectra``: per (label, module kind, i): the median and the 10–90 % band across layers of the
+  normalised spectrum σᵢ/σ₁ and of the cumulative energy Σ_{j≤i}σⱼ²/Σσ²;
+- ``similarity``: per (pair of labels, module): subspace similarity φ at K of the left and right
+  singular vectors;
+- ``grids``: φ(i, j) for one chosen module, one grid per pair of labels (for heatmaps).
+
+No matplotlib here; the math is deltaspec.metrics'.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from deltaspec import metrics as M
+from deltaspec.analyze import analyze
+from deltaspec.errors import DeltaspecError, ShapeError, UsageError
+from deltaspec.loaders import Deltas, load
+from deltaspec.names import kind_of, layer_of, match_key
+from deltaspec.spectrum import Spectrum
+
+# Architecture order of module kinds (attention, then MLP); unknown kinds follow, sorted.
+KIND_ORDER = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "query", "key", "value",
+    "c_attn", "q_attn", "out_proj", "dense", "attn.c_proj", "gate_proj", "up_proj", "down_proj",
+    "gate_up_proj", "w1", "w3", "w2", "fc1", "fc2", "c_fc", "c_proj", "dense_h_to_4h",
+    "dense_4h_to_h", "embed_tokens", "wte", "lm_head",
+)
+BAND = (0.10, 0.90)  # the spread drawn around the median across layers
+_LABEL = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+
+
+@dataclass(frozen=True)
+class SimilarityGrid:
+    """φ(i, j) between the top singular vectors of one module in two updates (rows: ``label_a``)."""
+
+    label_a: str
+    label_b: str
+    module: str
+    side: str  # "left" (U) or "right" (V)
+    values: np.ndarray  # (k_a, k_b), φ(i, j) at values[i-1, j-1]
+
+
+@dataclass
+class ReportData:
+    """Everything the democracy report shows, as tables (see the module docstring)."""
+
+    labels: list[str]
+    paths: dict[str, str]
+    base: str | None
+    k: int
+    top_k: int
+    metrics: pd.DataFrame
+    spectra: pd.DataFrame
+    similarity: pd.DataFrame
+    grids: list[SimilarityGrid]
+    module: str | None
+    only_in: dict[str, list[str]] = field(default_factory=dict)
+    raw: dict[str, dict[str, Spectrum]] = field(default_factory=dict, repr=False)
+
+    def methods(self) -> dict[str, str]:
+        """Label → the update's method as its checkpoint says (lora, multilora, full, …)."""
+        out = {}
+        for label, group in self.metrics.groupby("label", observed=True, sort=False):
+            found = sorted(set(group["method"].dropna()))
+            out[str(label)] = found[0] if len(found) == 1 else "+".join(found)
+        return out
+
+
+def parse_updates(specs: Sequence[str]) -> dict[str, str]:
+    """``["lora=path/a", "full=path/b"]`` → ``{"lora": "path/a", "full": "path/b"}``.
+
+    Labels are letters, digits and ``_ . + -``; a label given twice is an error.
+    """
+    out: dict[str, str] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        label = label.strip()
+        if not sep or not label or not path:
+            raise UsageError(f"{spec!r}: expected NAME=PATH (e.g. lora=./adapter)")
+        if label in out:
+            raise UsageError(f"label {label!r} given twice ({out[label]} and {path})")
+        out[label] = path
+    check_labels(list(out))
+    return out
+
+
+def check_labels(labels: Sequence[str]) -> None:
+    """Labels must be present, distinct and plain (they name columns, legends and files)."""
+    if not labels:
+        raise UsageError("no update given: pass one or more NAME=PATH")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise UsageError(f"label {label!r}: use letters, digits and _ . + - only")
+    seen: dict[str, str] = {}
+    for label in labels:
+        if label.lower() in seen:
+            raise UsageError(f"label {label!r} given twice (as {seen[label.lower()]!r})")
+        seen[label.lower()] = label
+
+
+def kind_order(kinds: Sequence[str]) -> list[str]:
+    """``kinds`` in architecture order (q, k, v, o, gate, up, down, …), unknown ones sorted after."""
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    return sorted(set(kinds), key=lambda k: (rank.get(k, len(rank)), k))
+
+
+def _check_shapes(loaded: dict[str, Deltas], paths: Mapping[str, Any]) -> None:
+    """Every module present in several updates must have one shape: else they are not one base's."""
+    seen: dict[str, tuple[str, tuple[int, int]]] = {}
+    for label, deltas in loaded.items():
+        for name, d in deltas.items():
+            key = match_key(name)
+            if key not in seen:
+                seen[key] = (label, d.shape)
+                continue
+            other, shape = seen[key]
+            if shape != d.shape:
+                raise ShapeError(
+                    f"module {name!r}: shape {shape[0]}×{shape[1]} in {other} ({paths[other]}) but "
+                    f"{d.shape[0]}×{d.shape[1]} in {label} ({paths[label]}): updates of different bases")
+
+
+def _common(loaded: dict[str, Deltas], include: str | None) -> tuple[dict[str, list[str]], dict]:
+    """Per label, its names of the modules every update has (in the first update's order)."""
+    keys = [set(map(match_key, d)) for d in loaded.values()]
+    common = set.intersection(*keys)
+    if include:
+        common = {k for k in common if any(re.search(include, n) for n in _names_of(loaded, k))}
+    if not common:
+        what = f" matching {include!r}" if include else ""
+        raise DeltaspecError(f"updates {', '.join(loaded)} have no module{what} in common "
+                             "(updates of different models?)")
+    names = {label: [n for n in d if match_key(n) in common] for label, d in loaded.items()}
+    only = {label: [n for n in d if match_key(n) not in common] for label, d in loaded.items()}
+    return names, only
+
+
+def _names_of(loaded: dict[str, Deltas], key: str) -> list[str]:
+    return [n for d in loaded.values() for n in d if match_key(n) == key]
+
+
+def _exact(names: Sequence[str]) -> str:
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def _topk_columns(df: pd.DataFrame, spectra: dict[str, Spectrum], top_k: int) -> pd.DataFrame:
+    vals = [spectra[m].values[:top_k] for m in df["module"]]
+    df = df.copy()
+    df["normalized_entropy_topk"] = [M.normalized_entropy(v) for v in vals]
+    df["effective_rank_topk"] = [M.effective_rank(v) for v in vals]
+    return df
+
+
+def common_top_k(loaded: dict[str, Deltas], names: dict[str, list[str]]) -> int:
+    """The common K: the smallest structural rank among the compared modules (at least 2)."""
+    bounds = [loaded[label][n].rank_bound for label, ns in names.items() for n in ns]
+    dims = [min(loaded[label][n].shape) for label, ns in names.items() for n in ns]
+    return max(2, min(min(bounds), min(dims))) if min(dims) >= 2 else 1
+
+
+def _metrics(labels: list[str], frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    df = pd.concat([f.assign(label=label) for label, f in frames.items()], ignore_index=True)
+    df["label"] = pd.Categorical(df["label"], categories=labels, ordered=True)
+    df["kind"] = pd.Categorical(df["kind"].astype(str), categories=kind_order(df["kind"].astype(str)),
+                                ordered=True)
+    first = ["label", "module", "layer", "kind", "method", "shape", "rank_bound",
+             "normalized_entropy", "normalized_entropy_topk", "effective_rank", "effective_rank_topk"]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def _normalised(sp: Spectrum) -> tuple[np.ndarray, np.ndarray]:
+    """σᵢ/σ₁ (NaN beyond the numerical rank) and the cumulative energy share, as numpy arrays."""
+    s = sp.values.to(torch.float64).numpy()
+    if s.size == 0 or s[0] <= 0:
+        return np.full(s.size, np.nan), np.full(s.size, np.nan)
+    norm = s / s[0]
+    norm[M.numerical_rank(sp.values, sp.shape):] = np.nan
+    energy = np.cumsum(s**2) / np.sum(s**2)
+    return norm, energy
+
+
+def _band(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns beyond every rank
+        lo, mid, hi = np.nanquantile(stack, [BAND[0], 0.5, BAND[1]], axis=0)
+    return mid, lo, hi
+
+
+def _pad(a: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(a, (0, width - a.size), constant_values=np.nan)
+
+
+def spectra_table(metrics: pd.DataFrame, raw: dict[str, dict[str, Spectrum]]) -> pd.DataFrame:
+    """Per (label, kind, i): median and 10–90 % band across layers of σᵢ/σ₁ and of the energy."""
+    parts = []
+    for (label, kind), group in metrics.groupby(["label", "kind"], observed=True, sort=True):
+        pairs = [_normalised(raw[str(label)][m]) for m in group["module"]]
+        width = max(p[0].size for p in pairs)
+        norm = np.vstack([_pad(p[0], width) for p in pairs])
+        energy = np.vstack([_pad(p[1], width) for p in pairs])
+        n_mid, n_lo, n_hi = _band(norm)
+        e_mid, e_lo, e_hi = _band(energy)
+        parts.append(pd.DataFrame({
+            "label": label, "kind": kind, "i": np.arange(1, width + 1),
+            "sigma_norm": n_mid, "sigma_norm_lo": n_lo, "sigma_norm_hi": n_hi,
+            "energy": e_mid, "energy_lo": e_lo, "energy_hi": e_hi, "modules": len(pairs)}))
+    df = pd.concat(parts, ignore_index=True)
+    df["label"] = pd.Categorical(df["label"], categories=metrics["label"].cat.categories, ordered=True)
+    df["kind"] = pd.Categorical(df["kind"], categories=metrics["kind"].cat.categories, ordered=True)
+    return df.astype({"i": "int64", "modules": "int64"})
+
+
+def _vectors(sp: Spectrum, k: int, side: str) -> torch.Tensor:
+    mat = sp.U if side == "left" else sp.V
+    r = min(k, M.numerical_rank(sp.values, sp.shape))
+    return mat[:, :r] if mat is not None else torch.zeros(sp.shape[0 if side == "left" else 1], 0)
+
+
+def similarity_table(labels: list[str], names: dict[str, list[str]],
+                     raw: dict[str, dict[str, Spectrum]], k: int) -> pd.DataFrame:
+    """Per pair of labels and common module: φ(K, K) of the left and right singular vectors."""
+    rows = []
+    for a, b in itertools.combinations(labels, 2):
+        by_key = {match_key(n): n for n in names[b]}
+        for na in names[a]:
+            sa, sb = raw[a][na], raw[b][by_key[match_key(na)]]
+            row: dict[str, Any] = {"label_a": a, "label_b": b, "pair": f"{a} vs {b}",
+                                   "module": na, "layer": layer_of(na), "kind": kind_of(na)}
+            for side in ("left", "right"):
+                ua, ub = _vectors(sa, k, side), _vectors(sb, k, side)
+                row[f"k_{side}"] = min(ua.shape[1], ub.shape[1])
+                row[f"phi_{side}"] = M.subspace_similarity(ua, ub, k)
+            rows.append(row)
+    columns = ["label_a", "label_b", "pair", "module", "layer", "kind", "k_left", "phi_left",
+               "k_right", "phi_right"]
+    df = pd.DataFrame(rows, columns=columns)
+    df["pair"] = pd.Categorical(df["pair"], categories=list(dict.fromkeys(df["pair"])), ordered=True)
+    df["kind"] = pd.Categorical(df["kind"], categories=kind_order(df["kind"]), ordered=True)
+    return df.astype({"layer": "Int64", "k_left": "int64", "k_right": "int64",
+                      "label_a": "string", "label_b": "string", "module": "string"})
+
+
+def pick_module(names: list[str], module: str | None) -> str:
+    """The module of the heatmaps: ``module`` (any prefix spelling), or a q-like one mid-depth."""
+    if module is not None:
+        hit = [n for n in names if match_key(n) == match_key(module)]
+        if not hit:
+            raise UsageError(f"module {module!r} is not common to every update "
+                             f"(e.g. {', '.join(names[:3])})")
+        return hit[0]
+    layers = sorted({layer_of(n) for n in names if layer_of(n) is not None})
+    mid = layers[len(layers) // 2] if layers else None
+    pool = [n for n in names if layer_of(n) == mid] or names
+    first_kind = kind_order([kind_of(n) for n in pool])[0]
+    return next(n for n in pool if kind_of(n) == first_kind)
+
+
+def similarity_grids(labels: list[str], names: dict[str, list[str]],
+                     raw: dict[str, dict[str, Spectrum]], module: str, k: int) -> list[SimilarityGrid]:
+    """φ(i, j) of the left singular vectors of ``module`` for every pair of labels."""
+    grids = []
+    key = match_key(module)
+    for a, b in itertools.combinations(labels, 2):
+        na = next(n for n in names[a] if match_key(n) == key)
+        nb = next(n for n in names[b] if match_key(n) == key)
+        ua, ub = _vectors(raw[a][na], k, "left"), _vectors(raw[b][nb], k, "left")
+        grid = M.subspace_similarity_grid(ua, ub).numpy() if ua.shape[1] and ub.shape[1] \
+            else np.zeros((ua.shape[1], ub.shape[1]))
+        grids.append(SimilarityGrid(a, b, na, "left", grid))
+    return grids
+
+
+def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *, k: int = 8,
+            top_k: int | None = None, module: str | None = None, include: str | None = None,
+            device: str = "auto", intruders: bool = False, progress: bool = False) -> ReportData:
+    """Analyse labelled updates of one base and build the report's tables.
+
+    Args:
+        updates: label → checkpoint folder (PEFT adapter, MultiLoRA folder, full checkpoint).
+        base: the base model folder: needed for full checkpoints; when given, every update must
+            pair with it.
+        k: subspace dimension K for φ(K, K) and the heatmaps.
+        top_k: the common K of the fair entropy; default: the smallest structural rank compared.
+        module: the module of the heatmaps (default: the first kind of the middle layer).
+        include: regex; only modules whose name matches.
+        device, progress: as in :func:`deltaspec.analyze`.
+        intruders: also count intruder dimensions (off by default: it needs SVDs of the base
+            weights, and the report does not draw it).
+    """
+    labels = [str(x) for x in updates]
+    check_labels(labels)
+    if k < 1 or (top_k is not None and top_k < 1):
+        raise UsageError("k and top_k must be positive integers")
+    if include is not None:
+        try:
+            re.compile(include)
+        except re.error as exc:
+            raise UsageError(f"include: invalid regular expression {include!r} ({exc})") from None
+    paths = {label: str(p) for label, p in updates.items()}
+    loaded = {label: load(p, base) for label, p in updates.items()}
+    _check_shapes(loaded, paths)
+    names, only = _common(loaded, include)
+    kk = top_k if top_k is not None else common_top_k(loaded, names)
+    frames, raw = {}, {}
+    for label in labels:
+        df = analyze(updates[label], base, include=_exact(names[label]), k=k, keep_spectra=True,
+                     vectors=True, device=device, intruders=intruders, progress=progress)
+        raw[label] = df.spectra
+        frames[label] = _topk_columns(pd.DataFrame(df), df.spectra, kk)
+    metrics = _metrics(labels, frames)
+    metrics.attrs["top_k"] = kk
+    similarity = similarity_table(labels, names, raw, k)
+    similarity.attrs["k"] = k
+    chosen = pick_module(names[labels[0]], module)
+    return ReportData(
+        labels=labels, paths=paths, base=None if base is None else str(base), k=k, top_k=kk,
+        metrics=metrics, spectra=spectra_table(metrics, raw),
+        similarity=similarity,
+        grids=similarity_grids(labels, names, raw, chosen, k) if len(labels) > 1 else [],
+        module=chosen, only_in={lb: v for lb, v in only.items() if v}, raw=raw)
+
+
+__all__ = ["ReportData", "SimilarityGrid", "check_labels", "collect", "common_top_k", "kind_order",
+           "parse_updates", "pick_module", "similarity_grids", "similarity_table", "spectra_table"]

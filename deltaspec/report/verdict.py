@@ -1,0 +1,178 @@
+"""The report's headline numbers and its written verdict: does entropy order LoRA < MultiLoRA ≤ full?
+
+The verdict compares the mean (over the modules common to every update) normalised singular-value
+entropy of each update, over the top K values with one K for all updates (so that a rank-r LoRA and
+a full fine-tune are compared over the same number of directions). The same comparison over all
+values (normalised by ln min(m, n)) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from deltaspec.errors import UsageError
+
+ROLES = ("lora", "multilora", "full")
+ROLE_NAMES = {"lora": "LoRA", "multilora": "MultiLoRA", "full": "full FT"}
+PRIMARY = "normalized_entropy_topk"
+SECONDARY = "normalized_entropy"
+
+SUMMARY_COLUMNS = (
+    "label", "method", "modules", "normalized_entropy_topk", "normalized_entropy_topk_std",
+    "normalized_entropy", "normalized_entropy_std", "effective_rank_topk", "effective_rank",
+    "stable_rank", "top1_share",
+)
+
+
+def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per label: means over its modules (``*_std``: standard deviation across modules)."""
+    rows = []
+    for label, g in metrics.groupby("label", observed=True, sort=True):
+        methods = sorted(set(g["method"].dropna().astype(str)))
+        rows.append({
+            "label": str(label), "method": "+".join(methods), "modules": len(g),
+            "normalized_entropy_topk": g[PRIMARY].mean(),
+            "normalized_entropy_topk_std": g[PRIMARY].std(ddof=0),
+            "normalized_entropy": g[SECONDARY].mean(),
+            "normalized_entropy_std": g[SECONDARY].std(ddof=0),
+            "effective_rank_topk": g["effective_rank_topk"].mean(),
+            "effective_rank": g["effective_rank"].mean(),
+            "stable_rank": g["stable_rank"].mean(), "top1_share": g["top1_share"].mean(),
+        })
+    df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    return df.astype({"label": "string", "method": "string", "modules": "int64"})
+
+
+def _role(text: str) -> str | None:
+    t = text.lower()
+    if "multilora" in t or "multi-lora" in t or "multi_lora" in t:
+        return "multilora"
+    if "lora" in t:
+        return "lora"
+    return "full" if "full" in t else None
+
+
+def _by_role(names: Mapping[str, str]) -> dict[str, str] | None:
+    """role → label when every role found is held by exactly one label (≥ 2 roles), else None."""
+    found: dict[str, list[str]] = {}
+    for label, name in names.items():
+        role = _role(name)
+        if role:
+            found.setdefault(role, []).append(label)
+    if len(found) < 2 or any(len(v) > 1 for v in found.values()):
+        return None
+    return {role: v[0] for role, v in found.items()}
+
+
+def expected_order(labels: Sequence[str], methods: Mapping[str, str],
+                   order: Sequence[str] | None = None) -> tuple[list[str], str]:
+    """The expected ascending order of entropy and how it was found.
+
+    ``order`` (explicit) wins; else labels containing "lora"/"multilora"/"full" (case-insensitive);
+    else the methods the checkpoints declare. Returns ([], reason) when none applies.
+    """
+    if order is not None:
+        order = [o.strip() for o in order if o.strip()]
+        unknown = [o for o in order if o not in labels]
+        if unknown:
+            raise UsageError(f"--order: unknown label(s) {', '.join(unknown)} (labels: "
+                             f"{', '.join(labels)})")
+        if len(order) < 2 or len(set(order)) != len(order):
+            raise UsageError("--order: give two or more distinct labels, e.g. lora,multilora,full")
+        return list(order), "given order"
+    for source, names in (("labels", {lb: lb for lb in labels}), ("checkpoint methods", methods)):
+        roles = _by_role(names)
+        if roles:
+            return [roles[r] for r in ROLES if r in roles], f"matched by {source}"
+    return [], "no order could be inferred from the labels or the checkpoints"
+
+
+def holds(values: Sequence[float]) -> bool:
+    """First < second ≤ third ≤ …: the shape of 'LoRA < MultiLoRA ≤ full FT'."""
+    if any(math.isnan(v) for v in values):
+        return False
+    return values[0] < values[1] and all(a <= b for a, b in zip(values[1:], values[2:], strict=False))
+
+
+def digits(values: Sequence[float]) -> int:
+    """Decimals (3 to 6) enough to print distinct values distinctly.
+
+    >>> digits([0.98012, 0.98049])
+    4
+    """
+    vals = [v for v in values if not math.isnan(v)]
+    for d in range(3, 7):
+        shown = [f"{v:.{d}f}" for v in vals]
+        if all(a != b for i, a in enumerate(shown) for b, w in zip(shown[i + 1:], vals[i + 1:],
+                                                                      strict=False) if w != vals[i]):
+            return d
+    return 6
+
+
+def _chain(order: Sequence[str], values: Mapping[str, float]) -> str:
+    d = digits([values[lb] for lb in order])
+    parts = [f"{order[0]} {values[order[0]]:.{d}f}"]
+    for i, label in enumerate(order[1:]):
+        parts.append(f"{'<' if i == 0 else '≤'} {label} {values[label]:.{d}f}")
+    return " ".join(parts)
+
+
+def _relation(order: Sequence[str]) -> str:
+    return " ".join([order[0]] + [f"{'<' if i == 0 else '≤'} {lb}" for i, lb in enumerate(order[1:])])
+
+
+def _failure(order: Sequence[str], values: Mapping[str, float]) -> str:
+    d = digits([values[lb] for lb in order])
+    for i, (a, b) in enumerate(zip(order, order[1:], strict=False)):
+        if (values[a] >= values[b]) if i == 0 else (values[a] > values[b]):
+            return f"{b} ({values[b]:.{d}f}) is not above {a} ({values[a]:.{d}f})"
+    return "a value is undefined"
+
+
+def verdict(summary: pd.DataFrame, top_k: int, order: Sequence[str] | None = None) -> dict[str, Any]:
+    """The verdict as a dict: expected order, values, whether it holds, and a paragraph (``text``)."""
+    labels = list(summary["label"])
+    primary = dict(zip(labels, summary[PRIMARY].astype(float), strict=False))
+    secondary = dict(zip(labels, summary[SECONDARY].astype(float), strict=False))
+    methods = dict(zip(labels, summary["method"].astype(str), strict=False))
+    expected, how = expected_order(labels, methods, order)
+    n_mod = int(summary["modules"].min()) if len(summary) else 0
+    intro = (f"Mean normalised singular-value entropy over the top K={top_k} singular values (one K "
+             f"for every update, so ranks are comparable), averaged over {n_mod} module(s) common "
+             "to every update")
+    ranking = sorted(labels, key=lambda lb: primary[lb])
+    out: dict[str, Any] = {
+        "metric": PRIMARY, "top_k": top_k, "expected_order": expected, "order_source": how,
+        "values": primary, "values_all": secondary, "ranking": ranking, "holds": None,
+        "holds_all_values": None,
+    }
+    if not expected:
+        d = digits(list(primary.values()))
+        observed = " ≤ ".join(f"{lb} {primary[lb]:.{d}f}" for lb in ranking)
+        out["text"] = (f"{intro}, lowest first: {observed}. No expected ordering was checked: {how} "
+                       "(name the updates lora/multilora/full, or pass --order a,b,c).")
+        return out
+    out["holds"] = holds([primary[lb] for lb in expected])
+    out["holds_all_values"] = holds([secondary[lb] for lb in expected])
+    relation = _relation(expected)
+    roles = _relation([ROLE_NAMES.get(_role(lb) or "", lb) for lb in expected])
+    text = f"{intro}: {_chain(expected, primary)}. "
+    if out["holds"]:
+        text += f"The expected ordering {relation} holds on these checkpoints"
+    else:
+        text += (f"The expected ordering {relation} does NOT hold on these checkpoints: "
+                 f"{_failure(expected, primary)}")
+    text += f" (order {how}: {roles}). "
+    d = digits([secondary[lb] for lb in expected])
+    all_vals = ", ".join(f"{lb} {secondary[lb]:.{d}f}" for lb in expected)
+    text += (f"Over all singular values (normalised by ln min(m, n)): {all_vals}; the ordering "
+             f"{'holds' if out['holds_all_values'] else 'does not hold'} there.")
+    out["text"] = text
+    return out
+
+
+__all__ = ["expected_order", "holds", "summary_table", "verdict"]
