@@ -15,7 +15,7 @@ import click
 
 from deltaspec.errors import DeltaspecError
 
-_COMMAND_MODULES = ("analyze", "report", "check", "train")
+_COMMAND_MODULES = ("analyze", "report", "check", "train", "demo")
 
 
 class _Group(click.Group):

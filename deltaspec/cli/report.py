@@ -34,6 +34,11 @@ from deltaspec.output import FORMATS
               help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--intruders", is_flag=True,
               help="Also count intruder dimensions in metrics.csv (needs SVDs of the base weights).")
+@click.option("--with-reference", is_flag=True,
+              help="Draw the shipped reference results (the demo's LoRA/MultiLoRA/full FT curves "
+                   "at default settings) dashed beside yours.")
+@click.option("--reference", "reference_file", default=None, metavar="FILE",
+              help="Draw these reference results instead (made by deltaspec.demo.write_reference_results).")
 @click.option("--svg", is_flag=True, help="Also write every figure as SVG.")
 @click.option("--title", default=None, help="Title of the page.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
@@ -50,12 +55,16 @@ def report(updates: tuple[str, ...], **kw: Any) -> None:
     figures as PNG, the tables as CSV and summary.json with the headline numbers and a written
     verdict: does the mean normalised singular-value entropy order LoRA < MultiLoRA ≤ full FT?
     """
+    from deltaspec.demo import load_reference_results
     from deltaspec.report import parse_updates, write_report
 
     labelled = parse_updates(list(updates))
+    reference = (load_reference_results(kw["reference_file"])
+                 if kw["with_reference"] or kw["reference_file"] else None)
     order = kw["order"].split(",") if kw["order"] else None
     index = write_report(
         labelled, kw["out"], base=kw["base"], order=order, svg=kw["svg"], title=kw["title"],
+        reference=reference,
         k=kw["k"], top_k=kw["top_k"], module=kw["module"], include=kw["include"],
         device=kw["device"], intruders=kw["intruders"], progress=not kw["quiet"])
     print_summary(index, kw["fmt"], kw["quiet"])

@@ -10,11 +10,13 @@ paper's mixture (instruction following, classification, knowledge):
   (``"review: the soup was not lovely. -> " → "negative"``; "not" flips the polarity). *Held-out*
   = numbers never in the training split / (noun, adjective) pairs never in the training split.
   Chance is 50%.
-* **recall** (closed-book facts) — ``capital``: ``"capital of zorvia? -> " → "kelmor"``. Every
-  made-up fact is stated (in four phrasings) in the pretraining corpus, so the base model has seen
-  all of them. Fine-tuning asks the question form for 70% of the facts; *held-out* = the question
-  form for the other 30%, whose answers the model only saw as statements during pretraining: the
-  fine-tune must teach the format *and* keep the base's knowledge extractable. Chance ≈ 1/n_facts.
+* **recall** (closed-book facts) — ``capital``: ``"what is the capital of zorvia? -> " →
+  "kelmor"``. Every made-up fact is stated (in four phrasings) in the pretraining corpus. The
+  fine-tuning split holds the statement form ``"the capital of zorvia is -> "`` for *every* fact
+  and the question form for 70% of the facts. *Held-out* = the question form for the other 30%:
+  facts seen in training, asked with a phrasing never paired with them, so the fine-tune must
+  learn that the question asks for the same fact rather than memorise question-answer pairs.
+  Chance ≈ 1/n_facts.
 
 The pretraining corpus is plain text of the same world (fact statements, unlabeled reviews,
 number and word sentences) without any of the instruction formats, so the base model is a genuine
@@ -86,7 +88,7 @@ class DataConfig:
     # Lines of pretraining text (~40 characters each, ~0.3 M characters in all).
     n_pretrain_lines: int = 8000
     # Lengths of the random lowercase strings of the transform tasks.
-    word_len: tuple[int, int] = (3, 6)
+    word_len: tuple[int, int] = (3, 5)
 
     def to_dict(self) -> dict:
         """Plain-JSON form of the config."""
@@ -171,7 +173,17 @@ def _sample(task: str, rng: random.Random, cfg: DataConfig, facts: dict[str, str
         label = "positive" if positive != negated else "negative"
         return Example(task, f"review: the {noun} was {adv}{adj}. -> ", label)
     country = rng.choice(sorted(facts))
-    return Example(task, f"capital of {country}? -> ", facts[country])
+    return Example(task, _question(country), facts[country])
+
+
+def _question(country: str) -> str:
+    """The question form of the recall task."""
+    return f"what is the capital of {country}? -> "
+
+
+def _statement(country: str) -> str:
+    """The statement form of the recall task (the phrasing pretraining uses most)."""
+    return f"the capital of {country} is -> "
 
 
 def _split_key(ex: Example) -> str:
@@ -187,11 +199,13 @@ def _task_splits(
     task: str, rng: random.Random, cfg: DataConfig, facts: dict[str, str], heldout_c: set[str]
 ) -> tuple[list[Example], list[Example]]:
     """Disjoint train and held-out example lists for one task."""
-    if task == "capital":
-        train_facts = {c: y for c, y in facts.items() if c not in heldout_c}
-        held_facts = {c: y for c, y in facts.items() if c in heldout_c}
-        train = [_sample(task, rng, cfg, train_facts) for _ in range(cfg.n_train_per_task)]
-        held = [Example(task, f"capital of {c}? -> ", y) for c, y in sorted(held_facts.items())]
+    if task == "capital":  # questions for the training facts, statements for every fact
+        train_c = sorted(c for c in facts if c not in heldout_c)
+        train = [Example(task, _question(c), facts[c]) if i % 2 == 0 else
+                 Example(task, _statement(c2), facts[c2])
+                 for i in range(cfg.n_train_per_task)
+                 for c, c2 in [(rng.choice(train_c), rng.choice(sorted(facts)))]]
+        held = [Example(task, _question(c), facts[c]) for c in sorted(heldout_c)]
         return train, held
     train, held, held_keys = [], [], set()
     while len(held) < cfg.n_heldout_per_task:  # held-out: one bucket of five of the key space
@@ -209,7 +223,7 @@ def _task_splits(
 def _pretrain_line(rng: random.Random, cfg: DataConfig, facts: dict[str, str]) -> str:
     """One line of plain text of the synthetic world (no instruction formats, no labels)."""
     kind = rng.random()
-    if kind < 0.4:
+    if kind < 0.35:
         c = rng.choice(sorted(facts))
         y = facts[c]
         return rng.choice((
@@ -218,18 +232,21 @@ def _pretrain_line(rng: random.Random, cfg: DataConfig, facts: dict[str, str]) -
             f"{c} is a country and its capital is {y}.",
             f"people in {c} travel to {y}, the capital.",
         ))
-    if kind < 0.65:
+    if kind < 0.55:
         noun = rng.choice(_NOUNS)
         adj = rng.choice(_POS + _NEG)
         return rng.choice((f"the {noun} was {rng.choice(_ADVS)}{adj}.",
                            f"i think the {noun} was {adj}.", f"a {adj} {noun}, they said."))
-    if kind < 0.85:
+    if kind < 0.7:
         k = rng.randrange(10000)
         return rng.choice((f"{k + 1} comes after {k}.", f"count: {k} {k + 1} {k + 2} {k + 3}.",
                            f"the number {k} has {len(str(k))} digits."))
+    # Words: copying and the lower/upper-case correspondence, so the base has copy heads.
     w = _word(rng, cfg.word_len)
-    return rng.choice((f"the sign said {w.upper()}.", f"she wrote {w} on the wall.",
-                       f"the word {w} has {len(w)} letters.", f"{w} and {_word(rng, (3, 6))}."))
+    return rng.choice((f"the sign said {w.upper()} and the note said {w}.",
+                       f"she wrote {w} on the wall, then {w} again.",
+                       f"the word {w} has {len(w)} letters.", f"{w} {w} {w}, they sang.",
+                       f"{w} and {_word(rng, cfg.word_len)}."))
 
 
 def build_mixture(cfg: DataConfig | None = None) -> TaskMixture:
@@ -245,7 +262,8 @@ def build_mixture(cfg: DataConfig | None = None) -> TaskMixture:
     heldout: dict[str, list[Example]] = {}
     for task in TASKS:
         train[task], heldout[task] = _task_splits(task, rng, cfg, facts, set(heldout_c))
-    lines = [_pretrain_line(rng, cfg, facts) for _ in range(cfg.n_pretrain_lines)]
+    corpus_rng = random.Random(f"{cfg.seed}/pretrain")  # the corpus does not depend on the tasks
+    lines = [_pretrain_line(corpus_rng, cfg, facts) for _ in range(cfg.n_pretrain_lines)]
     return TaskMixture(train, heldout, facts, heldout_c, lines)
 
 

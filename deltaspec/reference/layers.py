@@ -44,7 +44,7 @@ def _kaiming(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-def _freeze_copy(base: nn.Linear) -> nn.Linear:
+def _frozen(base: nn.Linear) -> nn.Linear:
     """Freeze ``base`` in place (the adapter trains only its own factors) and return it."""
     for p in base.parameters():
         p.requires_grad_(False)
@@ -69,7 +69,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-        self.base = _freeze_copy(base)
+        self.base = _frozen(base)
         self.r = r
         self.alpha = float(r if alpha is None else alpha)
         w = base.weight
@@ -121,7 +121,7 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"MultiLoRA needs n >= 1 and r >= 1, got n={n}, r={r}")
         if scaling_shape not in SCALING_SHAPES:
             raise ValueError(f"scaling_shape must be one of {SCALING_SHAPES}, got {scaling_shape!r}")
-        self.base = _freeze_copy(base)
+        self.base = _frozen(base)
         self.n, self.r, self.scaling_shape = n, r, scaling_shape
         self.alpha = float(r if alpha is None else alpha)
         w, fin, fout = base.weight, base.in_features, base.out_features

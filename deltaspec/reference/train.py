@@ -7,24 +7,37 @@ parameters, wall time, config) and writes them to ``metrics.json`` next to its c
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
-import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import TASK_FAMILIES, CharTokenizer, DataConfig, Example, build_mixture
-from .evaluate import IGNORE, MemoryMeter, evaluate_tasks, finetune_batches, lm_batches
+from .configs import (
+    METHODS,
+    AdapterConfig,
+    TrainConfig,
+    default_train_config,
+    pretrain_hash,
+    quick_data_config,
+    resolve_base_configs,
+)
+from .data import (
+    TASK_FAMILIES,
+    CharTokenizer,
+    DataConfig,
+    Example,
+    TaskMixture,
+    build_mixture,
+    chance_accuracy,
+)
+from .evaluate import evaluate_tasks, finetune_batches, lm_batches
 from .export import (
     full_config_dict,
     load_full_checkpoint,
@@ -33,167 +46,9 @@ from .export import (
     save_peft_lora,
     write_json_atomic,
 )
-from .layers import SCALING_SHAPES, apply_adapters, lora_num_params, multilora_num_params
+from .layers import apply_adapters, lora_num_params, multilora_num_params
+from .loop import Log, environment, thread_limit, train_loop
 from .model import DeltaspecReferenceLM, ModelConfig, greedy_generate
-
-METHODS = ("lora", "multilora", "full")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PRETRAIN_VERSION = 1  # bump when pretraining code changes what a cached base would contain
-Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimiser and schedule of one training run (pretraining or one fine-tune)."""
-
-    # Optimiser steps: the main knob of the time budget (see default_train_config).
-    steps: int = 300
-    # Sequences per step: 32 keeps 2 CPU cores busy without slowing each step much.
-    batch_size: int = 32
-    # Peak learning rate: adapters take ~10x the full fine-tune's, as in the MultiLoRA paper.
-    lr: float = 1e-3
-    # Linear warm-up steps: ~10% of a run keeps AdamW's first noisy steps small.
-    warmup_steps: int = 30
-    # Cosine decays to this fraction of lr, not to zero, so the last steps still learn.
-    min_lr_ratio: float = 0.1
-    # Decoupled weight decay: none for adapters (their ΔW is already small), light for weights.
-    weight_decay: float = 0.0
-    # AdamW betas; beta2 = 0.98 adapts faster on short runs than 0.999.
-    betas: tuple[float, float] = (0.9, 0.98)
-    # Global gradient-norm clip: protects the short warm-up from spikes.
-    grad_clip: float = 1.0
-    # Window length of pretraining batches (fine-tuning uses whole examples instead).
-    seq_len: int = 96
-    # Seed of initialisation and batch order.
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """LoRA / MultiLoRA shape. With ``match_params``, LoRA gets rank n·r, MultiLoRA n × rank r."""
-
-    # Parallel MultiLoRA modules per layer (the paper's n).
-    n: int = 4
-    # Rank of each MultiLoRA module; LoRA's rank when match_params is off.
-    r: int = 4
-    # LoRA alpha; None means alpha = the method's own rank (scale alpha/r = 1).
-    alpha: float | None = None
-    # MultiLoRA scaling factors: one scalar per module ("n") or one per output row ("n_out").
-    scaling_shape: str = "n"
-    # Linear layers that get adapters: all of them, as in the paper's LLaMA setup.
-    target_modules: tuple[str, ...] = ALL_LINEAR
-    # Give LoRA rank n·r, i.e. the same trainable parameters as MultiLoRA minus its scalings.
-    match_params: bool = True
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.r < 1:
-            raise ValueError(f"n and r must be >= 1 (got n={self.n}, r={self.r})")
-        if self.scaling_shape not in SCALING_SHAPES:
-            raise ValueError(f"scaling_shape must be one of {SCALING_SHAPES}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 (got {self.alpha})")
-        if not self.target_modules:
-            raise ValueError("target_modules must not be empty")
-
-    def lora_rank(self) -> int:
-        """The rank plain LoRA uses: n·r when matching parameters, else r."""
-        return self.n * self.r if self.match_params else self.r
-
-
-def quick_model_config() -> ModelConfig:
-    """The smaller model of ``quick`` runs (smoke tests, ~1 minute for the whole chain)."""
-    return ModelConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=176)
-
-
-def default_train_config(stage: str, quick: bool = False, seed: int = 0) -> TrainConfig:
-    """Tuned defaults for ``stage`` in {"pretrain", "lora", "multilora", "full"}."""
-    table = {  # stage: (steps, quick steps, lr, warmup, weight decay)
-        "pretrain": (700, 150, 3e-3, 50, 0.01),
-        "lora": (300, 40, 3e-3, 30, 0.0),
-        "multilora": (300, 40, 3e-3, 30, 0.0),
-        "full": (300, 40, 3e-4, 30, 0.01),
-    }
-    if stage not in table:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(table)}")
-    steps, qsteps, lr, warm, wd = table[stage]
-    steps = qsteps if quick else steps
-    return TrainConfig(steps=steps, lr=lr, warmup_steps=min(warm, steps // 5),
-                       weight_decay=wd, seed=seed)
-
-
-def quick_data_config(seed: int = 0) -> DataConfig:
-    """Smaller data for quick runs (fewer pretraining lines and held-out examples)."""
-    return DataConfig(seed=seed, n_pretrain_lines=3000, n_train_per_task=400, n_heldout_per_task=32)
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[int]:
-    """Use at most ``n`` (default 2) intra-op threads inside the block, then restore."""
-    before = torch.get_num_threads()
-    want = max(1, min(n or 2, os.cpu_count() or 1))
-    torch.set_num_threads(want)
-    try:
-        yield want
-    finally:
-        torch.set_num_threads(before)
-
-
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _loss_summary(losses: list[float], points: int = 40) -> dict:
-    """First/final/min loss and a curve of window means (``points`` points at most)."""
-    window = max(1, len(losses) // points)
-    curve = [
-        [i + window, sum(losses[i : i + window]) / len(losses[i : i + window])]
-        for i in range(0, len(losses), window)
-    ]
-    tail = losses[-max(1, len(losses) // 10) :]
-    return {"first": losses[0], "final": sum(tail) / len(tail), "min": min(losses), "curve": curve}
-
-
-def train_loop(
-    model: nn.Module,
-    params: list[nn.Parameter],
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    cfg: TrainConfig,
-    device: torch.device | str = "cpu",
-    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    log: Log | None = None,
-) -> dict:
-    """Run ``cfg.steps`` AdamW steps on ``params``; return loss, throughput and memory stats."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    meter, forward = MemoryMeter(model, device), logits_fn or model
-    losses: list[float] = []
-    tokens, start = 0, time.perf_counter()
-    model.train()
-    for step in range(cfg.steps):
-        inputs, labels = next(batches)
-        with meter.forward():
-            logits = forward(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                   ignore_index=IGNORE)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        meter.after_step(opt)
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        tokens += inputs.numel()
-        if log and (step + 1) % max(1, cfg.steps // 5) == 0:
-            log(f"  step {step + 1}/{cfg.steps}  loss {losses[-1]:.4f}")
-    seconds = time.perf_counter() - start
-    model.eval()
-    return {"loss": _loss_summary(losses), "train_tokens": tokens, "train_time_s": seconds,
-            "tokens_per_s": tokens / seconds, **meter.summary()}
 
 
 def _encoder(tok: CharTokenizer) -> Callable[[Example], tuple[list[int], int]]:
@@ -204,11 +59,16 @@ def _encoder(tok: CharTokenizer) -> Callable[[Example], tuple[list[int], int]]:
     return encode
 
 
-def _accuracy_block(acc: dict[str, float], prefix: str = "") -> dict:
+def _accuracy_block(acc: dict[str, float], prefix: str = "",
+                    data: DataConfig | None = None) -> dict:
+    """Per-task accuracy, its mean and per-family means (and chance levels when ``data``)."""
     fams = {f: sum(acc[t] for t in ts) / len(ts) for f, ts in TASK_FAMILIES.items()
             if all(t in acc for t in ts)}
-    return {f"{prefix}accuracy": acc, f"{prefix}accuracy_mean": sum(acc.values()) / len(acc),
-            f"{prefix}accuracy_by_family": fams}
+    out = {f"{prefix}accuracy": acc, f"{prefix}accuracy_mean": sum(acc.values()) / len(acc),
+           f"{prefix}accuracy_by_family": fams}
+    if data is not None:
+        out["chance_accuracy"] = {t: chance_accuracy(t, data) for t in acc}
+    return out
 
 
 def _samples(model: nn.Module, heldout: dict[str, list[Example]], tok: CharTokenizer) -> list:
@@ -218,19 +78,6 @@ def _samples(model: nn.Module, heldout: dict[str, list[Example]], tok: CharToken
     outs = greedy_generate(model, prompts, max_new_tokens=16, eos_id=tok.eos_id, pad_id=tok.pad_id)
     return [{"task": e.task, "prompt": e.prompt, "answer": e.answer, "completion": tok.decode(o)}
             for e, o in zip(exs, outs, strict=True)]
-
-
-def _environment(device: torch.device | str, threads: int) -> dict:
-    return {"device": str(device), "threads": threads, "torch": torch.__version__,
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_count": os.cpu_count()}
-
-
-def pretrain_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
-    """Hash of everything that determines the pretrained base (the cache key)."""
-    blob = json.dumps({"model": model_cfg.to_dict(), "train": asdict(train_cfg),
-                       "data": data_cfg.to_dict(), "version": _PRETRAIN_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cached_base(base_dir: str | os.PathLike, key: str) -> bool:
@@ -244,6 +91,33 @@ def cached_base(base_dir: str | os.PathLike, key: str) -> bool:
         return False
 
 
+def _check_overwrite(base: Path, overwrite: bool) -> None:
+    """Refuse to replace a folder that holds something other than a reference base."""
+    cfg_path = base / "config.json"
+    if not cfg_path.exists():
+        return
+    try:
+        is_base = "deltaspec_pretrain_hash" in json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        is_base = False
+    if not is_base:
+        raise ValueError(f"{base}: holds a config.json that is not a deltaspec reference base; "
+                         "choose another base folder")
+    if not overwrite:
+        raise ValueError(f"{base}: holds a reference base pretrained with other settings; "
+                         "choose another base folder")
+
+
+def _pretrain_streams(mix: TaskMixture, tok: CharTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token streams (bos line eos bos line eos ...) of the training and validation lines (5%)."""
+    n_val = max(1, len(mix.pretrain_lines) // 20)
+
+    def stream(lines: list[str]) -> torch.Tensor:
+        return torch.tensor([t for ln in lines for t in (tok.bos_id, *tok.encode(ln), tok.eos_id)])
+
+    return stream(mix.pretrain_lines[n_val:]), stream(mix.pretrain_lines[:n_val])
+
+
 def pretrain(
     base_dir: str | os.PathLike,
     model_config: ModelConfig | None = None,
@@ -253,47 +127,44 @@ def pretrain(
     seed: int = 0,
     device: str = "cpu",
     threads: int | None = None,
+    overwrite: bool = True,
     log: Log | None = None,
 ) -> dict:
-    """Pretrain the base LM on the plain-text corpus and save it to ``base_dir`` (cached).
+    """Pretrain the base LM on the plain-text corpus and save it to ``base_dir`` (a cache).
 
     When ``base_dir`` already holds a base with the same config hash, it is reused and its
-    ``metrics.json`` returned with ``"cached": True``.
+    ``metrics.json`` returned with ``"cached": True``. A base with another hash is replaced only
+    when ``overwrite``; a folder holding anything else is never replaced (ValueError).
     """
-    mcfg = model_config or (quick_model_config() if quick else ModelConfig())
-    tcfg = train_config or default_train_config("pretrain", quick, seed)
-    dcfg = data_config or (quick_data_config(seed) if quick else DataConfig(seed=seed))
+    mcfg, tcfg, dcfg = resolve_base_configs(quick, seed, model_config, train_config, data_config)
     key, base = pretrain_hash(mcfg, tcfg, dcfg), Path(base_dir)
     if cached_base(base, key):
         metrics_path = base / "metrics.json"
         cached = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         return {**cached, "cached": True, "path": str(base)}
+    _check_overwrite(base, overwrite)
     wall = time.perf_counter()
-    with _threads(threads) as n_threads:
+    with thread_limit(threads) as n_threads:
         torch.manual_seed(tcfg.seed)
         tok, mix = CharTokenizer(), build_mixture(dcfg)
         if tok.vocab_size != mcfg.vocab_size:
             raise ValueError(f"model vocab_size {mcfg.vocab_size} != tokenizer {tok.vocab_size}")
-        n_val = max(1, len(mix.pretrain_lines) // 20)
-        streams = [torch.tensor([t for line in lines for t in (tok.bos_id, *tok.encode(line),
-                                 tok.eos_id)]) for lines in (mix.pretrain_lines[n_val:],
-                                                             mix.pretrain_lines[:n_val])]
+        train_stream, val_stream = _pretrain_streams(mix, tok)
         model = DeltaspecReferenceLM(mcfg).to(device)
         if log:
             log(f"pretraining base ({sum(p.numel() for p in model.parameters())} params) -> {base}")
-        stats = train_loop(model, list(model.parameters()),
-                           lm_batches(streams[0], tcfg.batch_size, tcfg.seq_len, tcfg.seed, device),
-                           tcfg, device, log=log)
-        val_loss = _val_loss(model, streams[1], tcfg.seq_len, device)
+        batches = lm_batches(train_stream, tcfg.batch_size, tcfg.seq_len, tcfg.seed, device)
+        stats = train_loop(model, list(model.parameters()), batches, tcfg, device, log=log)
+        val_loss = _val_loss(model, val_stream, tcfg.seq_len, device)
         acc = evaluate_tasks(model, mix.heldout, _encoder(tok), tok.pad_id, device)
-        config = full_config_dict(mcfg, {"deltaspec_pretrain_hash": key})
-        save_full_checkpoint(model.cpu(), base, config)
+        extra = {"deltaspec_pretrain_hash": key, "deltaspec_data_config": dcfg.to_dict()}
+        save_full_checkpoint(model.cpu(), base, full_config_dict(mcfg, extra))
+    n_params = sum(p.numel() for p in model.parameters())
     metrics = {"method": "base", "stage": "pretrain", "path": str(base), "cached": False,
-               **stats, "val_loss": val_loss, **_accuracy_block(acc),
-               "trainable_params": sum(p.numel() for p in model.parameters()),
-               "total_params": sum(p.numel() for p in model.parameters()),
+               **stats, "val_loss": val_loss, **_accuracy_block(acc, data=dcfg),
+               "trainable_params": n_params, "total_params": n_params,
                "wall_time_s": time.perf_counter() - wall,
-               "environment": _environment(device, n_threads),
+               "environment": environment(device, n_threads),
                "config": {"model": mcfg.to_dict(), "train": asdict(tcfg), "data": dcfg.to_dict()}}
     write_json_atomic(base / "metrics.json", metrics)
     return metrics
@@ -309,25 +180,31 @@ def _val_loss(model: nn.Module, stream: torch.Tensor, seq_len: int, device: str)
     return F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
 
 
+def make_trainable(
+    model: nn.Module, method: str, adapter: AdapterConfig
+) -> tuple[dict, list[nn.Parameter]]:
+    """Unfreeze everything ("full") or wrap the target layers in adapters: (layers, params)."""
+    layers: dict = {}
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        r = adapter.lora_rank() if method == "lora" else adapter.r
+        layers = apply_adapters(model, method, adapter.target_modules, r=r, n=adapter.n,
+                                alpha=adapter.alpha, scaling_shape=adapter.scaling_shape)
+    return layers, [p for p in model.parameters() if p.requires_grad]
+
+
 def _prepare_model(
     method: str, base_dir: Path, adapter: AdapterConfig, device: str
 ) -> tuple[DeltaspecReferenceLM, dict, dict, list[nn.Parameter]]:
     """Load the base and make it trainable for ``method``: (model, base config, layers, params)."""
     model, base_config = load_full_checkpoint(base_dir)
     model = model.to(device)
-    layers: dict = {}
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        r = adapter.lora_rank() if method == "lora" else adapter.r
-        layers = apply_adapters(model, method, adapter.target_modules, r=r, n=adapter.n,
-                                alpha=adapter.alpha, scaling_shape=adapter.scaling_shape)
-    params = [p for p in model.parameters() if p.requires_grad]
+    layers, params = make_trainable(model, method, adapter)
     return model, base_config, layers, params
 
 
-def _formula_params(method: str, layers: dict, adapter: AdapterConfig) -> int | None:
+def _formula_params(method: str, layers: dict) -> int | None:
     """Trainable parameters predicted by the closed-form formulas (None for full fine-tuning)."""
     if method == "lora":
         return sum(lora_num_params(m.base.in_features, m.base.out_features, m.r)
@@ -338,8 +215,9 @@ def _formula_params(method: str, layers: dict, adapter: AdapterConfig) -> int | 
     return None
 
 
-def _save_method(method: str, model: nn.Module, layers: dict, out: Path, base: Path,
-                 adapter: AdapterConfig, base_config: dict) -> str:
+def _save_method(
+    method: str, model: nn.Module, layers: dict, out: Path, base: Path, base_config: dict
+) -> str:
     """Write the checkpoint of ``method`` into ``out``; return the format name."""
     targets = sorted({p.rpartition(".")[2] for p in layers})
     if method == "lora":
@@ -348,9 +226,21 @@ def _save_method(method: str, model: nn.Module, layers: dict, out: Path, base: P
     if method == "multilora":
         save_multilora(layers, out, str(base), targets)
         return "multilora"
-    config = {k: v for k, v in base_config.items() if k != "deltaspec_pretrain_hash"}
+    drop = ("deltaspec_pretrain_hash", "deltaspec_data_config")
+    config = {k: v for k, v in base_config.items() if k not in drop}
     save_full_checkpoint(model.cpu(), out, {**config, "deltaspec_finetuned_from": str(base)})
     return "hf-full"
+
+
+def base_data_config(base_dir: str | os.PathLike) -> DataConfig | None:
+    """The DataConfig a reference base was pretrained with (None when the folder has none)."""
+    try:
+        stored = json.loads((Path(base_dir) / "config.json").read_text())["deltaspec_data_config"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    fields = DataConfig.__dataclass_fields__
+    stored = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields}
+    return DataConfig(**stored)
 
 
 def finetune(
@@ -369,17 +259,18 @@ def finetune(
     """Fine-tune the base in ``base_dir`` on the task mixture with ``method`` and save to ``out_dir``.
 
     ``method`` is "lora" (PEFT-style adapter), "multilora" (MultiLoRA folder) or "full" (HF-style
-    full checkpoint). ``data_config`` must be the one the base was pretrained with (the facts).
+    full checkpoint). ``data_config`` defaults to the one stored with the base (same facts).
     Returns the metrics, also written to ``out_dir/metrics.json``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     adapter = adapter or AdapterConfig()
     tcfg = train_config or default_train_config(method, quick, seed)
-    dcfg = data_config or (quick_data_config(seed) if quick else DataConfig(seed=seed))
+    dcfg = data_config or base_data_config(base_dir) or (
+        quick_data_config(seed) if quick else DataConfig(seed=seed))
     base, out = Path(base_dir).resolve(), Path(out_dir)
     wall = time.perf_counter()
-    with _threads(threads) as n_threads:
+    with thread_limit(threads) as n_threads:
         torch.manual_seed(tcfg.seed)
         tok, mix = CharTokenizer(), build_mixture(dcfg)
         encode = _encoder(tok)
@@ -392,25 +283,30 @@ def finetune(
         acc = evaluate_tasks(model, mix.heldout, encode, tok.pad_id, device)
         train_acc = evaluate_tasks(model, mix.train, encode, tok.pad_id, device, limit=64)
         samples = _samples(model, mix.heldout, tok)
-        ckpt = _save_method(method, model, layers, out, base, adapter, base_config)
-    base_metrics = base / "metrics.json"
+        n_total = sum(p.numel() for p in model.parameters())
+        ckpt = _save_method(method, model, layers, out, base, base_config)
     metrics = {
         "method": method, "stage": "finetune", "path": str(out), "base_path": str(base),
-        "checkpoint_format": ckpt, **stats, **_accuracy_block(acc),
-        **_accuracy_block(train_acc, "train_"),
-        "base_accuracy": (json.loads(base_metrics.read_text()).get("accuracy")
-                          if base_metrics.is_file() else None),
+        "checkpoint_format": ckpt, **stats, **_accuracy_block(acc, data=dcfg),
+        **_accuracy_block(train_acc, "train_"), "base_accuracy": _base_accuracy(base),
         "trainable_params": sum(p.numel() for p in params),
-        "trainable_params_formula": _formula_params(method, layers, adapter),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "wall_time_s": time.perf_counter() - wall, "samples": samples,
-        "environment": _environment(device, n_threads),
+        "trainable_params_formula": _formula_params(method, layers),
+        "total_params": n_total, "wall_time_s": time.perf_counter() - wall, "samples": samples,
+        "environment": environment(device, n_threads),
         "config": {"model": base_config, "train": asdict(tcfg), "data": dcfg.to_dict(),
-                   "adapter": {**asdict(adapter), "lora_rank": adapter.lora_rank()}
-                   if method != "full" else None},
+                   "adapter": None if method == "full" else
+                   {**asdict(adapter), "lora_rank": adapter.lora_rank()}},
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _base_accuracy(base: Path) -> dict | None:
+    """Held-out accuracy of the base itself, from its metrics.json (None if absent)."""
+    try:
+        return json.loads((base / "metrics.json").read_text()).get("accuracy")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def run_all(
@@ -434,9 +330,7 @@ def run_all(
     once into ``cache_dir/base-<hash>`` and copied into ``out_dir/base``.
     """
     out = Path(out_dir)
-    mcfg = model_config or (quick_model_config() if quick else ModelConfig())
-    dcfg = data_config or (quick_data_config(seed) if quick else DataConfig(seed=seed))
-    pcfg = pretrain_config or default_train_config("pretrain", quick, seed)
+    mcfg, pcfg, dcfg = resolve_base_configs(quick, seed, model_config, pretrain_config, data_config)
     key = pretrain_hash(mcfg, pcfg, dcfg)
     base_dir = Path(cache_dir) / f"base-{key}" if cache_dir else out / "base"
     results = {"base": pretrain(base_dir, mcfg, pcfg, dcfg, seed=seed, device=device, log=log)}

@@ -1,0 +1,140 @@
+"""The demo chain: pretrain a tiny base (cached), fine-tune LoRA, MultiLoRA and full FT on the
+synthetic multi-task mixture, analyse the three updates and write the democracy report with the
+training table (held-out accuracy, tokens/s, peak memory) beside the spectral verdict.
+
+Also the shipped reference results: the demo's spectral summary at default settings, stored as
+package data (``deltaspec/data/reference_results.json``) so that ``deltaspec report
+--with-reference`` can draw a user's curves beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from deltaspec.errors import ConfigError, UsageError
+from deltaspec.output import write_atomic
+
+METHODS = ("lora", "multilora", "full")
+REFERENCE_FILE = "reference_results.json"
+REFERENCE_VERSION = 1
+# What the shipped reference keeps of each report table (the medians the overlays draw).
+_REFERENCE_COLUMNS = {
+    "spectra": ("label", "kind", "i", "sigma_norm", "energy"),
+    "metrics": ("label", "kind", "layer", "normalized_entropy", "normalized_entropy_topk",
+                "effective_rank", "effective_rank_topk"),
+    "summary": None,  # every column
+}
+
+
+def default_cache_dir() -> Path:
+    """Where the pretrained base is cached: $DELTASPEC_CACHE or ~/.cache/deltaspec."""
+    env = os.environ.get("DELTASPEC_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "deltaspec"
+
+
+def training_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per method: trainable parameters, held-out accuracy (mean and per task family),
+    tokens/s, peak memory and wall time, from the reference trainer's metrics."""
+    rows = []
+    for method in METHODS:
+        m = results.get(method)
+        if m is None:
+            continue
+        row = {"method": method, "trainable_params": m["trainable_params"],
+               "heldout_accuracy": m["accuracy_mean"]}
+        row |= {f"acc_{fam}": v for fam, v in m["accuracy_by_family"].items()}
+        row |= {"final_loss": m["loss"]["final"], "tokens_per_s": m["tokens_per_s"],
+                "peak_memory_mb": m["peak_memory_mb"], "wall_time_s": m["wall_time_s"]}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    base_acc = results.get("lora", {}).get("base_accuracy")
+    if isinstance(base_acc, dict) and base_acc:
+        base_row = {"method": "base (no fine-tune)",
+                    "heldout_accuracy": sum(base_acc.values()) / len(base_acc)}
+        df = pd.concat([pd.DataFrame([base_row]), df], ignore_index=True)
+    return df
+
+
+def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0,
+             cache_dir: str | Path | None = None, device: str = "cpu",
+             log: Callable[[str], None] | None = None, with_reference: bool = True) -> Path:
+    """Train the three methods into ``out_dir/checkpoints`` and write ``out_dir/report``.
+
+    Returns the report's ``index.html``. The report folder is checked before any training, so a
+    bad ``out_dir`` fails at once.
+    """
+    from deltaspec.reference import run_all
+    from deltaspec.report import write_report
+    from deltaspec.report.write import check_out_dir
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out / "report")
+    ckpt = out / "checkpoints"
+    results = run_all(ckpt, quick=quick, seed=seed, methods=METHODS, device=device, log=log,
+                      cache_dir=cache_dir if cache_dir is not None else default_cache_dir())
+    table = training_table(results)
+    write_atomic(out / "training.json", json.dumps(_jsonable(results), indent=2) + "\n")
+    if log:
+        log("analysing the three updates and writing the report")
+    reference = load_reference_results() if with_reference else None
+    return write_report({m: ckpt / m for m in METHODS}, out / "report", base=ckpt / "base",
+                        extra_tables={"training": table}, reference=reference,
+                        title="deltaspec demo: LoRA vs MultiLoRA vs full fine-tuning",
+                        progress=False)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def reference_from_report(report_dir: str | Path) -> dict[str, Any]:
+    """The compact reference results (version, settings, tables) from a written demo report."""
+    folder = Path(report_dir)
+    tables = {}
+    for name, keep in _REFERENCE_COLUMNS.items():
+        df = pd.read_csv(folder / f"{name}.csv")
+        df = df[list(keep)] if keep else df
+        tables[name] = {"columns": list(df.columns),
+                        "data": df.round(6).astype(object).where(df.notna(), None).values.tolist()}
+    summary = json.loads((folder / "summary.json").read_text())
+    return {"format": "deltaspec-reference-results", "version": REFERENCE_VERSION,
+            "verdict": summary.get("verdict"), "tables": tables}
+
+
+def load_reference_results(path: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """The shipped reference results (or those at ``path``) as the report's overlay tables."""
+    try:
+        if path is None:
+            text = resources.files("deltaspec").joinpath("data", REFERENCE_FILE).read_text()
+            where = f"deltaspec/data/{REFERENCE_FILE}"
+        else:
+            text, where = Path(path).read_text(), str(path)
+        data = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path or REFERENCE_FILE}: cannot read reference results ({exc})") from None
+    if data.get("format") != "deltaspec-reference-results" or data.get("version") != REFERENCE_VERSION:
+        raise ConfigError(f"{where}: not reference results of version {REFERENCE_VERSION}")
+    out = {}
+    for name, tab in data["tables"].items():
+        df = pd.DataFrame(tab["data"], columns=tab["columns"])
+        for col in ("label", "kind"):
+            if col in df:
+                df[col] = pd.Categorical(df[col], categories=list(dict.fromkeys(df[col])))
+        out[name] = df
+    return out
+
+
+def write_reference_results(report_dir: str | Path, target: str | Path) -> Path:
+    """Store a demo report's spectral summary as reference results (how the package data is made)."""
+    write_atomic(target, json.dumps(reference_from_report(report_dir), indent=1) + "\n")
+    return Path(target)

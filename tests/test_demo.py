@@ -1,0 +1,74 @@
+"""``deltaspec demo --quick`` end to end, and the shipped reference results."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from deltaspec.cli import main
+from deltaspec.demo import load_reference_results, reference_from_report
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--cache-dir",
+                                    str(out / "cache"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "report:" in res.output and "entropy" in res.output
+    return out
+
+
+def test_demo_writes_report_with_training_table(demo_dir):
+    report = demo_dir / "report"
+    assert (report / "index.html").is_file()
+    summary = json.loads((report / "summary.json").read_text())
+    verdict = summary["verdict"]
+    assert verdict["expected_order"] == ["lora", "multilora", "full"]
+    assert isinstance(verdict["holds"], bool) and set(verdict["values"]) == {"lora", "multilora", "full"}
+    training = pd.read_csv(report / "training.csv")
+    rows = training.set_index("method")
+    assert {"lora", "multilora", "full"} <= set(rows.index)
+    for col in ("heldout_accuracy", "tokens_per_s", "peak_memory_mb", "trainable_params"):
+        assert rows.loc[["lora", "multilora", "full"], col].notna().all(), col
+    # LoRA rank n·r against MultiLoRA n×r: matched budgets (MultiLoRA adds only its scalings)
+    assert abs(rows.loc["lora", "trainable_params"] - rows.loc["multilora", "trainable_params"]) \
+        < 0.01 * rows.loc["lora", "trainable_params"]
+    assert "training" in (report / "index.html").read_text()
+
+
+def test_reference_results_round_trip(demo_dir, tmp_path):
+    ref = reference_from_report(demo_dir / "report")
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(ref))
+    tables = load_reference_results(path)
+    assert set(tables) == {"spectra", "metrics", "summary"}
+    assert set(tables["spectra"]["label"].astype(str)) == {"lora", "multilora", "full"}
+
+
+def test_shipped_reference_results_load():
+    tables = load_reference_results()
+    summary = tables["summary"].set_index("label")
+    assert {"lora", "multilora", "full"} <= set(summary.index.astype(str))
+    assert summary["normalized_entropy_topk"].between(0, 1).all()
+
+
+def test_report_with_reference(tmp_path, llama, llama_lora, llama_full):
+    _, base = llama
+    adapter, _ = llama_lora
+    out = tmp_path / "rep"
+    res = CliRunner().invoke(main, ["report", f"lora={adapter}", f"full={llama_full}", "--base",
+                                    str(base), "--out", str(out), "--with-reference", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (out / "index.html").is_file() and (out / "spectra.png").is_file()
+
+
+def test_demo_bad_out_is_one_line_exit_2(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(target), "-q"])
+    assert res.exit_code == 2
+    assert res.output.startswith("deltaspec: error:") and len(res.output.strip().splitlines()) == 1
