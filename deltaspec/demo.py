@@ -107,8 +107,9 @@ def reference_from_report(report_dir: str | Path) -> dict[str, Any]:
         tables[name] = {"columns": list(df.columns),
                         "data": df.round(6).astype(object).where(df.notna(), None).values.tolist()}
     summary = json.loads((folder / "summary.json").read_text())
+    verdict = {k: v for k, v in (summary.get("verdict") or {}).items() if k != "text"}
     return {"format": "deltaspec-reference-results", "version": REFERENCE_VERSION,
-            "verdict": summary.get("verdict"), "tables": tables}
+            "verdict": verdict, "tables": tables}
 
 
 def load_reference_results(path: str | Path | None = None) -> dict[str, pd.DataFrame]:

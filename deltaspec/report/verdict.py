@@ -113,11 +113,19 @@ def digits(values: Sequence[float]) -> int:
     return 6
 
 
+def _sign(a: float, b: float) -> str:
+    """The observed relation between two values, as printed in the verdict."""
+    if math.isnan(a) or math.isnan(b):
+        return "?"
+    return "<" if a < b else ("=" if a == b else ">")
+
+
 def _chain(order: Sequence[str], values: Mapping[str, float]) -> str:
+    """The values in the expected order, joined by the relations actually observed."""
     d = digits([values[lb] for lb in order])
     parts = [f"{order[0]} {values[order[0]]:.{d}f}"]
-    for i, label in enumerate(order[1:]):
-        parts.append(f"{'<' if i == 0 else '≤'} {label} {values[label]:.{d}f}")
+    for prev, label in zip(order, order[1:], strict=False):
+        parts.append(f"{_sign(values[prev], values[label])} {label} {values[label]:.{d}f}")
     return " ".join(parts)
 
 
