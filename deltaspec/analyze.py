@@ -14,13 +14,15 @@ import pandas as pd
 import torch
 
 from deltaspec import columns as cols
+from deltaspec import engine_relative as relative
 from deltaspec import metrics as M
 from deltaspec.delta import Delta
+from deltaspec.engine import Operand
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, detect_format, load
 from deltaspec.names import kind_of, layer_of, match_key
-from deltaspec.pipeline import prefetch, shard
-from deltaspec.spectrum import Spectrum, compute
+from deltaspec.pipeline import Solved, shard, solve_stream
+from deltaspec.spectrum import Spectrum, resolve_device
 
 INTRUDER_TOP = 10  # Shuttleworth et al. look at the top-10 singular vectors of W + ΔW
 
@@ -79,67 +81,69 @@ def _selected(deltas: dict[str, Delta], opts: Options) -> list[str]:
     return names
 
 
-def _progress(items: list[Any], opts: Options, what: str) -> Any:
-    if not opts.progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=what, unit="module", leave=False)
-
-
 def _identity(d: Delta) -> dict[str, Any]:
     return {"module": d.name, "layer": layer_of(d.name), "kind": kind_of(d.name),
             "method": d.method, "shape": f"{d.shape[0]}×{d.shape[1]}", "rank_bound": d.rank_bound}
 
 
-def _base_metrics(d: Delta, sp: Spectrum, fro: float, opts: Options) -> dict[str, Any]:
-    assert d.base is not None
-    w = d.base().to(torch.float64)
-    out: dict[str, Any] = {"relative_norm": M.relative_norm(fro, w)}
+def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand,
+                  opts: Options) -> dict[str, Any]:
+    """relative_norm, amplification, intruders. The metric functions take W; they get blockwise
+    reductions of it — a 1×1 [‖W‖_F], the r×r projection U_rᵀ·W·V_r with identity vectors — so W
+    is never copied to float64 whole (same numbers, flat memory)."""
+    f64 = torch.float64
+    w_fro = math.sqrt(w.fro2())
+    if not math.isfinite(w_fro):
+        w.check_finite()
+    out: dict[str, Any] = {"relative_norm": M.relative_norm(fro, torch.tensor([[w_fro]], dtype=f64))}
     r = min(opts.k, M.numerical_rank(sp.values, sp.shape))
-    u = sp.U[:, :r] if sp.U is not None else torch.zeros(sp.shape[0], 0)
-    v = sp.V[:, :r] if sp.V is not None else torch.zeros(sp.shape[1], 0)
-    out["amplification"] = M.amplification(fro, w, u, v)
-    out["intruders"] = _intruders(w, d, opts) if opts.intruders else math.nan
+    if r and sp.U is not None and sp.V is not None:
+        proj = sp.U[:, :r].T @ w.mm(sp.V[:, :r]).to("cpu", f64)  # (r, r)
+        eye = torch.eye(r, dtype=f64)
+        out["amplification"] = M.amplification(fro, proj, eye, eye)
+    else:
+        out["amplification"] = M.amplification(fro, torch.zeros(0, 0), torch.zeros(0, 0),
+                                                torch.zeros(0, 0))
+    out["intruders"] = _intruders(sp, op, w) if opts.intruders else math.nan
     return out
 
 
-def _intruders(w: torch.Tensor, d: Delta, opts: Options) -> int:
-    if not bool(d.dense(torch.float64).any()):
+def _intruders(sp: Spectrum, op: Operand, w: Operand) -> int:
+    """Intruder dimensions of W + ΔW against W. ``relative.intruder_cosines`` gives C = |U_Wᵀ·u_t|
+    without forming U_W; ``M.intruders(Cᵀ, I)`` counts over exactly that matrix."""
+    if op.is_zero():
         return 0
-    u_w = compute(w, vectors_k=-1, device=opts.device).U
-    tuned = compute(w + d.dense(torch.float64), vectors_k=INTRUDER_TOP, device=opts.device).U
-    assert u_w is not None and tuned is not None
-    return M.intruders(u_w, tuned)
+    cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V)).to("cpu")
+    return M.intruders(cos.T, torch.eye(cos.shape[1], dtype=torch.float64))
 
 
-def _solve(d: Delta, opts: Options, vectors: bool) -> tuple[Delta, Spectrum]:
-    return d, compute(d, vectors_k=opts.k if vectors else 0, device=opts.device)
+def _stream(sides: list[Deltas], items: list[tuple[str, ...]], opts: Options, vectors_k: int,
+            with_base: bool, what: str) -> Iterator[Solved]:
+    """Modules read and moved to the device on a worker thread while the previous ones are
+    solved here; factored modules of one shape solved in batches (order: by job)."""
+    it = solve_stream(sides, items, resolve_device(opts.device), vectors_k, with_base)
+    if not opts.progress:
+        return it
+    from tqdm.auto import tqdm
 
-
-def _stream(deltas: dict[str, Delta], names: list[str], opts: Options,
-            vectors: bool) -> Iterator[tuple[Delta, Spectrum]]:
-    """Modules read one ahead on a worker thread, solved here in order."""
-    items = prefetch(names, lambda n: deltas[n].materialize())
-    for d in _progress(list(names), opts, "analyze"):
-        md = next(items)
-        assert md.name == d
-        yield _solve(md, opts, vectors)
+    return iter(tqdm(it, total=len(items), desc=what, unit="module", leave=False))
 
 
 def _analyze_deltas(deltas: Deltas, opts: Options) -> Result:
     with_base = any(d.base is not None for d in deltas.values())
-    rows, spectra = [], {}
-    vectors = with_base or opts.vectors
-    for d, sp in _stream(deltas, _selected(deltas, opts), opts, vectors=vectors):
+    names = _selected(deltas, opts)
+    rows, spectra = {}, {}
+    vectors_k = opts.k if (with_base or opts.vectors) else 0
+    for s in _stream([deltas], [(n,) for n in names], opts, vectors_k, with_base, "analyze"):
+        d, sp = s.deltas[0], s.spectra[0]
         row = _identity(d) | M.spectral_metrics(sp.values, sp.shape, opts.top_k)
-        if with_base:
-            fro = M.fro_norm(sp.values)
-            row |= _base_metrics(d, sp, fro, opts) if d.base is not None else {}
-        rows.append(row)
+        if with_base and s.bases[0] is not None:
+            row |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[0], s.bases[0], opts)
+        rows[d.name] = row
         if opts.keep_spectra:
             spectra[d.name] = sp
-    return _frame(rows, cols.analyze_columns(with_base), spectra, deltas.skipped)
+    spectra = {n: spectra[n] for n in names if n in spectra}
+    return _frame([rows[n] for n in names], cols.analyze_columns(with_base), spectra, deltas.skipped)
 
 
 def _frame(rows: list[dict[str, Any]], columns: list[str], spectra: dict[str, Spectrum],
@@ -180,14 +184,14 @@ def _pairs(da: Deltas, db: Deltas) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pairwise(a: Delta, sa: Spectrum, b: Delta, sb: Spectrum, k: int) -> dict[str, float]:
+def _pairwise(s: Solved, k: int) -> dict[str, float]:
+    (sa, sb), (op_a, op_b) = s.spectra, s.ops
     ra = min(k, M.numerical_rank(sa.values, sa.shape))
     rb = min(k, M.numerical_rank(sb.values, sb.shape))
     assert sa.U is not None and sb.U is not None and sa.V is not None and sb.V is not None
     ua, ub, va, vb = sa.U[:, :ra], sb.U[:, :rb], sa.V[:, :ra], sb.V[:, :rb]
-    operand = lambda d: d.factors(torch.float64) if d.is_factored else d.dense(torch.float64)  # noqa: E731
     return {
-        "cosine": M.cosine(operand(a), operand(b)),
+        "cosine": relative.cosine(op_a, op_b, M.fro_norm(sa.values), M.fro_norm(sb.values)),
         "subspace_sim_left": M.subspace_similarity(ua, ub),
         "subspace_sim_right": M.subspace_similarity(va, vb),
         "min_angle_left": M.min_angle_degrees(ua, ub),
@@ -212,30 +216,32 @@ def compare(a: str | Path, b: str | Path, base: str | Path | None = None,
         raise DeltaspecError(f"{a} and {b} have no module in common")
     with_base = base is not None
     keep = set(_selected({na: da[na] for na, _ in pairs}, opts))
-    rows, spectra = [], {}
-    for na, nb in _progress([p for p in pairs if p[0] in keep], opts, "compare"):
-        (a_d, sa), (b_d, sb) = _solve(da[na].materialize(), opts, True), _solve(
-            db[nb].materialize(), opts, True)
-        rows.append(_compare_row(a_d, sa, b_d, sb, opts, with_base))
+    kept = [p for p in pairs if p[0] in keep]
+    rows, spectra = {}, {}
+    for s in _stream([da, db], kept, opts, opts.k, with_base, "compare"):
+        name = s.deltas[0].name
+        rows[name] = _compare_row(s, opts, with_base)
         if opts.keep_spectra:
-            spectra[na] = (sa, sb)
-    df = _frame(rows, cols.compare_columns(with_base), spectra, da.skipped + db.skipped)
+            spectra[name] = (s.spectra[0], s.spectra[1])
+    spectra = {na: spectra[na] for na, _ in kept if na in spectra}
+    df = _frame([rows[na] for na, _ in kept], cols.compare_columns(with_base), spectra,
+                da.skipped + db.skipped)
     df.attrs["only_a"] = sorted(set(da) - {p[0] for p in pairs})
     df.attrs["only_b"] = sorted(set(db) - {p[1] for p in pairs})
     return df
 
 
-def _compare_row(a: Delta, sa: Spectrum, b: Delta, sb: Spectrum, opts: Options,
-                 with_base: bool) -> dict[str, Any]:
-    ident = _identity(a)
+def _compare_row(s: Solved, opts: Options, with_base: bool) -> dict[str, Any]:
+    ident = _identity(s.deltas[0])
     row: dict[str, Any] = {c: ident[c] for c in cols.IDENTITY if c not in cols.PER_SIDE_IDENTITY}
-    for side, d, sp in (("a", a, sa), ("b", b, sb)):
+    for i, side in enumerate(("a", "b")):
+        d, sp, w = s.deltas[i], s.spectra[i], s.bases[i]
         part = {"method": d.method, "rank_bound": d.rank_bound}
         part |= M.spectral_metrics(sp.values, sp.shape, opts.top_k)
-        if with_base and d.base is not None:
-            part |= _base_metrics(d, sp, M.fro_norm(sp.values), opts)
+        if with_base and w is not None:
+            part |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts)
         row |= {f"{c}_{side}": v for c, v in part.items()}
-    return row | _pairwise(a, sa, b, sb, opts.k)
+    return row | _pairwise(s, opts.k)
 
 
 def spectra(path: str | Path, base: str | Path | None = None, k: int | None = None,
@@ -244,8 +250,10 @@ def spectra(path: str | Path, base: str | Path | None = None, k: int | None = No
     opts = make_options(options)
     deltas = load(path, base, allow_modified_base=opts.allow_modified_base)
     vk = (k if k is not None else -1) if vectors else 0
+    names = _selected(deltas, opts)
     out = {}
-    for name in _progress(_selected(deltas, opts), opts, "spectra"):
-        sp = compute(deltas[name], vectors_k=vk, device=opts.device)
-        out[name] = sp if k is None else Spectrum(sp.values[:k], sp.shape, sp.route, sp.U, sp.V)
-    return out
+    for s in _stream([deltas], [(n,) for n in names], opts, vk, False, "spectra"):
+        sp = s.spectra[0]
+        out[s.deltas[0].name] = sp if k is None else Spectrum(sp.values[:k], sp.shape, sp.route,
+                                                              sp.U, sp.V)
+    return {n: out[n] for n in names}

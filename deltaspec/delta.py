@@ -37,6 +37,9 @@ class Delta:
         source: the file the tensors are read from (used in error messages).
         base: optional thunk returning the base weight W0 in (out, in) orientation.
         bias: optional thunk returning the bias update (out,).
+        parts: optional thunk of a dense delta read as a difference: (tuned, base) tensors as
+            stored (dtype unchanged, (out, in) orientation) with ΔW = tuned − base, so the engine
+            can move bf16 as is and up-cast on the device.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Delta:
     _dense: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     base: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     bias: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    parts: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self._factors is None) == (self._dense is None):
@@ -95,6 +99,7 @@ def _replace(d: Delta, **changes: object) -> Delta:
     fields = {
         "name": d.name, "shape": d.shape, "rank_bound": d.rank_bound, "method": d.method,
         "source": d.source, "_factors": None, "_dense": None, "base": d.base, "bias": d.bias,
+        "parts": d.parts,
     }
     fields.update(changes)
     return Delta(**fields)  # type: ignore[arg-type]
@@ -113,6 +118,8 @@ def dense(
     name: str, shape: tuple[int, int], load: Callable[[], torch.Tensor], *, method: str,
     source: str, base: Callable[[], torch.Tensor] | None = None,
     bias: Callable[[], torch.Tensor] | None = None,
+    parts: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Delta:
-    """Build a dense Delta."""
-    return Delta(name, shape, min(shape), method, source, _dense=load, base=base, bias=bias)
+    """Build a dense Delta (``parts``: see :class:`Delta`)."""
+    return Delta(name, shape, min(shape), method, source, _dense=load, base=base, bias=bias,
+                 parts=parts)

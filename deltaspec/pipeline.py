@@ -1,32 +1,56 @@
-"""Streaming helpers: read the next modules on a worker thread while the current one is solved.
+"""Streaming: modules are read, paired, moved to the device and solved while the next ones load.
 
-Reading a tensor (safetensors memory-map + dtype conversion) releases the GIL, so one worker
-overlaps disk and conversion with the solver. At most ``depth`` items are in flight, so memory
-stays flat in model size: a few matrices, never the model.
+One worker thread reads the next job's tensors as stored (bf16 stays bf16), copies them through
+reused pinned staging buffers to the device on a side CUDA stream, and hands them over with an
+event; the main thread solves the previous job meanwhile. At most ``depth`` jobs are in flight,
+so memory stays flat in model size: a few matrices, never the model. Factored updates of one
+shape are grouped into one job and solved by single batched calls.
+
+The seam for scale-out: :func:`shard` splits the module list between processes; rows concatenate.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import math
+import sys
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from deltaspec import engine
+from deltaspec.delta import Delta
+from deltaspec.engine import Operand
+from deltaspec.spectrum import Spectrum, is_factored_route, operand, solve_dense, solve_factored
 
 T = TypeVar("T")
 U = TypeVar("U")
 
+MAX_BATCH = 64  # factored modules per batched call
+BATCH_BYTES = 256 << 20  # float64 working memory of one batched factored call
+PINNED_SLOTS = 6  # staging buffers kept for reuse
+RELEASE_BYTES = 128 << 20  # mapped weight pages read between two releases
 
-def prefetch(items: Iterable[T], fn: Callable[[T], U], depth: int = 2) -> Iterator[U]:
+
+def prefetch(items: Iterable[T], fn: Callable[[T], U], depth: int = 2,
+             initializer: Callable[[], object] | None = None) -> Iterator[U]:
     """``map(fn, items)`` computed up to ``depth`` items ahead on one worker thread, in order.
 
-    Exceptions raised by ``fn`` surface when their item is reached.
+    Exceptions raised by ``fn`` surface when their item is reached; ``initializer`` runs first
+    on the worker thread.
 
     >>> list(prefetch([1, 2, 3], lambda x: x * 10))
     [10, 20, 30]
     """
     it = iter(items)
     pending: deque[Future[U]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaspec-prefetch") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaspec-prefetch",
+                            initializer=initializer) as pool:
         try:
             for item in it:
                 pending.append(pool.submit(fn, item))
@@ -46,3 +70,328 @@ def shard(names: list[str], rank: int, world: int) -> list[str]:
     ['b', 'd']
     """
     return names[rank::world]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Modules solved together. Each item holds one module name per side (analyze: one side,
+    compare: two); a ``batched`` job holds factored updates of one shape and rank."""
+
+    items: list[tuple[str, ...]]
+    batched: bool
+
+
+def plan(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ...]], with_base: bool,
+         max_batch: int = MAX_BATCH) -> list[Job]:
+    """Group the items into jobs, ordered by their first item.
+
+    Factored updates that need no base weight are grouped by (shape, rank) on every side, at most
+    ``max_batch`` (and ``BATCH_BYTES`` of float64 work) per job; every other item is a job alone.
+    """
+    jobs: list[tuple[int, Job]] = []
+    groups: dict[tuple[Any, ...], list[tuple[int, tuple[str, ...]]]] = {}
+    for i, names in enumerate(items):
+        ds = [side[n] for side, n in zip(sides, names, strict=True)]
+        needs_base = with_base and any(d.base is not None for d in ds)
+        if needs_base or not all(is_factored_route(d) for d in ds):
+            jobs.append((i, Job([names], False)))
+            continue
+        groups.setdefault(tuple((d.shape, d.rank_bound) for d in ds), []).append((i, names))
+    for key, members in groups.items():
+        per_module = sum((m + n) * r * 8 * 4 for (m, n), r in key)
+        cap = max(1, min(max_batch, BATCH_BYTES // max(per_module, 1)))
+        for lo in range(0, len(members), cap):
+            chunk = members[lo: lo + cap]
+            jobs.append((chunk[0][0], Job([names for _, names in chunk], True)))
+    return [job for _, job in sorted(jobs, key=lambda t: t[0])]
+
+
+_MADV_WILLNEED, _MADV_DONTNEED = 3, 4
+_PAGE = 4096
+
+
+def release_mapped_weights() -> None:
+    """Drop this process's references to the pages of memory-mapped ``.safetensors`` files.
+
+    safetensors maps whole files and hands out tensors that alias the mapping; every page a read
+    touched would stay resident in this process until the file is closed, so RSS would grow with
+    the model. Only mappings without private (modified) pages are released, so no data can be
+    lost: the pages stay in the page cache and a later read faults them back in. Linux only.
+    """
+    libc = _libc()
+    if libc is None:
+        return
+    for lo, hi in _clean_weight_mappings():
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _clean_weight_mappings() -> list[tuple[int, int]]:
+    """(start, end) of each ``.safetensors`` mapping whose pages are all unmodified file pages."""
+    try:
+        with open("/proc/self/maps") as fh:  # cheap; smaps (per-mapping counts) is not
+            if not any(line.rstrip().endswith(".safetensors") for line in fh):
+                return []
+        with open("/proc/self/smaps") as fh:
+            text = fh.read()
+    except OSError:
+        return []
+    out, current = [], None
+    for line in text.splitlines():
+        head = line.split(None, 5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            current = None
+            if len(head) == 6 and head[5].endswith(".safetensors"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                current = (lo, hi)
+        elif current is not None and line.startswith("Anonymous:"):
+            if int(line.split()[1]) == 0:
+                out.append(current)
+            current = None
+    return out
+
+
+class Releaser:
+    """Calls :func:`release_mapped_weights` once ``RELEASE_BYTES`` of weights were read since the
+    last call (parsing /proc costs a few ms), and once at the end."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+
+    def read(self, ops: list[Operand | None]) -> None:
+        """Count the dense tensors of ``ops`` as read; release when enough were."""
+        self.pending += sum(t.numel() * t.element_size() for op in ops if op is not None
+                            for _, t in op.dense)
+        if self.pending >= RELEASE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Release now if anything was read."""
+        if self.pending:
+            self.pending = 0
+            release_mapped_weights()
+
+
+def read_ahead(t: torch.Tensor) -> None:
+    """Ask the kernel to start reading ``t``'s pages now (a memory-mapped tensor is otherwise
+    read from disk only when the solver first touches it). Best effort, Linux only."""
+    libc = _libc()
+    if libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    start = t.data_ptr() // _PAGE * _PAGE
+    end = t.data_ptr() + t.numel() * t.element_size()
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_WILLNEED)
+
+
+_LIBC: list[Any] = []
+
+
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    if not _LIBC:
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+class Stager:
+    """Moves host tensors to the device through reused pinned buffers on a side CUDA stream
+    (non-blocking); on the CPU it passes tensors through unchanged."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.slots: list[list[Any]] = []  # [pinned uint8 buffer, event of its last copy]
+
+    def move(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the device, in its own dtype (the up-cast happens there)."""
+        if not self.cuda:
+            return t
+        return self.stack([t])[0]
+
+    def stack(self, ts: list[torch.Tensor]) -> torch.Tensor:
+        """``torch.stack(ts)`` on the device: on CUDA written straight into a pinned buffer and
+        copied without blocking (dtype kept); on the CPU stacked in float64 in one pass."""
+        shape = (len(ts), *ts[0].shape)
+        if not self.cuda:
+            out = torch.empty(shape, dtype=torch.float64)
+            for i, t in enumerate(ts):
+                out[i].copy_(t)
+            return out
+        dtype = ts[0].dtype
+        nbytes = math.prod(shape) * ts[0].element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        slot = self._slot(nbytes)
+        host = slot[0][:nbytes].view(dtype).view(shape)
+        for i, t in enumerate(ts):
+            host[i].copy_(t)
+        with torch.cuda.stream(self.stream):
+            out = host.to(self.device, non_blocking=True)
+            slot[1] = torch.cuda.Event()
+            slot[1].record(self.stream)
+        return out
+
+    def _slot(self, nbytes: int) -> list[Any]:
+        free = [s for s in self.slots if s[1] is None or s[1].query()]
+        fits = [s for s in free if s[0].numel() >= nbytes]
+        if fits:
+            return min(fits, key=lambda s: s[0].numel())
+        if len(self.slots) < PINNED_SLOTS:
+            slot = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True), None]
+            self.slots.append(slot)
+            return slot
+        slot = self.slots.pop(0)  # the oldest: wait for its copy, then reuse or grow it
+        if slot[1] is not None:
+            slot[1].synchronize()
+        if slot[0].numel() < nbytes:
+            slot[0] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.slots.append(slot)
+        return slot
+
+    def fence(self) -> Any:
+        """An event after every copy issued so far (None on the CPU)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+
+@dataclass
+class Staged:
+    """A job's tensors on the device: per item and side the Delta, its ΔW and base operands."""
+
+    job: Job
+    deltas: list[list[Delta]]
+    ops: list[list[Operand]]
+    bases: list[list[Operand | None]]
+    device: torch.device = torch.device("cpu")
+    stacks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    grams: list[tuple[torch.Tensor, bool] | None] = field(default_factory=list)
+    event: Any = None
+
+
+@dataclass
+class Solved:
+    """One module (one per side): its Delta, spectrum, ΔW operand and base operand (or None)."""
+
+    deltas: list[Delta]
+    spectra: list[Spectrum]
+    ops: list[Operand]
+    bases: list[Operand | None]
+
+
+def stage(stager: Stager, sides: Sequence[Mapping[str, Delta]], job: Job, with_base: bool,
+          releaser: Releaser | None = None) -> Staged:
+    """Read a job's tensors and move them to the device (runs on the prefetch worker).
+    ``releaser`` (CUDA: the pages are copied and no longer needed) counts what was read."""
+    deltas = [[side[n] for side, n in zip(sides, names, strict=True)] for names in job.items]
+    dev = stager.device
+    if job.batched:
+        st = Staged(job, deltas, [[] for _ in deltas], [[None] * len(sides) for _ in deltas], dev)
+        for s in range(len(sides)):
+            fs = [row[s].factors(torch.float32) for row in deltas]
+            b = stager.stack([f[0] for f in fs])
+            a = stager.stack([f[1] for f in fs])
+            st.stacks.append((b, a))
+            for i, row in enumerate(deltas):
+                st.ops[i].append(Operand(row[s].shape, dev, row[s].label, factored=[(b[i], a[i])]))
+    else:
+        ops, bases = [], []
+        for d in deltas[0]:
+            op = operand(d, dev, move=stager.move)
+            ops.append(op)
+            bases.append(_base_operand(d, op, stager) if with_base else None)
+            for _, t in op.dense:
+                read_ahead(t)
+        st = Staged(job, deltas, [ops], [bases], dev)
+        if not stager.cuda:  # CPU: the worker's half of the cores forms the Gram matrix too
+            st.grams = [None if _factored_single(op) or op.is_zero() else engine.gram(op)
+                        for op in ops]
+    st.event = stager.fence()
+    if releaser is not None and not job.batched:
+        st.event.synchronize()  # the host copies are done: the mapped pages are free to go
+        releaser.read(st.ops[0] + st.bases[0])
+    return st
+
+
+def _base_operand(d: Delta, op: Operand, stager: Stager) -> Operand | None:
+    if d.base is None:
+        return None
+    label = f"{d.label} (base weight)"
+    if getattr(d, "parts", None) is not None:  # ΔW = tuned − base: the base is already here
+        return Operand(d.shape, op.device, label, dense=[(1.0, op.dense[1][1])])
+    return Operand(d.shape, op.device, label, dense=[(1.0, stager.move(d.base()))])
+
+
+def _tensors(st: Staged) -> Iterator[torch.Tensor]:
+    for row in st.ops + st.bases:
+        for op in row:
+            if op is not None:
+                yield from (t for _, t in op.dense)
+                yield from (t for pair in op.factored for t in pair)
+
+
+def solve(st: Staged, vectors_k: int) -> Iterator[Solved]:
+    """Solve a staged job (main thread): one batched call per side, or one dense solve."""
+    if st.event is not None:
+        cur = torch.cuda.current_stream(st.device)
+        cur.wait_event(st.event)
+        for t in _tensors(st):
+            if t.is_cuda:
+                t.record_stream(cur)
+    n_sides = len(st.deltas[0])
+    spectra: list[list[Spectrum]] = [[] for _ in st.deltas]
+    for s in range(n_sides):
+        if st.job.batched:
+            b, a = st.stacks[s]
+            col = solve_factored(b, a, [row[s].shape for row in st.deltas], vectors_k)
+        else:
+            col = [_solve_one(st.ops[0][s], vectors_k, st.grams[s] if st.grams else None)]
+        for i, sp in enumerate(col):
+            spectra[i].append(sp)
+    for i, row in enumerate(st.deltas):
+        yield Solved(row, spectra[i], st.ops[i], st.bases[i])
+
+
+def _factored_single(op: Operand) -> bool:
+    return not op.dense and len(op.factored) == 1 and op.factored[0][0].shape[1] < min(op.shape)
+
+
+def _solve_one(op: Operand, vectors_k: int, pre: tuple[torch.Tensor, bool] | None) -> Spectrum:
+    if _factored_single(op):
+        b, a = op.factored[0]
+        return solve_factored(b[None], a[None], [op.shape], vectors_k)[0]
+    return solve_dense(op, vectors_k, pre)
+
+
+def solve_stream(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ...]],
+                 device: torch.device, vectors_k: int, with_base: bool,
+                 depth: int | None = None) -> Iterator[Solved]:
+    """Solved modules, one per item (one name per side), in job order (batched factored jobs
+    first reach their first item's place). ``vectors_k``: top vectors per side (0: none)."""
+    jobs = plan(sides, items, with_base)
+    stager = Stager(device)
+    depth = depth if depth is not None else (2 if device.type == "cuda" else 1)
+    worker_rel, main_rel = (Releaser(), None) if stager.cuda else (None, Releaser())
+    threads = torch.get_num_threads()  # also fixes this thread's own count before the worker's
+
+    def init() -> None:  # CPU: the worker takes half the intra-op threads (see engine)
+        if not stager.cuda:
+            torch.set_num_threads(max(1, threads - threads // 2))
+
+    try:
+        for st in prefetch(jobs, lambda job: stage(stager, sides, job, with_base, worker_rel),
+                           depth, init):
+            yield from solve(st, vectors_k)
+            if main_rel is not None and not st.job.batched:  # CPU: the solve read the pages
+                main_rel.read(st.ops[0] + st.bases[0])
+    finally:
+        torch.set_num_threads(threads)  # threads started later get the caller's count again
+        for rel in (worker_rel, main_rel):
+            if rel is not None:
+                rel.flush()

@@ -1,32 +1,33 @@
 """Delta or matrix → exact singular values (and vectors). The only place that picks the algorithm,
-the device and the dtype.
+the device and the dtype (the kernels live in :mod:`deltaspec.engine`).
 
 Routes:
 - **factored** (ΔW = B·A, R = inner rank < min(m, n)): QR of B and of Aᵀ, SVD of the R×R core
-  R_B·R_Aᵀ. Exact σ; U = Q_B·U_c, V = Q_A·V_c. ΔW is never materialised.
-- **dense values**: the Gram matrix of the smaller side in float64, float64 ``eigvalsh``,
-  σ = √max(λ, 0). (A float32 Gram loses the small singular values.)
-- **dense vectors**: ``eigh`` of the same Gram gives V (or U); the other side is ΔW·V/σ. Where a
-  wanted σ is too small for that to be accurate, a float64 SVD (gesvd) is used instead.
-- **top-k vectors of a large dense matrix**: randomised range finder (q = k + 16, 6 power
-  iterations with re-orthonormalisation); σ stay exact (from the Gram).
+  R_B·R_Aᵀ, batched over modules of one shape. Exact σ; U = Q_B·U_c, V = Q_A·V_c. ΔW is never
+  materialised.
+- **gram** (dense values): the Gram matrix of the smaller side in float64 (block by block, from the
+  stored dtype), float64 ``eigvalsh``, σ = √max(λ, 0). A float32 Gram loses the small values.
+- **gram** (dense vectors): ``eigh`` of the same Gram gives V (or U); the other side is ΔW·V/σ.
+  Where a wanted σ is below 1e-5·σ₁ that is inaccurate, and a float64 SVD (gesvd) is used instead.
+- **gram+randomized** (top-k vectors of a large dense matrix): subspace iteration on the Gram from
+  a seeded random block, its length chosen from the exact eigenvalues and its Ritz residuals
+  checked; σ stay exact (from ``eigvalsh``).
 - **zero** matrices are answered without a solver.
-Values come back as float64 on the CPU, descending, padded with exact zeros to min(m, n).
+Values come back as float64 on the CPU, descending, padded with exact zeros to min(m, n); the
+same numbers (to ~1e-12) whatever the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from deltaspec import engine
 from deltaspec.delta import Delta, check_finite
+from deltaspec.engine import Operand
 from deltaspec.errors import UsageError
-
-# σ_i below this fraction of σ_1 makes U = ΔW·V/σ inaccurate: such vectors come from gesvd.
-_VECTOR_RTOL = 1e-5
-_RANDOMIZED_MIN_DIM = 1024  # below this, exact eigh is cheap enough
-_OVERSAMPLE, _POWER_ITERS = 16, 6
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise UsageError(f"unknown device {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {device!r}: deltaspec runs on 'cpu' or 'cuda[:i]'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} asked for, but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -71,6 +77,8 @@ def spectrum(x: Delta | torch.Tensor, k: int | None = None, vectors: bool = Fals
     >>> spectrum(torch.diag(torch.tensor([3.0, 1.0, 2.0]))).values.tolist()
     [3.0, 2.0, 1.0]
     """
+    if k is not None and k < 1:
+        raise UsageError(f"k must be a positive integer, not {k}")
     sp = compute(x, vectors_k=(k if k is not None else -1) if vectors else 0, device=device)
     return truncate(sp, k) if k is not None else sp
 
@@ -83,104 +91,84 @@ def truncate(sp: Spectrum, k: int) -> Spectrum:
     return Spectrum(sp.values[:k], sp.shape, sp.route, cut(sp.U), cut(sp.V))
 
 
+def is_factored_route(d: Delta) -> bool:
+    """True when ``d`` is solved through its factors (inner rank below min(m, n))."""
+    return d.is_factored and d.rank_bound < min(d.shape)
+
+
+def operand(d: Delta, device: torch.device,
+            move: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Operand:
+    """ΔW of ``d`` as an :class:`Operand` on ``device``: its factors, its stored (fine-tuned,
+    base) pair when the loader exposes one (``Delta.parts``: moved as stored, up-cast on the
+    device), else its dense float32 matrix. ``move`` (tensor → tensor) overrides ``.to(device)``."""
+    if move is None:
+        move = lambda t: t.to(device)  # noqa: E731
+    if d.is_factored:
+        b, a = d.factors(torch.float32)
+        return Operand(d.shape, device, d.label, factored=[(move(b), move(a))])
+    parts = getattr(d, "parts", None)
+    if parts is not None:
+        tuned, base = parts()
+        return Operand(d.shape, device, d.label, dense=[(1.0, move(tuned)), (-1.0, move(base))])
+    return Operand(d.shape, device, d.label, dense=[(1.0, move(d.dense(torch.float32)))])
+
+
 def compute(x: Delta | torch.Tensor, *, vectors_k: int = 0,
             device: str | torch.device | None = None) -> Spectrum:
     """All singular values, plus the top ``vectors_k`` vectors (-1: all, 0: none)."""
     dev = resolve_device(device)
     if isinstance(x, Delta):
-        if x.is_factored and x.rank_bound < min(x.shape):
+        if is_factored_route(x):
             b, a = x.factors(torch.float32)
-            return _factored(b.to(dev), a.to(dev), vectors_k)
-        m = x.dense(torch.float32)
-    else:
-        if x.ndim != 2:
-            raise UsageError(f"spectrum needs a 2-D matrix, got shape {tuple(x.shape)}")
-        m = check_finite(x, "matrix")
-    return _dense(m.to(dev), vectors_k)
+            return solve_factored(b[None].to(dev), a[None].to(dev), [x.shape], vectors_k)[0]
+        return solve_dense(operand(x, dev), vectors_k)
+    if x.ndim != 2:
+        raise UsageError(f"spectrum needs a 2-D matrix, got shape {tuple(x.shape)}")
+    m = check_finite(x, "matrix")
+    shape = (m.shape[0], m.shape[1])
+    return solve_dense(Operand(shape, dev, "matrix", dense=[(1.0, m.to(dev))]), vectors_k)
 
 
 def _pad(values: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.zeros(k, dtype=torch.float64)
-    out[: values.numel()] = values.to("cpu", torch.float64)[:k]
+    out[: min(values.numel(), k)] = values.to("cpu", torch.float64)[:k]
     return out
 
 
-def _zero(shape: tuple[int, int], vectors_k: int) -> Spectrum:
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to("cpu", torch.float64)
+
+
+def zero_spectrum(shape: tuple[int, int], vectors_k: int) -> Spectrum:
+    """The spectrum of an all-zero update: values 0, no vectors."""
     empty = torch.zeros(0, dtype=torch.float64)
     u = torch.zeros(shape[0], 0, dtype=torch.float64) if vectors_k else None
     v = torch.zeros(shape[1], 0, dtype=torch.float64) if vectors_k else None
     return Spectrum(_pad(empty, min(shape)), shape, "zero", u, v)
 
 
-def _factored(b: torch.Tensor, a: torch.Tensor, vectors_k: int) -> Spectrum:
-    shape = (b.shape[0], a.shape[1])
-    b, a = b.to(torch.float64), a.to(torch.float64)
-    if not bool(b.any()) or not bool(a.any()):
-        return _zero(shape, vectors_k)
-    qb, rb = torch.linalg.qr(b)  # (m, R), (R, R)
-    qa, ra = torch.linalg.qr(a.T)  # (n, R), (R, R)
-    core = rb @ ra.T  # (R, R): ΔW = Q_B · core · Q_Aᵀ
-    if not vectors_k:
-        return Spectrum(_pad(torch.linalg.svdvals(core), min(shape)), shape, "factored")
-    uc, s, vch = torch.linalg.svd(core)
-    kk = s.numel() if vectors_k < 0 else min(vectors_k, s.numel())
-    u = (qb @ uc[:, :kk]).cpu()
-    v = (qa @ vch.T[:, :kk]).cpu()
-    return Spectrum(_pad(s, min(shape)), shape, "factored", u, v)
+def solve_dense(op: Operand, vectors_k: int,
+                pre: tuple[torch.Tensor, bool] | None = None) -> Spectrum:
+    """The spectrum of a dense (or too-high-rank factored) operand (``pre``: its Gram matrix)."""
+    if pre is None and (0 in op.shape or op.is_zero()):
+        op.check_finite()
+        return zero_spectrum(op.shape, vectors_k)
+    res = engine.dense_solve(op, vectors_k, pre)
+    return Spectrum(_pad(res.values, min(op.shape)), op.shape, res.route, _cpu(res.U), _cpu(res.V))
 
 
-def _gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Float64 Gram of the smaller side; True when it is MᵀM (n ≤ m)."""
-    m64 = m.to(torch.float64)
-    tall = m64.shape[0] >= m64.shape[1]
-    return (m64.T @ m64 if tall else m64 @ m64.T), tall
-
-
-def _dense(m: torch.Tensor, vectors_k: int) -> Spectrum:
-    shape = (m.shape[0], m.shape[1])
-    if m.numel() == 0 or not bool(m.any()):
-        return _zero(shape, vectors_k)
-    g, tall = _gram(m)
-    kmin = min(shape)
-    kk = kmin if vectors_k < 0 else min(vectors_k, kmin)
-    if not kk:
-        lam = torch.linalg.eigvalsh(g).flip(0)
-        return Spectrum(_pad(lam.clamp_min(0).sqrt(), kmin), shape, "gram")
-    if kk * 8 <= kmin and kmin >= _RANDOMIZED_MIN_DIM:
-        lam = torch.linalg.eigvalsh(g).flip(0)
-        s = lam.clamp_min(0).sqrt()
-        u, v = _randomized(m.to(torch.float64), kk)
-        return Spectrum(_pad(s, kmin), shape, "gram+randomized", u.cpu(), v.cpu())
-    lam, w = torch.linalg.eigh(g)
-    lam, w = lam.flip(0), w.flip(1)
-    s = lam.clamp_min(0).sqrt()
-    if s[kk - 1] <= s[0] * _VECTOR_RTOL:
-        return _svd(m, kk)
-    w = w[:, :kk]
-    m64 = m.to(torch.float64)
-    other = (m64 @ w if tall else m64.T @ w) / s[:kk]  # ΔW·V/σ (or ΔWᵀ·U/σ)
-    u, v = (other, w) if tall else (w, other)
-    return Spectrum(_pad(s, kmin), shape, "gram", u.cpu(), v.cpu())
-
-
-def _svd(m: torch.Tensor, kk: int) -> Spectrum:
-    """Float64 SVD (gesvd), for vectors where the Gram route is ill-conditioned."""
-    m64 = m.to(torch.float64)
-    driver = "gesvd" if m64.is_cuda else None
-    u, s, vh = torch.linalg.svd(m64, full_matrices=False, driver=driver)
-    return Spectrum(_pad(s, min(m.shape)), (m.shape[0], m.shape[1]), "svd",
-                    u[:, :kk].cpu(), vh[:kk].T.cpu())
-
-
-def _randomized(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k singular vectors by a randomised range finder with power iterations (float64)."""
-    gen = torch.Generator(device=m.device).manual_seed(0)
-    q = min(k + _OVERSAMPLE, min(m.shape))
-    omega = torch.randn(m.shape[1], q, dtype=m.dtype, device=m.device, generator=gen)  # (n, q)
-    y, _ = torch.linalg.qr(m @ omega)  # (m, q)
-    for _ in range(_POWER_ITERS):
-        z, _ = torch.linalg.qr(m.T @ y)  # (n, q)
-        y, _ = torch.linalg.qr(m @ z)  # (m, q)
-    small = y.T @ m  # (q, n)
-    uh, _, vh = torch.linalg.svd(small, full_matrices=False)
-    return (y @ uh)[:, :k], vh[:k].T
+def solve_factored(b: torch.Tensor, a: torch.Tensor, shapes: list[tuple[int, int]],
+                   vectors_k: int) -> list[Spectrum]:
+    """Spectra of N factored updates Bᵢ·Aᵢ of one shape, stacked as B (N, m, R), A (N, R, n)."""
+    res = engine.factored_batch(b, a, vectors_k)
+    values = res.values.to("cpu", torch.float64)
+    us, vs = _cpu(res.U), _cpu(res.V)
+    out = []
+    for i, shape in enumerate(shapes):
+        if not res.nonzero[i]:
+            out.append(zero_spectrum(shape, vectors_k))
+            continue
+        u = None if us is None else us[i]
+        v = None if vs is None else vs[i]
+        out.append(Spectrum(_pad(values[i], min(shape)), shape, "factored", u, v))
+    return out

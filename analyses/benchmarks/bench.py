@@ -1,0 +1,341 @@
+"""deltaspec against numpy, torch and WeightWatcher on a 7B-shaped slice: one command, one table.
+
+    python analyses/benchmarks/bench.py                       # CPU: 1 layer + the 224-module LoRA
+    python analyses/benchmarks/bench.py --layers 2 --tools deltaspec,numpy --device cuda
+
+Checkpoints (built once under --root by slice7b.py, bf16 on disk, Llama-7B shapes):
+  matrix    one dense 4096² ΔW (layer 0's q_proj, float32): only the solver call is timed
+  lora      the first --layers layers of a PEFT LoRA r=16 adapter (7 modules per layer)
+  full      a --layers full fine-tune against its base (sharded safetensors)
+  lora224   the whole 224-module adapter (deltaspec analyze end to end, and WeightWatcher)
+  rss       deltaspec analyze of a --rss-layers full fine-tune: peak RSS against 1 GB + 3 of its
+            largest matrices (bf16 bytes)
+Tools: deltaspec (values: spectra()/spectrum()), deltaspec-analyze (every metric), numpy's
+svd(compute_uv=False) in float64 and float32, torch's default svdvals (float32), WeightWatcher.
+Tools run one per process (``OMP_WAIT_POLICY=PASSIVE`` for all, so torch's OpenMP threads do not
+spin against BLAS threads on a shared CPU). Wall time: from opening the files to the last σ
+(imports excluded); RSS: that process's peak. Errors against a float64 LAPACK reference (scipy
+gesvd of ΔW = f64(tuned) − f64(base); for LoRA the exact R_B·R_Aᵀ core with numpy QR): the
+largest |σᵢ − σᵢ,ref| / σ₁,ref over modules, and the largest |H − H_ref| of the σ-entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+
+import slice7b  # noqa: E402
+
+TOOLS = ("deltaspec", "deltaspec-analyze", "numpy", "numpy-f32", "torch", "weightwatcher")
+SLICE_TOOLS = ("deltaspec", "deltaspec-analyze", "numpy", "torch", "weightwatcher")
+WORKLOADS = {"matrix": ("deltaspec", "numpy", "numpy-f32", "torch"), "lora": SLICE_TOOLS,
+             "full": SLICE_TOOLS,
+             "lora224": ("deltaspec-analyze", "weightwatcher"), "rss": ("deltaspec-analyze",)}
+MATRIX = "model.layers.0.self_attn.q_proj"  # the 'matrix' workload: one dense 4096² ΔW
+
+
+# ---------------------------------------------------------------- reading ΔW outside deltaspec
+def _lora_items(folder: Path, layers: int):
+    """(module name, B, A, scale) of the first ``layers`` layers, read with safetensors."""
+    from safetensors import safe_open
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as fh:
+        for i in range(layers):
+            for mod in slice7b.MODULES:
+                prefix = f"base_model.model.model.layers.{i}.{mod}"
+                yield (f"model.layers.{i}.{mod}", fh.get_tensor(f"{prefix}.lora_B.weight"),
+                       fh.get_tensor(f"{prefix}.lora_A.weight"), scale)
+
+
+def _full_items(root: Path, layers: int):
+    """(module name, tuned, base) as stored (bf16), one layer's shard at a time."""
+    from safetensors import safe_open
+
+    for i in range(layers):
+        shard = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
+        with safe_open(str(root / "full" / shard), framework="pt") as ft, \
+                safe_open(str(root / "base" / shard), framework="pt") as bs:
+            for mod in slice7b.MODULES:
+                key = f"model.layers.{i}.{mod}.weight"
+                yield key.removesuffix(".weight"), ft.get_tensor(key), bs.get_tensor(key)
+
+
+def _dense(workload: str, a: argparse.Namespace, dtype):
+    """(name, dense ΔW as a torch tensor of ``dtype``) the way a user would form it."""
+    if workload == "matrix":
+        for name, t, b in _full_items(a.root, a.layers):
+            if name == MATRIX:
+                yield name, t.to(dtype) - b.to(dtype)
+                return
+    elif workload == "lora":
+        for name, b, aa, s in _lora_items(a.root / f"lora-{a.layers}", a.layers):
+            yield name, (b.to(dtype) @ aa.to(dtype)) * s
+    else:
+        for name, t, b in _full_items(a.root, a.layers):
+            yield name, t.to(dtype) - b.to(dtype)
+
+
+# ---------------------------------------------------------------- tools (each in its own process)
+def tool_reference(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    import scipy.linalg
+    import torch
+
+    out = {}
+    if workload == "lora":
+        for name, b, aa, s in _lora_items(a.root / f"lora-{a.layers}", a.layers):
+            rb = np.linalg.qr(b.to(torch.float64).numpy(), mode="r")
+            ra = np.linalg.qr(aa.to(torch.float64).numpy().T, mode="r")
+            sv = np.linalg.svd(rb @ ra.T, compute_uv=False) * s
+            out[name] = np.concatenate([sv, np.zeros(min(b.shape[0], aa.shape[1]) - sv.size)])
+        return out
+    for name, dw in _dense(workload, a, torch.float64):
+        out[name] = scipy.linalg.svd(dw.numpy(), compute_uv=False, lapack_driver="gesvd")
+    return out
+
+
+def _solve_each(workload: str, a: argparse.Namespace, dtype, solve) -> dict[str, np.ndarray]:
+    """``solve`` on each dense ΔW; for the 'matrix' workload only the solve itself is timed."""
+    items = list(_dense(workload, a, dtype)) if workload == "matrix" else _dense(workload, a, dtype)
+    if workload == "matrix":
+        a.t0 = time.perf_counter()
+    return {name: solve(dw) for name, dw in items}
+
+
+def tool_numpy(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    import torch
+
+    return _solve_each(workload, a, torch.float64, lambda dw: np.linalg.svd(dw.numpy(), compute_uv=False))
+
+
+def tool_numpy_f32(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    import torch
+
+    return _solve_each(workload, a, torch.float32,
+                       lambda dw: np.linalg.svd(dw.numpy(), compute_uv=False).astype(np.float64))
+
+
+def tool_torch(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    import torch
+
+    return _solve_each(workload, a, torch.float32,  # torch's default dtype and driver
+                       lambda dw: torch.linalg.svdvals(dw.to(a.device)).double().cpu().numpy())
+
+
+def _paths(workload: str, a: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(update, base) folders of a workload."""
+    if workload in ("lora", "lora224"):
+        return a.root / f"lora-{32 if workload == 'lora224' else a.layers}", None
+    root = a.root / f"rss-{a.rss_layers}" if workload == "rss" else a.root
+    return root / "full", root / "base"
+
+
+def tool_deltaspec(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    import deltaspec
+
+    if workload == "matrix":  # the public spectrum() on one float32 ΔW (Gram + eigvalsh, float64)
+        import torch
+
+        return _solve_each(workload, a, torch.float32,
+                           lambda dw: deltaspec.spectrum(dw, device=a.device).values.numpy())
+    path, base = _paths(workload, a)
+    sp = deltaspec.spectra(path, base, device=a.device)
+    return {n: s.values.numpy() for n, s in sp.items()}
+
+
+def tool_deltaspec_analyze(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Every metric (with a base: relative_norm and amplification; intruders off, see notes)."""
+    import deltaspec
+
+    path, base = _paths(workload, a)
+    df = deltaspec.analyze(path, base, device=a.device, keep_spectra=True, intruders=a.intruders)
+    return {n: s.values.numpy() for n, s in df.spectra.items()}
+
+
+def tool_weightwatcher(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    """WeightWatcher's analyze(): peft=True on the adapter, base_model= for the fine-tune. It
+    reports σ_max per layer (compared with σ₁; it gives no full spectrum)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    import weightwatcher as ww
+
+    path, base = _paths(workload, a)
+    scale = 1.0
+    if base is None:
+        df = ww.WeightWatcher(model=str(path)).analyze(peft=True)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        scale = cfg["lora_alpha"] / cfg["r"]  # WeightWatcher leaves α/r out; put back for the error
+    else:
+        df = ww.WeightWatcher(model=str(path), base_model=str(base)).analyze()
+    out = {}
+    for _, row in df.iterrows():
+        name = str(row["longname"]).removeprefix("base_model.model.").removesuffix(".lora_BA")
+        out[name.removesuffix(".weight")] = np.array([float(row["sv_max"]) * scale])
+    return out
+
+
+def _worker(tool: str, workload: str, a: argparse.Namespace, out: Path) -> None:
+    import resource
+
+    fn = globals()["tool_" + tool.replace("-", "_")]
+    a.t0 = time.perf_counter()
+    values = fn(workload, a)
+    wall = time.perf_counter() - a.t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    np.savez(out, **{k.replace(".", "|"): v for k, v in values.items()})
+    print(json.dumps({"wall": wall, "rss_mb": rss, "modules": len(values)}))
+
+
+# ---------------------------------------------------------------- driver
+def run(tool: str, workload: str, a: argparse.Namespace, cache: Path) -> dict:
+    """Run one tool on one workload in a fresh process; returns its timing and values."""
+    npz = cache / f"{tool}-{workload}-{a.layers}-{a.device.replace(':', '')}.npz"
+    done = npz.with_suffix(".json")
+    if npz.is_file() and (tool == "reference" or (a.resume and done.is_file())):
+        info = json.loads(done.read_text()) if done.is_file() else {}
+        with np.load(npz) as z:  # the reference (float64 LAPACK on the same files) runs once
+            return info | {"values": {k.replace("|", "."): z[k] for k in z.files}}
+    cmd = [sys.executable, __file__, "--worker", tool, workload, "--out", str(npz),
+           *a.passthrough]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"tool": tool, "workload": workload, "error": " | ".join(tail)[:300]}
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    done.write_text(json.dumps(info | {"tool": tool, "workload": workload}))
+    with np.load(npz) as z:
+        info["values"] = {k.replace("|", "."): z[k] for k in z.files}
+    return info | {"tool": tool, "workload": workload}
+
+
+def _entropy(s: np.ndarray) -> float:
+    p = np.clip(s, 0, None)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def errors(values: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(max |Δσ|/σ₁, max |ΔH|) over the modules both have (σ₁ only when a tool gives only σ₁)."""
+    err, dh = 0.0, 0.0
+    for name, r in ref.items():
+        if name not in values:
+            continue
+        v = np.sort(values[name])[::-1]
+        k = min(v.size, r.size)
+        err = max(err, float(np.abs(v[:k] - r[:k]).max() / r[0]))
+        if v.size == r.size:
+            dh = max(dh, abs(_entropy(v) - _entropy(r)))
+    return err, (dh if any(values[n].size > 1 for n in values) else float("nan"))
+
+
+def machine() -> str:
+    """CPU model and core count, and the GPU when one is used."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    text = f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        text += f", OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
+    return text
+
+
+def table(rows: list[dict], refs: dict[str, dict], a: argparse.Namespace) -> str:
+    """The results as a markdown table."""
+    largest = max(m * n for m, n in slice7b.MODULES.values()) * 2 / 2**20  # MB, bf16
+    lines = ["| workload | tool | modules | wall s | s/module | peak RSS MB | max err σ/σ₁ | max ΔH |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['tool']} | – | failed: {r['error']} | | | | |")
+            continue
+        ref = refs.get(r["workload"])
+        err, dh = errors(r["values"], ref) if ref else (float("nan"), float("nan"))
+        n = r["modules"]
+        lines.append(f"| {r['workload']} | {r['tool']} | {n} | {r['wall']:.2f} | {r['wall'] / n:.3f} "
+                     f"| {r['rss_mb']:.0f} | {err:.1e} | {dh:.1e} |")
+    lines.append(f"\nRSS target for the rss workload: 1024 + 3 × {largest:.0f} = "
+                 f"{1024 + 3 * largest:.0f} MB (bf16 matrices); machine: {machine()}; "
+                 f"device: {a.device}")
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Command-line options (also handed on to the worker processes)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "deltaspec-bench")
+    ap.add_argument("--layers", type=int, default=1, help="layers in the slice (7 modules each)")
+    ap.add_argument("--rss-layers", type=int, default=4, help="layers of the RSS checkpoint")
+    ap.add_argument("--device", default="cpu", help="device of deltaspec and torch")
+    ap.add_argument("--intruders", action="store_true", help="include intruders in analyze()")
+    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--workloads", default="matrix,lora,full,lora224,rss")
+    ap.add_argument("--resume", action="store_true", help="reuse the runs already made under --root")
+    ap.add_argument("--tiny", action="store_true", help="64/96-wide stand-in shapes (a dry run)")
+    ap.add_argument("--worker", nargs=2, metavar=("TOOL", "WORKLOAD"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.passthrough = ["--root", str(a.root), "--layers", str(a.layers), "--rss-layers",
+                     str(a.rss_layers), "--device", a.device] + (["--intruders"] if a.intruders else [])
+    if a.tiny:
+        slice7b.shrink()
+        a.passthrough.append("--tiny")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build the checkpoints, run every tool on every workload, print the table."""
+    a = parse(sys.argv[1:] if argv is None else argv)
+    if a.worker:
+        _worker(*a.worker, a, a.out)
+        return
+    a.root.mkdir(parents=True, exist_ok=True)
+    workloads = a.workloads.split(",")
+    slice7b.build_full(a.root, a.layers)
+    slice7b.build_lora(a.root, a.layers)
+    if "lora224" in workloads:
+        slice7b.build_lora(a.root, 32)
+    if "rss" in workloads:
+        slice7b.build_full(a.root / f"rss-{a.rss_layers}", a.rss_layers)
+    cache = a.root / "runs"
+    cache.mkdir(exist_ok=True)
+    refs = {}
+    for w in ("matrix", "lora", "full"):
+        if w in workloads:
+            ref = run("reference", w, a, cache)
+            refs[w] = ref.get("values", {})
+    rows = []
+    for w in workloads:
+        for tool in WORKLOADS[w]:
+            if tool in a.tools.split(","):
+                rows.append(run(tool, w, a, cache))
+                print(f"{w:8s} {tool:18s} " + (f"{rows[-1]['wall']:.2f} s" if "wall" in rows[-1]
+                                                else rows[-1]["error"]), flush=True)
+    text = table(rows, refs, a)
+    print(text)
+    (a.root / f"results-{a.device.replace(':', '')}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

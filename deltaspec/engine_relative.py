@@ -1,0 +1,70 @@
+"""Engine kernels that involve a second matrix: another update (cosine) or the base weight W
+(the intruder count). Operands are read in float64 blocks on their device, like the rest of
+:mod:`deltaspec.engine`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deltaspec.engine import F64, VECTOR_RTOL, Operand, eigh_desc, gram, svd_fallback, top_eigvecs
+
+
+def cosine(a: Operand, b: Operand, fro_a: float, fro_b: float) -> float:
+    """⟨ΔW_a, ΔW_b⟩_F / (‖ΔW_a‖_F‖ΔW_b‖_F) — :func:`deltaspec.metrics.cosine` read blockwise, for
+    operands that may be dense on a device; NaN when either side is zero."""
+    if fro_a <= 0 or fro_b <= 0:
+        return math.nan
+    if not a.dense and not b.dense and len(a.factored) == len(b.factored) == 1:
+        (b1, a1), (b2, a2) = a.factored[0], b.factored[0]  # ⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ⊙ (A₁A₂ᵀ)
+        inner = float(((b1.to(F64).T @ b2.to(F64)) * (a1.to(F64) @ a2.to(F64).T)).sum())
+    else:
+        inner, s = 0.0, a.step(True) // 2 + 1
+        for lo in range(0, a.shape[0], s):
+            hi = min(lo + s, a.shape[0])
+            inner += float((a.rows(lo, hi) * b.rows(lo, hi).to(a.device)).sum())
+    return inner / (fro_a * fro_b)
+
+
+def intruder_cosines(w: Operand, tuned: Operand, top: int,
+                     hint: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
+    """|cos| between every left singular vector of W (rows) and the top-``top`` left singular
+    vectors of W + ΔW (columns) — the input of the intruder count (Shuttleworth et al. 2024).
+
+    U_W comes from ``eigh`` of W's float64 Gram (for a tall W, U_Wᵀu = Σ⁻¹V_Wᵀ(Wᵀu), so U_W is
+    never formed); the top vectors of W + ΔW come from subspace iteration on its Gram, started
+    from W's top vectors and ``hint`` = ΔW's top (U, V), with ``eigh`` as the fallback.
+    """
+    gw, tall = gram(w)
+    lam, vec = eigh_desc(gw)
+    del gw
+    s = lam.clamp_min(0).sqrt()
+    t = min(top, min(w.shape))
+    start = [vec[:, : t + 8]]  # the Gram's side: right vectors when tall, left ones when wide
+    side = hint[1] if tall else hint[0]
+    if side is not None and side.shape[1]:
+        start.append(side.to(vec.device, F64))
+    theta, x = _tuned_top(tuned, t, torch.cat(start, dim=1))
+    floor = float(theta[0]) * VECTOR_RTOL**2 if theta.numel() else 0.0
+    keep = theta > floor
+    theta, x = theta[keep], x[:, keep]
+    u_t = tuned.mm(x) / theta.sqrt().to(tuned.device) if tall else x  # (m, t) left vectors of W+ΔW
+    if not tall:
+        return (vec.T @ u_t.to(vec.device)).abs()
+    if float(s[-1]) <= float(s[0]) * VECTOR_RTOL:
+        u_w = svd_fallback(w, min(w.shape)).U
+        assert u_w is not None
+        return (u_w.T @ u_t.to(u_w.device)).abs()
+    return ((vec.T @ w.rmm(u_t).to(vec.device)) / s[:, None]).abs()
+
+
+def _tuned_top(tuned: Operand, t: int, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-t eigenpairs of the Gram matrix of W + ΔW (same orientation as W's)."""
+    g, _ = gram(tuned)
+    q = min(g.shape[0], start.shape[1] + 8)
+    got = top_eigvecs(g, t, q, max_iters=64, start=start) if q < g.shape[0] else None
+    if got is None:
+        lam, vec = eigh_desc(g)
+        return lam[:t], vec[:, :t]
+    return got
