@@ -8,15 +8,13 @@ float64 whole unless the memory guard (:func:`block_budget`) says the device has
 - :func:`gram`: the float64 Gram matrix of the smaller side, accumulated block by block.
 - :func:`eigvalsh_desc` / :func:`eigh_desc`: symmetric eigenproblems, descending, with a fallback
   to the CPU when the device runs out of memory.
-- :func:`top_eigvecs`: top-k eigenvectors of a PSD Gram matrix by subspace iteration from a random
-  (or given) start block — the randomised range finder with power iterations — checked by the
-  residuals of its Ritz pairs, falling back to the exact ``eigh`` when it would not converge fast.
+- top-k eigenvectors of a PSD Gram matrix by subspace iteration (:mod:`deltaspec.subspace`),
+  falling back to the exact ``eigh`` when it would not converge fast.
 - :func:`factored_batch`: exact σ (and vectors) of N factored updates of one shape in single calls.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -24,12 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from deltaspec.errors import NumericalError
+from deltaspec.subspace import plan_block, top_eigvecs
 
 F64 = torch.float64
-CPU_BLOCK_BYTES = 32 << 20  # float64 block size on the CPU: keeps peak RSS flat in matrix size
+# One float64 working block on the CPU takes half of this (32 MiB): RSS stays flat in matrix
+# size, and glibc serves blocks that large with mmap, so they go back to the system when freed.
+CPU_BLOCK_BYTES = 64 << 20
 GPU_BLOCK_FRACTION = 0.25  # of the free device memory, for one float64 block
-RESIDUAL_TOL = 1e-11  # Ritz residual ‖Gx − θx‖ ≤ tol·θ₁ accepts a top-k eigenvector
-SEED = 0
 
 
 def block_budget(device: torch.device) -> int:
@@ -265,63 +264,6 @@ def eigh_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(0).to(dev), vec.flip(1).to(dev)
 
 
-def random_block(n: int, q: int, device: torch.device) -> torch.Tensor:
-    """A seeded Gaussian (n, q) block, drawn on the CPU so every device starts from the same one."""
-    gen = torch.Generator().manual_seed(SEED)
-    return torch.randn(n, q, dtype=F64, generator=gen).to(device)
-
-
-def iterations_needed(lam: torch.Tensor, k: int, q: int, tol: float = 1e-13) -> float:
-    """Subspace iterations for the top-k eigenvectors of a PSD matrix with eigenvalues ``lam``
-    (descending) with a block of q: the error shrinks by λ_{q+1}/λ_k per iteration."""
-    if q >= lam.numel():
-        return 1.0
-    lk, lq = float(lam[k - 1]), float(lam[q])
-    if lk <= 0 or lq >= lk:
-        return math.inf
-    return math.log(tol) / math.log(max(lq, 0.0) / lk) if lq > 0 else 1.0
-
-
-def plan_block(lam: torch.Tensor, k: int, budget: int) -> tuple[int, int] | None:
-    """(q, iterations) minimising q·iterations for the top-k eigenvectors, or None when every
-    choice costs more than ``budget`` block-columns (then the exact ``eigh`` is cheaper)."""
-    n = lam.numel()
-    best: tuple[int, int] | None = None
-    for q in sorted({min(n, k + extra) for extra in (8, 16, 32, 64, 128)}):
-        its = iterations_needed(lam, k, q)
-        if math.isfinite(its) and q * its <= budget and (best is None or q * its < best[0] * best[1]):
-            best = (q, max(2, math.ceil(its)))
-    return best
-
-
-def top_eigvecs(g: torch.Tensor, k: int, q: int, max_iters: int,
-                start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Top-k eigenpairs (descending) of the PSD ``g`` by subspace iteration on a q-column block
-    (``start`` columns first, random ones after), with Rayleigh–Ritz every few steps.
-
-    Returns None when the Ritz residuals are not below ``RESIDUAL_TOL``·θ₁ within ``max_iters``.
-    """
-    n = g.shape[0]
-    cols = [] if start is None else [start.to(g.device, F64)[:, :q]]
-    have = sum(c.shape[1] for c in cols)
-    if have < q:
-        cols.append(random_block(n, q - have, g.device))
-    x, _ = torch.linalg.qr(torch.cat(cols, dim=1))
-    check = 4
-    for it in range(1, max_iters + 1):
-        z = g @ x
-        if it % check == 0 or it == max_iters:
-            theta, s = torch.linalg.eigh(x.T @ z)
-            theta, s = theta.flip(0), s.flip(1)
-            ritz, gr = x @ s[:, :k], z @ s[:, :k]
-            res = (gr - ritz * theta[:k]).norm(dim=0)
-            scale = max(float(theta[0]), 0.0)
-            if scale == 0.0 or float(res.max()) <= RESIDUAL_TOL * scale:
-                return theta[:k], ritz
-        x, _ = torch.linalg.qr(z)
-    return None
-
-
 @dataclass
 class DenseResult:
     """σ (descending, length min(m, n), on the device) and the top vectors, with the route."""
@@ -351,7 +293,7 @@ def dense_solve(op: Operand, vectors_k: int,
     if float(s[kk - 1]) <= float(s[0]) * VECTOR_RTOL:
         return svd_fallback(op, kk)
     plan = plan_block(lam, kk, kmin // 2) if kk * 4 <= kmin else None
-    got = top_eigvecs(g, kk, plan[0], plan[1] + 8) if plan else None
+    got = top_eigvecs(g, kk, plan[0], plan[1] + 8, lam=lam) if plan else None
     route = "gram+randomized"
     if got is None:
         route = "gram"

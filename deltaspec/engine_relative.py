@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from deltaspec.engine import F64, VECTOR_RTOL, Operand, eigh_desc, gram, svd_fallback, top_eigvecs
+from deltaspec.engine import F64, VECTOR_RTOL, Operand, eigh_desc, gram, svd_fallback
+from deltaspec.subspace import top_eigvecs
 
 
 def cosine(a: Operand, b: Operand, fro_a: float, fro_b: float) -> float:

@@ -20,7 +20,8 @@ from deltaspec import load
 from deltaspec.analyze import analyze, compare, spectra
 from deltaspec.delta import dense, factored
 from deltaspec.errors import NumericalError
-from deltaspec.pipeline import Stager, plan, prefetch, release_mapped_weights, shard, solve_stream
+from deltaspec.memory import release_mapped_weights
+from deltaspec.pipeline import Stager, plan, prefetch, shard, solve_stream
 
 F64 = torch.float64
 

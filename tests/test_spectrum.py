@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deltaspec import engine
+from deltaspec import engine, subspace
 from deltaspec.delta import dense, factored
 from deltaspec.engine import Operand
 from deltaspec.errors import NumericalError, UsageError
@@ -172,7 +172,7 @@ def test_flat_spectrum_top_k_falls_back_to_eigh():
 
 def test_top_eigvecs_reports_non_convergence():
     g = torch.diag(torch.linspace(1.0, 0.999, 50, dtype=F64))
-    assert engine.top_eigvecs(g, 2, 4, max_iters=4) is None
+    assert subspace.top_eigvecs(g, 2, 4, max_iters=4) is None
 
 
 @pytest.mark.parametrize("vectors", [False, True])
@@ -275,5 +275,6 @@ def test_doctests_of_the_engine_modules():
     import doctest
     import importlib
 
-    for name in ("deltaspec.spectrum", "deltaspec.pipeline", "deltaspec.engine"):
+    for name in ("deltaspec.spectrum", "deltaspec.pipeline", "deltaspec.engine", "deltaspec.memory",
+                 "deltaspec.subspace"):
         assert doctest.testmod(importlib.import_module(name)).failed == 0

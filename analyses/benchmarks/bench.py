@@ -22,6 +22,7 @@ largest |σᵢ − σᵢ,ref| / σ₁,ref over modules, and the largest |H − H
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -206,6 +207,8 @@ def _worker(tool: str, workload: str, a: argparse.Namespace, out: Path) -> None:
 # ---------------------------------------------------------------- driver
 def run(tool: str, workload: str, a: argparse.Namespace, cache: Path) -> dict:
     """Run one tool on one workload in a fresh process; returns its timing and values."""
+    if tool == "weightwatcher" and importlib.util.find_spec("weightwatcher") is None:
+        return {"tool": tool, "workload": workload, "error": "not installed (pip install weightwatcher)"}
     npz = cache / f"{tool}-{workload}-{a.layers}-{a.device.replace(':', '')}.npz"
     done = npz.with_suffix(".json")
     if npz.is_file() and (tool == "reference" or (a.resume and done.is_file())):
