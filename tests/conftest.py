@@ -44,3 +44,12 @@ def gpt2(tmp_path_factory):
     """(model, base folder) of a tiny random GPT-2 (Conv1D layers)."""
     model = F.tiny_gpt2()
     return model, F.save_model(model, tmp_path_factory.mktemp("gpt2_base"))
+
+
+@pytest.fixture
+def one_thread():
+    """Small matrices: one intra-op thread (no OpenMP barrier storms on a shared 2-core CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

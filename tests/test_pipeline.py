@@ -26,13 +26,7 @@ from deltaspec.pipeline import Stager, plan, prefetch, shard, solve_stream
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread (no OpenMP barrier storms on a shared 2-core CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prefetch_keeps_order_and_bounds_the_work_in_flight():

@@ -19,13 +19,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 shapes = st.tuples(st.integers(1, 48), st.integers(1, 48))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one intra-op thread (no OpenMP barrier storms on a shared 2-core CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(m: torch.Tensor) -> np.ndarray:

@@ -15,8 +15,10 @@ FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def _sigma(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
-    s = torch.as_tensor(values, dtype=torch.float64).flatten()
-    return torch.sort(s.clamp_min(0), descending=True).values
+    s = torch.as_tensor(values, dtype=torch.float64).flatten().clamp_min(0)
+    if s.numel() < 2 or bool((s[:-1] >= s[1:]).all()):  # already descending: an O(n) check, no sort
+        return s
+    return torch.sort(s, descending=True).values
 
 
 def _probs(values: torch.Tensor | Sequence[float], power: int) -> torch.Tensor:
