@@ -15,6 +15,7 @@ float64 whole unless the memory guard (:func:`block_budget`) says the device has
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -213,17 +214,33 @@ def _on_cpu_if_needed(g: torch.Tensor, factor: int) -> torch.Tensor:
     return g
 
 
+_SHARED = threading.local()  # .on: a prefetch worker is busy on the other CPU threads
+
+
+@contextmanager
+def sharing_cpu() -> Iterator[None]:
+    """Mark this thread's solves as running beside a busy prefetch worker (see lapack_threads)."""
+    before = getattr(_SHARED, "on", False)
+    _SHARED.on = True
+    try:
+        yield
+    finally:
+        _SHARED.on = before
+
+
 @contextmanager
 def lapack_threads() -> Iterator[None]:
-    """Half the intra-op threads (at least one) for barrier-bound CPU LAPACK calls.
+    """Half the intra-op threads (at least one) for barrier-bound CPU LAPACK calls made beside
+    the pipeline's worker (:func:`sharing_cpu`); all of them otherwise.
 
     The tridiagonal reduction is memory-bound with a barrier per column, and the QR of a skinny
-    factor is a string of tiny steps: more threads buy little and lose much on a shared CPU
-    (eigvalsh of 4096², 2 busy cores: 3.5 s on one thread, 8.4 s on two). In the streaming
-    pipeline the other half computes the next module's Gram meanwhile.
+    factor is a string of tiny steps: threads that have to wait for a core lose much at each
+    barrier. Alone on 2 idle cores, ``eigvalsh`` of a 4096² Gram takes 2.0–2.7 s on two threads
+    and 3.5 s on one; beside a busy worker (or any busy core) two threads take 3.8–8.4 s.
+    In the streaming pipeline the other half computes the next module's Gram meanwhile.
     """
     before = torch.get_num_threads()
-    want = max(1, before // 2)
+    want = max(1, before // 2) if getattr(_SHARED, "on", False) else before
     if want == before:
         yield
         return

@@ -15,6 +15,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -291,10 +292,12 @@ def solve_stream(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ..
         if not stager.cuda:
             torch.set_num_threads(max(1, threads - threads // 2))
 
+    share = not stager.cuda  # CPU: eigvalsh takes half the threads while the worker runs
     try:
         for st in prefetch(jobs, lambda job: stage(stager, sides, job, with_base, worker_rel),
                            depth, init):
-            yield from solve(st, vectors_k)
+            with engine.sharing_cpu() if share else nullcontext():
+                yield from solve(st, vectors_k)
             if main_rel is not None and not st.job.batched:  # CPU: the solve read the pages
                 main_rel.read(st.ops[0] + st.bases[0])
     finally:

@@ -42,7 +42,8 @@ import pandas as pd
 import torch
 
 from deltaspec import metrics as M
-from deltaspec.errors import CheckpointError, ConfigError, UsageError
+from deltaspec.errors import ConfigError, UsageError
+from deltaspec.loaders.store import parse_json_file
 from deltaspec.output import atomic_path
 
 FORMAT = "deltaspec-baseline"
@@ -266,12 +267,7 @@ def write_baseline(b: Baseline, out: str | Path) -> None:
 def read_baseline(path: str | Path) -> Baseline:
     """Read a baseline file, refusing other formats and versions with a one-line error."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{p}: no such file (create it with `deltaspec snapshot`)") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{p}: not a JSON baseline ({str(exc).splitlines()[0]})") from None
+    data = parse_json_file(p, "a JSON baseline", " (create it with `deltaspec snapshot`)")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"{p}: not a deltaspec baseline (format {got!r}, expected {FORMAT!r}); "

@@ -53,3 +53,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store_reads(monkeypatch):
+    """The keys read through TensorStore.get, in order (to check that loading is lazy)."""
+    from deltaspec.loaders.store import TensorStore
+
+    calls: list[str] = []
+    real = TensorStore.get
+
+    def counting(self, key):
+        calls.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(TensorStore, "get", counting)
+    return calls

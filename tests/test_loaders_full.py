@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 import deltaspec
 from deltaspec.errors import CheckpointError, ShapeError
-from deltaspec.loaders.store import TensorStore
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -184,15 +183,8 @@ def test_shape_mismatch_names_the_tensor(tmp_path, llama_full):
         deltaspec.load(llama_full, base)
 
 
-def test_lazy_until_asked(llama, llama_full, monkeypatch):
-    calls = []
-    real = TensorStore.get
-
-    def counting(self, key):
-        calls.append(key)
-        return real(self, key)
-
-    monkeypatch.setattr(TensorStore, "get", counting)
+def test_lazy_until_asked(llama, llama_full, store_reads):
+    calls = store_reads
     deltas = deltaspec.load(llama_full, llama[1])
     assert calls == [] and len(deltas) == 16
     deltas["model.layers.1.mlp.up_proj"].dense()

@@ -267,16 +267,9 @@ def test_conv2d_lora_and_dora(tmp_path):
             assert_matches(deltaspec.load(folder), exp)
 
 
-def test_lazy_until_asked(llama_lora, llama, monkeypatch):
+def test_lazy_until_asked(llama_lora, llama, store_reads):
     adapter, _ = llama_lora
-    calls = []
-    real = TensorStore.get
-
-    def counting(self, key):
-        calls.append(key)
-        return real(self, key)
-
-    monkeypatch.setattr(TensorStore, "get", counting)
+    calls = store_reads
     deltas = deltaspec.load(adapter, llama[1])
     assert calls == []
     next(iter(deltas.values())).factors()

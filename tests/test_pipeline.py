@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltaspec import load
+from deltaspec import engine, load
 from deltaspec.analyze import analyze, compare, spectra
 from deltaspec.delta import dense, factored
 from deltaspec.errors import NumericalError
@@ -97,6 +97,23 @@ def test_streamed_spectra_equal_one_by_one():
         sp = solved[name].spectra[0]
         assert np.abs(sp.values.numpy() - ref).max() <= 1e-12 * ref[0]
         assert sp.route == "factored" and sp.U.shape[1] == min(3, d.rank_bound)
+
+
+def test_lapack_threads_halve_only_beside_the_prefetch_worker():
+    torch.set_num_threads(2)  # restored by the one_thread fixture
+    seen = []
+
+    def probe(_):
+        with engine.lapack_threads():
+            seen.append(torch.get_num_threads())
+
+    probe(None)  # a standalone solve keeps every thread
+    ds = {f"m{i}": dense(f"m{i}", (12, 10), lambda: torch.randn(12, 10), method="full",
+                         source="test") for i in range(2)}
+    for _ in solve_stream([ds], [(n,) for n in ds], torch.device("cpu"), 0, False):
+        probe(None)  # between the pipeline's solves: the worker owns the other half
+    probe(None)
+    assert seen == [2, 1, 1, 2] and torch.get_num_threads() == 2
 
 
 def test_stager_on_cpu_passes_through_and_stacks_in_float64():

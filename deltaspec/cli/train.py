@@ -72,19 +72,15 @@ def _base(kw: dict[str, Any], out: Path, log: Any) -> tuple[Path, dict]:
     is; otherwise the base is pretrained (into --base-dir, or the hash-named default cache)."""
     from deltaspec import reference as ref
     from deltaspec.reference.configs import pretrain_hash, resolve_base_configs
+    from deltaspec.reference.train import is_reference_base
 
     mcfg, pcfg, dcfg = resolve_base_configs(kw["quick"], kw["seed"])
     if kw["base_dir"] is None:
         base_dir = _default_base_dir(out, pretrain_hash(mcfg, pcfg, dcfg))
     else:
         base_dir = Path(kw["base_dir"])
-        config = base_dir / "config.json"
-        if config.is_file() and (base_dir / "model.safetensors").is_file():
-            try:
-                is_base = "deltaspec_pretrain_hash" in json.loads(config.read_text())
-            except (OSError, json.JSONDecodeError):
-                is_base = False
-            if not is_base:
+        if (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file():
+            if not is_reference_base(base_dir):
                 raise UsageError(f"--base-dir {base_dir}: not a deltaspec reference base "
                                  "(for a Hugging Face model use --hf-model)")
             metrics_path = base_dir / "metrics.json"

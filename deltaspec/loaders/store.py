@@ -152,14 +152,23 @@ def open_weights(folder: Path, stems: tuple[str, ...]) -> TensorStore | None:
     return TensorStore.from_files(shards) if shards else None
 
 
+def parse_json_file(path: Path, what: str = "valid JSON", hint: str = "") -> Any:
+    """Parse a JSON file, or raise a one-line error naming it (``what``: the kind of file the
+    error says it is not; ``hint``: how to get a good one)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file{hint}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not {what} ({_why(exc)}){hint}") from None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """Parse a JSON object file, or raise a one-line error naming it."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({_why(exc)})") from None
+    data = parse_json_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data

@@ -123,6 +123,24 @@ def resolve_base_configs(
     )
 
 
+def resolve_finetune_configs(
+    method: str,
+    quick: bool = False,
+    seed: int = 0,
+    adapter: AdapterConfig | None = None,
+    train_config: TrainConfig | None = None,
+    data_config: DataConfig | None = None,
+) -> tuple[AdapterConfig, TrainConfig, DataConfig]:
+    """Check ``method`` and fill in the defaults (or quick presets) of a fine-tuning run."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return (
+        adapter or AdapterConfig(),
+        train_config or default_train_config(method, quick, seed),
+        data_config or (quick_data_config(seed) if quick else DataConfig(seed=seed)),
+    )
+
+
 def pretrain_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
     """Hash of everything that determines the pretrained base (the cache key)."""
     blob = json.dumps({"model": model_cfg.to_dict(), "train": asdict(train_cfg),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configs import METHODS, AdapterConfig, TrainConfig, default_train_config, quick_data_config
+from .configs import AdapterConfig, TrainConfig, resolve_finetune_configs
 from .data import CharTokenizer, DataConfig, Example, build_mixture
 from .evaluate import Encoder, evaluate_tasks, finetune_batches
 from .export import save_multilora, save_peft_lora, write_json_atomic, write_safetensors_atomic
@@ -123,11 +123,8 @@ def finetune_hf(
     log: Log | None = None,
 ) -> dict:
     """Fine-tune the HF causal LM in ``hf_dir`` on the mixture; write checkpoint + metrics.json."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    adapter = adapter or AdapterConfig()
-    tcfg = train_config or default_train_config(method, quick, seed)
-    dcfg = data_config or (quick_data_config(seed) if quick else DataConfig(seed=seed))
+    adapter, tcfg, dcfg = resolve_finetune_configs(method, quick, seed, adapter, train_config,
+                                                   data_config)
     hf, out = Path(hf_dir).resolve(), Path(out_dir)
     wall = time.perf_counter()
     with thread_limit(threads) as n_threads:

@@ -25,8 +25,8 @@ from .configs import (
     TrainConfig,
     default_train_config,
     pretrain_hash,
-    quick_data_config,
     resolve_base_configs,
+    resolve_finetune_configs,
 )
 from .data import (
     TASK_FAMILIES,
@@ -91,16 +91,19 @@ def cached_base(base_dir: str | os.PathLike, key: str) -> bool:
         return False
 
 
+def is_reference_base(folder: Path) -> bool:
+    """True when ``folder/config.json`` is that of a deltaspec reference base."""
+    try:
+        return "deltaspec_pretrain_hash" in json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _check_overwrite(base: Path, overwrite: bool) -> None:
     """Refuse to replace a folder that holds something other than a reference base."""
-    cfg_path = base / "config.json"
-    if not cfg_path.exists():
+    if not (base / "config.json").exists():
         return
-    try:
-        is_base = "deltaspec_pretrain_hash" in json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        is_base = False
-    if not is_base:
+    if not is_reference_base(base):
         raise ValueError(f"{base}: holds a config.json that is not a deltaspec reference base; "
                          "choose another base folder")
     if not overwrite:
@@ -262,12 +265,8 @@ def finetune(
     full checkpoint). ``data_config`` defaults to the one stored with the base (same facts).
     Returns the metrics, also written to ``out_dir/metrics.json``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    adapter = adapter or AdapterConfig()
-    tcfg = train_config or default_train_config(method, quick, seed)
-    dcfg = data_config or base_data_config(base_dir) or (
-        quick_data_config(seed) if quick else DataConfig(seed=seed))
+    adapter, tcfg, dcfg = resolve_finetune_configs(
+        method, quick, seed, adapter, train_config, data_config or base_data_config(base_dir))
     base, out = Path(base_dir).resolve(), Path(out_dir)
     wall = time.perf_counter()
     with thread_limit(threads) as n_threads:
