@@ -21,6 +21,25 @@ _MADV_WILLNEED, _MADV_DONTNEED = 3, 4
 _PAGE = 4096
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB.
+
+    Linux's ``ru_maxrss`` carries the high-water mark of the process that spawned this one
+    across ``exec`` (a child of a 2 GB parent reads ≥ 2 GB), so the VmHWM of this process's own
+    memory map is read where /proc has it; ``ru_maxrss`` elsewhere."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    per_mib = 1 << 20 if sys.platform == "darwin" else 1 << 10  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mib
+
+
 def trim_heap() -> None:
     """Give the heap's freed blocks back to the system (glibc ``malloc_trim``): the working
     blocks of the last module would otherwise stay resident. No-op elsewhere."""

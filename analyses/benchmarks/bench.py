@@ -192,14 +192,27 @@ def tool_weightwatcher(workload: str, a: argparse.Namespace) -> dict[str, np.nda
     return out
 
 
-def _worker(tool: str, workload: str, a: argparse.Namespace, out: Path) -> None:
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's ru_maxrss keeps the high-water mark of the process that
+    spawned it across exec (a worker started by a 2 GB parent reads ≥ 2 GB), so VmHWM of this
+    process's own memory map is read where /proc has it."""
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _worker(tool: str, workload: str, a: argparse.Namespace, out: Path) -> None:
     fn = globals()["tool_" + tool.replace("-", "_")]
     a.t0 = time.perf_counter()
     values = fn(workload, a)
     wall = time.perf_counter() - a.t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     np.savez(out, **{k.replace(".", "|"): v for k, v in values.items()})
     print(json.dumps({"wall": wall, "rss_mb": rss, "modules": len(values)}))
 

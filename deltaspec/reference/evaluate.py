@@ -11,13 +11,13 @@ generating and comparing strings, at the cost of a single forward pass per batch
 from __future__ import annotations
 
 import random
-import resource
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..memory import peak_rss_mb
 from .data import Example
 
 IGNORE = -100
@@ -109,8 +109,8 @@ def evaluate_tasks(
 
 
 def max_rss_mb() -> float:
-    """High-water resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """High-water resident set size of this process so far, in MiB."""
+    return peak_rss_mb()
 
 
 class MemoryMeter:
