@@ -111,10 +111,14 @@ def tool_reference(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray
 
 def _solve_each(workload: str, a: argparse.Namespace, dtype, solve) -> dict[str, np.ndarray]:
     """``solve`` on each dense ΔW; for the 'matrix' workload only the solve itself is timed."""
-    items = list(_dense(workload, a, dtype)) if workload == "matrix" else _dense(workload, a, dtype)
-    if workload == "matrix":
-        a.t0 = time.perf_counter()
-    return {name: solve(dw) for name, dw in items}
+    if workload != "matrix":
+        return {name: solve(dw) for name, dw in _dense(workload, a, dtype)}
+    items, a.walls = list(_dense(workload, a, dtype)), []
+    for _ in range(a.repeat):  # one matrix: the median of a few solves (a shared CPU is noisy)
+        t0 = time.perf_counter()
+        out = {name: solve(dw) for name, dw in items}
+        a.walls.append(time.perf_counter() - t0)
+    return out
 
 
 def tool_numpy(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -212,9 +216,11 @@ def _worker(tool: str, workload: str, a: argparse.Namespace, out: Path) -> None:
     a.t0 = time.perf_counter()
     values = fn(workload, a)
     wall = time.perf_counter() - a.t0
+    walls = getattr(a, "walls", [wall])
     rss = peak_rss_mb()
     np.savez(out, **{k.replace(".", "|"): v for k, v in values.items()})
-    print(json.dumps({"wall": wall, "rss_mb": rss, "modules": len(values)}))
+    print(json.dumps({"wall": float(np.median(walls)), "walls": walls, "rss_mb": rss,
+                      "modules": len(values)}))
 
 
 # ---------------------------------------------------------------- driver
@@ -291,6 +297,10 @@ def table(rows: list[dict], refs: dict[str, dict], a: argparse.Namespace) -> str
         n = r["modules"]
         lines.append(f"| {r['workload']} | {r['tool']} | {n} | {r['wall']:.2f} | {r['wall'] / n:.3f} "
                      f"| {r['rss_mb']:.0f} | {err:.1e} | {dh:.1e} |")
+    spread = [f"{r['tool']} {min(r['walls']):.2f}–{max(r['walls']):.2f}" for r in rows
+              if r.get("workload") == "matrix" and len(r.get("walls", [])) > 1]
+    if spread:
+        lines.append(f"\nmatrix: median of {a.repeat} solves; range (s): " + ", ".join(spread))
     lines.append(f"\nRSS target for the rss workload: 1024 + 3 × {largest:.0f} = "
                  f"{1024 + 3 * largest:.0f} MB (bf16 matrices); machine: {machine()}; "
                  f"device: {a.device}")
@@ -307,13 +317,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--intruders", action="store_true", help="include intruders in analyze()")
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--workloads", default="matrix,lora,full,lora224,rss")
+    ap.add_argument("--repeat", type=int, default=3, help="solves of the 'matrix' workload (median)")
     ap.add_argument("--resume", action="store_true", help="reuse the runs already made under --root")
     ap.add_argument("--tiny", action="store_true", help="64/96-wide stand-in shapes (a dry run)")
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "WORKLOAD"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.passthrough = ["--root", str(a.root), "--layers", str(a.layers), "--rss-layers",
-                     str(a.rss_layers), "--device", a.device] + (["--intruders"] if a.intruders else [])
+                     str(a.rss_layers), "--device", a.device, "--repeat", str(a.repeat)]
+    a.passthrough += ["--intruders"] if a.intruders else []
     if a.tiny:
         slice7b.shrink()
         a.passthrough.append("--tiny")
