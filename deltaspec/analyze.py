@@ -86,8 +86,8 @@ def _identity(d: Delta) -> dict[str, Any]:
             "method": d.method, "shape": f"{d.shape[0]}×{d.shape[1]}", "rank_bound": d.rank_bound}
 
 
-def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand,
-                  opts: Options) -> dict[str, Any]:
+def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand, opts: Options,
+                  eigs: relative.BaseEigs | None = None) -> dict[str, Any]:
     """relative_norm, amplification, intruders. The metric functions take W; they get blockwise
     reductions of it — a 1×1 [‖W‖_F], the r×r projection U_rᵀ·W·V_r with identity vectors — so W
     is never copied to float64 whole (same numbers, flat memory)."""
@@ -104,16 +104,19 @@ def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand,
     else:
         out["amplification"] = M.amplification(fro, torch.zeros(0, 0), torch.zeros(0, 0),
                                                 torch.zeros(0, 0))
-    out["intruders"] = _intruders(sp, op, w) if opts.intruders else math.nan
+    out["intruders"] = _intruders(sp, op, w, eigs) if opts.intruders else math.nan
     return out
 
 
-def _intruders(sp: Spectrum, op: Operand, w: Operand) -> int:
+def _intruders(sp: Spectrum, op: Operand, w: Operand, eigs: relative.BaseEigs | None) -> int:
     """Intruder dimensions of W + ΔW against W. ``relative.intruder_cosines`` gives C = |U_Wᵀ·u_t|
-    without forming U_W; ``M.intruders(Cᵀ, I)`` counts over exactly that matrix."""
+    without forming U_W; ``M.intruders(Cᵀ, I)`` counts over exactly that matrix. ``eigs``: W's
+    decompositions already made (a compare's two sides share their base's)."""
     if op.is_zero():
         return 0
-    cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V)).to("cpu")
+    eig = eigs.of(w) if eigs is not None else None
+    cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V), eig=eig)
+    cos = cos.to("cpu")
     return M.intruders(cos.T, torch.eye(cos.shape[1], dtype=torch.float64))
 
 
@@ -234,12 +237,13 @@ def compare(a: str | Path, b: str | Path, base: str | Path | None = None,
 def _compare_row(s: Solved, opts: Options, with_base: bool) -> dict[str, Any]:
     ident = _identity(s.deltas[0])
     row: dict[str, Any] = {c: ident[c] for c in cols.IDENTITY if c not in cols.PER_SIDE_IDENTITY}
+    eigs = relative.BaseEigs()  # one eigh of W when both sides have the same base
     for i, side in enumerate(("a", "b")):
         d, sp, w = s.deltas[i], s.spectra[i], s.bases[i]
         part = {"method": d.method, "rank_bound": d.rank_bound}
         part |= M.spectral_metrics(sp.values, sp.shape, opts.top_k)
         if with_base and w is not None:
-            part |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts)
+            part |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts, eigs)
         row |= {f"{c}_{side}": v for c, v in part.items()}
     return row | _pairwise(s, opts.k)
 

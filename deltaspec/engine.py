@@ -16,7 +16,7 @@ float64 whole unless the memory guard (:func:`block_budget`) says the device has
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -214,33 +214,36 @@ def _on_cpu_if_needed(g: torch.Tensor, factor: int) -> torch.Tensor:
     return g
 
 
-_SHARED = threading.local()  # .on: a prefetch worker is busy on the other CPU threads
+_SHARED = threading.local()  # .busy: tells whether a prefetch worker is busy on the other threads
 
 
 @contextmanager
-def sharing_cpu() -> Iterator[None]:
-    """Mark this thread's solves as running beside a busy prefetch worker (see lapack_threads)."""
-    before = getattr(_SHARED, "on", False)
-    _SHARED.on = True
+def sharing_cpu(busy: Callable[[], bool]) -> Iterator[None]:
+    """Run this thread's solves beside a prefetch worker; ``busy()`` says whether it is working
+    now (see :func:`lapack_threads`)."""
+    before = getattr(_SHARED, "busy", None)
+    _SHARED.busy = busy
     try:
         yield
     finally:
-        _SHARED.on = before
+        _SHARED.busy = before
 
 
 @contextmanager
 def lapack_threads() -> Iterator[None]:
-    """Half the intra-op threads (at least one) for barrier-bound CPU LAPACK calls made beside
-    the pipeline's worker (:func:`sharing_cpu`); all of them otherwise.
+    """Half the intra-op threads (at least one) for barrier-bound CPU LAPACK calls made while the
+    pipeline's worker is busy (:func:`sharing_cpu`); all of them otherwise.
 
     The tridiagonal reduction is memory-bound with a barrier per column, and the QR of a skinny
     factor is a string of tiny steps: threads that have to wait for a core lose much at each
-    barrier. Alone on 2 idle cores, ``eigvalsh`` of a 4096² Gram takes 2.0–2.7 s on two threads
-    and 3.5 s on one; beside a busy worker (or any busy core) two threads take 3.8–8.4 s.
-    In the streaming pipeline the other half computes the next module's Gram meanwhile.
+    barrier. On 2 idle cores, a 4096² Gram takes 2.0–2.7 s in ``eigvalsh`` on two threads and
+    3.5 s on one (``eigh``: 10 s and 18 s); beside a busy core, two threads take 3.8–8.4 s.
+    The worker forms the next module's Gram meanwhile, then waits: the intruder count's ``eigh``
+    that follows usually finds it idle and takes every thread.
     """
     before = torch.get_num_threads()
-    want = max(1, before // 2) if getattr(_SHARED, "on", False) else before
+    busy = getattr(_SHARED, "busy", None)
+    want = max(1, before // 2) if busy is not None and busy() else before
     if want == before:
         yield
         return

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -28,19 +29,62 @@ def cosine(a: Operand, b: Operand, fro_a: float, fro_b: float) -> float:
     return inner / (fro_a * fro_b)
 
 
+@dataclass
+class BaseEig:
+    """W's float64 Gram eigenpairs (descending) and orientation: the costly part of the intruder
+    count, computed once per base matrix and reused for every update of it."""
+
+    s: torch.Tensor  # singular values of W
+    vec: torch.Tensor  # eigenvectors of the Gram: right vectors of W when tall, left ones when wide
+    tall: bool
+
+
+def base_eig(w: Operand) -> BaseEig:
+    """Eigen-decompose W's Gram matrix (see :class:`BaseEig`)."""
+    gw, tall = gram(w)
+    lam, vec = eigh_desc(gw)
+    return BaseEig(lam.clamp_min(0).sqrt(), vec, tall)
+
+
+def same_matrix(a: Operand, b: Operand) -> bool:
+    """True when two single-term dense operands hold the same matrix (two sides' base weights)."""
+    if a is b:
+        return True
+    if a.shape != b.shape or a.factored or b.factored or len(a.dense) != 1 or len(b.dense) != 1:
+        return False
+    (ca, ta), (cb, tb) = a.dense[0], b.dense[0]
+    return ca == cb and ta.dtype == tb.dtype and torch.equal(ta, tb.to(ta.device))
+
+
+class BaseEigs:
+    """:class:`BaseEig` by base matrix, so that the two sides of a compare share W's."""
+
+    def __init__(self) -> None:
+        self._known: list[tuple[Operand, BaseEig]] = []
+
+    def of(self, w: Operand) -> BaseEig:
+        """W's decomposition, computed on first use."""
+        for known, eig in self._known:
+            if same_matrix(known, w):
+                return eig
+        eig = base_eig(w)
+        self._known.append((w, eig))
+        return eig
+
+
 def intruder_cosines(w: Operand, tuned: Operand, top: int,
-                     hint: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
+                     hint: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                     eig: BaseEig | None = None) -> torch.Tensor:
     """|cos| between every left singular vector of W (rows) and the top-``top`` left singular
     vectors of W + ΔW (columns) — the input of the intruder count (Shuttleworth et al. 2024).
 
     U_W comes from ``eigh`` of W's float64 Gram (for a tall W, U_Wᵀu = Σ⁻¹V_Wᵀ(Wᵀu), so U_W is
-    never formed); the top vectors of W + ΔW come from subspace iteration on its Gram, started
-    from W's top vectors and ``hint`` = ΔW's top (U, V), with ``eigh`` as the fallback.
+    never formed), or from ``eig`` when W's was computed already; the top vectors of W + ΔW come
+    from subspace iteration on its Gram, started from W's top vectors and ``hint`` = ΔW's top
+    (U, V), with ``eigh`` as the fallback.
     """
-    gw, tall = gram(w)
-    lam, vec = eigh_desc(gw)
-    del gw
-    s = lam.clamp_min(0).sqrt()
+    eig = eig if eig is not None else base_eig(w)
+    s, vec, tall = eig.s, eig.vec, eig.tall
     t = min(top, min(w.shape))
     start = [vec[:, : t + 8]]  # the Gram's side: right vectors when tall, left ones when wide
     side = hint[1] if tall else hint[0]

@@ -12,6 +12,7 @@ The seam for scale-out: :func:`shard` splits the module list between processes; 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +60,31 @@ def prefetch(items: Iterable[T], fn: Callable[[T], U], depth: int = 2,
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+class InFlight:
+    """How many jobs were handed to the prefetch worker and are not finished: counted up before
+    the worker can see a job, so :meth:`busy` is never late."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def handing(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, each counted as in flight as it is handed on."""
+        for item in items:
+            with self._lock:
+                self._n += 1
+            yield item
+
+    def done(self) -> None:
+        """One job finished (the worker calls this)."""
+        with self._lock:
+            self._n -= 1
+
+    def busy(self) -> bool:
+        """True while the worker has a job."""
+        return self._n > 0
 
 
 def shard(names: list[str], rank: int, world: int) -> list[str]:
@@ -292,11 +318,17 @@ def solve_stream(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ..
         if not stager.cuda:
             torch.set_num_threads(max(1, threads - threads // 2))
 
-    share = not stager.cuda  # CPU: eigvalsh takes half the threads while the worker runs
+    in_flight = InFlight()  # CPU: LAPACK calls take half the threads while the worker is busy
+
+    def work(job: Job) -> Staged:
+        try:
+            return stage(stager, sides, job, with_base, worker_rel)
+        finally:
+            in_flight.done()
+
     try:
-        for st in prefetch(jobs, lambda job: stage(stager, sides, job, with_base, worker_rel),
-                           depth, init):
-            with engine.sharing_cpu() if share else nullcontext():
+        for st in prefetch(in_flight.handing(jobs), work, depth, init):
+            with nullcontext() if stager.cuda else engine.sharing_cpu(in_flight.busy):
                 yield from solve(st, vectors_k)
             if main_rel is not None and not st.job.batched:  # CPU: the solve read the pages
                 main_rel.read(st.ops[0] + st.bases[0])
