@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..memory import peak_rss_mb
+from ..memory import peak_rss_mb as max_rss_mb  # this process's high-water RSS, MiB
 from .data import Example
 
 IGNORE = -100
@@ -106,11 +106,6 @@ def evaluate_tasks(
     finally:
         if isinstance(model, nn.Module) and was_training:
             model.train()
-
-
-def max_rss_mb() -> float:
-    """High-water resident set size of this process so far, in MiB."""
-    return peak_rss_mb()
 
 
 class MemoryMeter:
