@@ -7,9 +7,9 @@
 
 from deltaspec.analyze import analyze, compare, spectra
 from deltaspec.delta import Delta
+from deltaspec.engine.spectrum import Spectrum, spectrum
 from deltaspec.errors import DeltaspecError
 from deltaspec.loaders import load
-from deltaspec.spectrum import Spectrum, spectrum
 
 __all__ = [
     "Delta",

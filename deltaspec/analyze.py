@@ -14,15 +14,15 @@ import pandas as pd
 import torch
 
 from deltaspec import columns as cols
-from deltaspec import engine_relative as relative
 from deltaspec import metrics as M
 from deltaspec.delta import Delta
-from deltaspec.engine import Operand
+from deltaspec.engine import relative
+from deltaspec.engine.kernels import Operand
+from deltaspec.engine.pipeline import Solved, shard, solve_stream
+from deltaspec.engine.spectrum import Spectrum, resolve_device
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, detect_format, load
 from deltaspec.names import kind_of, layer_of, match_key
-from deltaspec.pipeline import Solved, shard, solve_stream
-from deltaspec.spectrum import Spectrum, resolve_device
 
 INTRUDER_TOP = 10  # Shuttleworth et al. look at the top-10 singular vectors of W + ΔW
 

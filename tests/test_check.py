@@ -22,9 +22,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import deltaspec
-from deltaspec.check import run_check
 from deltaspec.cli import main
-from deltaspec.snapshot import read_baseline, take_snapshot, write_baseline
+from deltaspec.gate.check import run_check
+from deltaspec.gate.snapshot import read_baseline, take_snapshot, write_baseline
 
 WEIGHTS = "adapter_model.safetensors"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -334,8 +334,8 @@ def test_baseline_round_trip_and_sketch(snap, tmp_path):
 
 
 def test_sketched_similarity_tracks_exact_phi():
+    from deltaspec.gate.snapshot import like, make_basis, similarity
     from deltaspec.metrics import subspace_similarity
-    from deltaspec.snapshot import like, make_basis, similarity
 
     g = torch.Generator().manual_seed(0)
     m, k = 2048, 8
@@ -352,7 +352,7 @@ def test_sketched_similarity_tracks_exact_phi():
 
 
 def test_sketch_matrix_is_defined_by_the_splitmix64_hash():
-    from deltaspec.snapshot import _splitmix64, sketch_matrix
+    from deltaspec.gate.snapshot import _splitmix64, sketch_matrix
 
     first = 0xE220A8397B1DCDAF  # the published first output of SplitMix64 seeded with 0
     assert int(_splitmix64(np.array([0], dtype=np.uint64))[0]) == first

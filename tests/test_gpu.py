@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from deltaspec import engine, pipeline
 from deltaspec.analyze import analyze, compare, spectra
 from deltaspec.delta import dense, factored
+from deltaspec.engine import kernels, pipeline
+from deltaspec.engine.spectrum import compute, operand, resolve_device, solve_factored, spectrum
 from deltaspec.errors import NumericalError, UsageError
-from deltaspec.spectrum import compute, operand, resolve_device, solve_factored, spectrum
 
 pytestmark = pytest.mark.gpu
 F64 = torch.float64
@@ -138,11 +138,11 @@ def test_pinned_staging_buffers_are_reused():
 def test_memory_guard_chunks_and_falls_back_to_the_cpu(monkeypatch):
     m = _matrix((700, 300), seed=5, decay=0.99)
     whole = spectrum(m, device=CUDA)
-    monkeypatch.setattr(engine, "block_budget", lambda device: 8 * 300 * 2 * 50)  # 50-row blocks
-    op = engine.Operand((700, 300), torch.device(CUDA), dense=[(1.0, m.to(CUDA))])
+    monkeypatch.setattr(kernels, "block_budget", lambda device: 8 * 300 * 2 * 50)  # 50-row blocks
+    op = kernels.Operand((700, 300), torch.device(CUDA), dense=[(1.0, m.to(CUDA))])
     assert op.step(True) == 50
     _same_values(spectrum(m, device=CUDA), whole, tol=1e-12)
-    monkeypatch.setattr(engine, "device_has_room", lambda device, nbytes: device.type != "cuda")
+    monkeypatch.setattr(kernels, "device_has_room", lambda device, nbytes: device.type != "cuda")
     _same_values(spectrum(m, device=CUDA), whole, tol=1e-12)  # Gram and eigvalsh on the CPU
     small = spectrum(m, k=3, vectors=True, device=CUDA)
     _same_vectors(small, spectrum(m, k=3, vectors=True, device="cpu"))

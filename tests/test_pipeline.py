@@ -16,13 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltaspec import engine, load, pipeline
-from deltaspec import engine_relative as relative
+from deltaspec import load
 from deltaspec.analyze import analyze, compare, spectra
 from deltaspec.delta import dense, factored
+from deltaspec.engine import kernels, pipeline, relative
+from deltaspec.engine.memory import release_mapped_weights
+from deltaspec.engine.pipeline import Stager, plan, prefetch, shard, solve_stream
 from deltaspec.errors import NumericalError
-from deltaspec.memory import release_mapped_weights
-from deltaspec.pipeline import Stager, plan, prefetch, shard, solve_stream
 
 F64 = torch.float64
 
@@ -105,13 +105,13 @@ def test_lapack_threads_halve_only_while_the_prefetch_worker_is_busy(monkeypatch
     seen = []
 
     def probe():
-        with engine.lapack_threads():
+        with kernels.lapack_threads():
             seen.append(torch.get_num_threads())
 
     probe()  # a standalone solve keeps every thread
-    with engine.sharing_cpu(lambda: True):
+    with kernels.sharing_cpu(lambda: True):
         probe()
-    with engine.sharing_cpu(lambda: False):
+    with kernels.sharing_cpu(lambda: False):
         probe()
     real = pipeline.stage
 
@@ -315,10 +315,10 @@ def test_nan_in_a_full_checkpoint_names_the_tensor(tmp_path):
 _RSS_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-import deltaspec.memory
+import deltaspec.engine.memory
 from deltaspec.analyze import analyze
-from deltaspec.memory import peak_rss_mb
-deltaspec.memory.RELEASE_BYTES = int(sys.argv[4])
+from deltaspec.engine.memory import peak_rss_mb
+deltaspec.engine.memory.RELEASE_BYTES = int(sys.argv[4])
 df = analyze(sys.argv[1], base=sys.argv[2], device="cpu", intruders=False, include=sys.argv[3])
 print(len(df), peak_rss_mb())
 """

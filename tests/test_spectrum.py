@@ -8,11 +8,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deltaspec import engine, subspace
 from deltaspec.delta import dense, factored
-from deltaspec.engine import Operand
+from deltaspec.engine import kernels, subspace
+from deltaspec.engine.kernels import Operand
+from deltaspec.engine.spectrum import compute, resolve_device, solve_factored, spectrum
 from deltaspec.errors import NumericalError, UsageError
-from deltaspec.spectrum import compute, resolve_device, solve_factored, spectrum
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -228,11 +228,11 @@ def test_stored_parts_are_used_in_float64():
 def test_chunked_gram_matches(monkeypatch):
     m = torch.randn(300, 70, generator=torch.Generator().manual_seed(4))
     whole = spectrum(m, device="cpu")
-    monkeypatch.setattr(engine, "CPU_BLOCK_BYTES", 8 * 70 * 2 * 7)  # 7-row blocks
-    monkeypatch.setattr(engine, "GRAM_TILE", 16)  # lower-triangle tiles of the Gram matrix
+    monkeypatch.setattr(kernels, "CPU_BLOCK_BYTES", 8 * 70 * 2 * 7)  # 7-row blocks
+    monkeypatch.setattr(kernels, "GRAM_TILE", 16)  # lower-triangle tiles of the Gram matrix
     op = Operand((300, 70), torch.device("cpu"), dense=[(1.0, m)])
     assert op.step(True) == 7
-    g, tall = engine.gram(op)
+    g, tall = kernels.gram(op)
     assert tall and torch.allclose(g, m.to(F64).T @ m.to(F64), rtol=1e-13, atol=1e-12)
     chunked = spectrum(m, vectors=True, k=3, device="cpu")
     assert np.abs(chunked.values.numpy() - whole.values[:3].numpy()).max() <= 1e-12 * float(whole.values[0])
@@ -269,6 +269,6 @@ def test_doctests_of_the_engine_modules():
     import doctest
     import importlib
 
-    for name in ("deltaspec.spectrum", "deltaspec.pipeline", "deltaspec.engine", "deltaspec.memory",
-                 "deltaspec.subspace"):
+    for name in ("deltaspec.engine.spectrum", "deltaspec.engine.pipeline", "deltaspec.engine.kernels",
+                 "deltaspec.engine.memory", "deltaspec.engine.subspace"):
         assert doctest.testmod(importlib.import_module(name)).failed == 0

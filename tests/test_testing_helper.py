@@ -8,9 +8,9 @@ import re
 import pytest
 from test_check import boost_top_direction, rewrite
 
-from deltaspec.check import DEFAULT_TOLERANCES
 from deltaspec.errors import ConfigError, DeltaspecError, UsageError
-from deltaspec.snapshot import take_snapshot, write_baseline
+from deltaspec.gate.check import DEFAULT_TOLERANCES
+from deltaspec.gate.snapshot import take_snapshot, write_baseline
 from deltaspec.testing import assert_spectra_within, rules_from_keywords
 
 

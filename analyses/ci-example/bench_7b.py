@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 import deltaspec
-from deltaspec.check import run_check
-from deltaspec.snapshot import read_baseline, take_snapshot, write_baseline
+from deltaspec.gate.check import run_check
+from deltaspec.gate.snapshot import read_baseline, take_snapshot, write_baseline
 
 SHAPES = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
           "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),

@@ -2,7 +2,7 @@
 
 Exit status of ``check``: 0 every check passed, 1 a regression, 2 a usage or input error.
 Renderers here (table, JSON, CSV, JUnit XML, GitHub Actions annotations) only format the
-:class:`deltaspec.check.Outcome`; the comparison itself lives in :mod:`deltaspec.check`.
+:class:`deltaspec.gate.check.Outcome`; the comparison itself lives in :mod:`deltaspec.gate.check`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
-from deltaspec.check import Outcome, describe, to_dict
 from deltaspec.errors import UsageError
+from deltaspec.gate.check import Outcome, describe, to_dict
+from deltaspec.gate.snapshot import write_shared
 from deltaspec.names import kind_of
-from deltaspec.snapshot import write_shared
 
 CHECK_FORMATS = ("table", "json", "csv")
 MAX_ANNOTATIONS = 50  # GitHub shows only the first few per step; the rest go into one summary
@@ -56,7 +56,7 @@ def junit_xml(outcome: Outcome) -> str:
     for key, value in (("baseline", outcome.baseline), ("source", outcome.source)):
         ET.SubElement(props, "property", {"name": key, "value": str(value)})
     for name, cs in per_module.items():
-        case = ET.SubElement(suite, "testcase", {"classname": f"deltaspec.check.{kind_of(name)}",
+        case = ET.SubElement(suite, "testcase", {"classname": f"deltaspec.gate.check.{kind_of(name)}",
                                                  "name": name, "time": "0"})
         bad = [c for c in cs if not c.passed]
         if bad:
@@ -65,7 +65,7 @@ def junit_xml(outcome: Outcome) -> str:
             fail.text = "\n".join(f"{c.metric}: baseline {c.baseline}, current {c.current}, "
                                   f"limit {c.limit}" for c in bad)
     for name in unchecked:
-        case = ET.SubElement(suite, "testcase", {"classname": f"deltaspec.check.{kind_of(name)}",
+        case = ET.SubElement(suite, "testcase", {"classname": f"deltaspec.gate.check.{kind_of(name)}",
                                                  "name": name, "time": "0"})
         ET.SubElement(case, "skipped", {"message": "not in the baseline"})
     ET.indent(root)
@@ -124,7 +124,7 @@ def snapshot_cmd(path: str, out: str, **kw: Any) -> None:
 
     PATH is a PEFT LoRA adapter, a MultiLoRA folder, or a full checkpoint (with --base).
     """
-    from deltaspec.snapshot import take_snapshot, write_baseline
+    from deltaspec.gate.snapshot import take_snapshot, write_baseline
 
     _writable(out, "--out")
     b = take_snapshot(path, kw["base"], k=kw["k"], top_k=kw["top_k"], sketch=kw["sketch"],
@@ -169,7 +169,7 @@ def check_cmd(ctx: click.Context, path: str, **kw: Any) -> None:
     Exit status: 0 all passed, 1 a regression, 2 a usage or input error.
     With GITHUB_ACTIONS=true, failures are also printed as ::error annotations.
     """
-    from deltaspec.check import load_rules, read_baseline, run_check
+    from deltaspec.gate.check import load_rules, read_baseline, run_check
 
     _writable(kw["output"], "--output")
     rules = load_rules(kw["rules"])

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..memory import peak_rss_mb as max_rss_mb  # this process's high-water RSS, MiB
+from deltaspec.engine.memory import peak_rss_mb as max_rss_mb  # this process's high-water RSS, MiB
+
 from .data import Example
 
 IGNORE = -100

@@ -32,10 +32,10 @@ import torch
 
 from deltaspec import metrics as M
 from deltaspec.analyze import analyze
+from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
 from deltaspec.names import kind_of, layer_of, match_key
-from deltaspec.spectrum import Spectrum
 
 # Architecture order of module kinds (attention, then MLP); unknown kinds follow, sorted.
 KIND_ORDER = (

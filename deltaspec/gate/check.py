@@ -1,6 +1,6 @@
 """CI regression gate: compare an update against a baseline snapshot, module by module.
 
-``take_snapshot`` (:mod:`deltaspec.snapshot`) and :func:`run_check` each make the one ``analyze``
+``take_snapshot`` (:mod:`deltaspec.gate.snapshot`) and :func:`run_check` each make the one ``analyze``
 pass (values and top-K vectors, no extra solves); :func:`compare` turns the two sets of records
 into a list of :class:`Check` results. Nothing here raises on a regression: the caller decides
 (the CLI exits 1, :func:`deltaspec.testing.assert_spectra_within` raises AssertionError).
@@ -8,7 +8,7 @@ into a list of :class:`Check` results. Nothing here raises on a regression: the 
 A metric **passes** when ``|current − baseline| ≤ abs + rel·|baseline|`` — numpy ``isclose``
 semantics, the two tolerances add — or, with ``direction = "down"``, when it did not *drop* by more
 than that (``"up"``: did not *rise* by more). Defaults (each can be changed in the rules file, see
-:mod:`deltaspec.check_rules`):
+:mod:`deltaspec.gate.rules`):
 
 ==================  =====  =====  =====  ==================================================
 metric              abs    rel    fails  what it catches
@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltaspec.check_rules import (
+from deltaspec.errors import UsageError
+from deltaspec.gate.rules import (
     DEFAULT_TOLERANCES,
     METRICS,
     Bound,
@@ -55,9 +56,7 @@ from deltaspec.check_rules import (
     merge_rules,
     parse_rules,
 )
-from deltaspec.errors import UsageError
-from deltaspec.names import match_key
-from deltaspec.snapshot import (
+from deltaspec.gate.snapshot import (
     Baseline,
     ModuleRecord,
     like,
@@ -68,6 +67,7 @@ from deltaspec.snapshot import (
     take_snapshot,
     write_baseline,
 )
+from deltaspec.names import match_key
 
 _PHI_SLACK = 1e-3  # φ from float16-stored vectors is within ~1e-5; identical subspaces pass φ ≥ 1
 

@@ -1,6 +1,6 @@
 """Rules of ``deltaspec check``: tolerances, bounds and subspace bounds, read from TOML or JSON.
 
-The defaults and their semantics are documented in :mod:`deltaspec.check`. A rules file::
+The defaults and their semantics are documented in :mod:`deltaspec.gate.check`. A rules file::
 
     ignore = ["lm_head"]          # regexes (re.search) of modules not checked
     fail_on_new = false           # modules not in the baseline: warning (true: failure)
@@ -77,7 +77,7 @@ class Policy:
     sides: tuple[str, ...] = SIDES
 
 
-# Calibrated in deltaspec.check's docstring: a reseeded run of one recipe passes, a collapse fails.
+# Calibrated in deltaspec.gate.check's docstring: a reseeded run of one recipe passes, a collapse fails.
 DEFAULT_TOLERANCES = {
     "normalized_entropy": Tolerance(abs=0.05, rel=0.05, direction="down"),
     "top1_share": Tolerance(abs=0.15, rel=0.30, direction="up"),

@@ -1,5 +1,5 @@
 """Delta or matrix → exact singular values (and vectors). The only place that picks the algorithm,
-the device and the dtype (the kernels live in :mod:`deltaspec.engine`).
+the device and the dtype (the kernels live in :mod:`deltaspec.engine.kernels`).
 
 Routes:
 - **factored** (ΔW = B·A, R = inner rank < min(m, n)): QR of B and of Aᵀ, SVD of the R×R core
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaspec import engine
 from deltaspec.delta import Delta, check_finite
-from deltaspec.engine import Operand
+from deltaspec.engine import kernels
+from deltaspec.engine.kernels import Operand
 from deltaspec.errors import UsageError
 
 
@@ -153,14 +153,14 @@ def solve_dense(op: Operand, vectors_k: int,
     if pre is None and (0 in op.shape or op.is_zero()):
         op.check_finite()
         return zero_spectrum(op.shape, vectors_k)
-    res = engine.dense_solve(op, vectors_k, pre)
+    res = kernels.dense_solve(op, vectors_k, pre)
     return Spectrum(_pad(res.values, min(op.shape)), op.shape, res.route, _cpu(res.U), _cpu(res.V))
 
 
 def solve_factored(b: torch.Tensor, a: torch.Tensor, shapes: list[tuple[int, int]],
                    vectors_k: int) -> list[Spectrum]:
     """Spectra of N factored updates Bᵢ·Aᵢ of one shape, stacked as B (N, m, R), A (N, R, n)."""
-    res = engine.factored_batch(b, a, vectors_k)
+    res = kernels.factored_batch(b, a, vectors_k)
     values = res.values.to("cpu", torch.float64)
     us, vs = _cpu(res.U), _cpu(res.V)
     out = []

@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from deltaspec import engine
 from deltaspec.delta import Delta
-from deltaspec.engine import Operand
-from deltaspec.memory import Releaser, read_ahead
-from deltaspec.spectrum import Spectrum, is_factored_route, operand, solve_dense, solve_factored
+from deltaspec.engine import kernels
+from deltaspec.engine.kernels import Operand
+from deltaspec.engine.memory import Releaser, read_ahead
+from deltaspec.engine.spectrum import Spectrum, is_factored_route, operand, solve_dense, solve_factored
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -244,7 +244,7 @@ def stage(stager: Stager, sides: Sequence[Mapping[str, Delta]], job: Job, with_b
                 read_ahead(t)
         st = Staged(job, deltas, [ops], [bases], dev)
         if not stager.cuda:  # CPU: the worker's half of the cores forms the Gram matrix too
-            st.grams = [None if _factored_single(op) or op.is_zero() else engine.gram(op)
+            st.grams = [None if _factored_single(op) or op.is_zero() else kernels.gram(op)
                         for op in ops]
     st.event = stager.fence()
     if releaser is not None and not job.batched:
@@ -328,7 +328,7 @@ def solve_stream(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ..
 
     try:
         for st in prefetch(in_flight.handing(jobs), work, depth, init):
-            with nullcontext() if stager.cuda else engine.sharing_cpu(in_flight.busy):
+            with nullcontext() if stager.cuda else kernels.sharing_cpu(in_flight.busy):
                 yield from solve(st, vectors_k)
             if main_rel is not None and not st.job.batched:  # CPU: the solve read the pages
                 main_rel.read(st.ops[0] + st.bases[0])

@@ -1,6 +1,6 @@
 """Engine kernels that involve a second matrix: another update (cosine) or the base weight W
 (the intruder count). Operands are read in float64 blocks on their device, like the rest of
-:mod:`deltaspec.engine`."""
+:mod:`deltaspec.engine.kernels`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaspec.engine import F64, VECTOR_RTOL, Operand, eigh_desc, gram, svd_fallback
-from deltaspec.subspace import top_eigvecs
+from deltaspec.engine.kernels import F64, VECTOR_RTOL, Operand, eigh_desc, gram, svd_fallback
+from deltaspec.engine.subspace import top_eigvecs
 
 
 def cosine(a: Operand, b: Operand, fro_a: float, fro_b: float) -> float:

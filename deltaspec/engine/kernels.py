@@ -8,7 +8,7 @@ float64 whole unless the memory guard (:func:`block_budget`) says the device has
 - :func:`gram`: the float64 Gram matrix of the smaller side, accumulated block by block.
 - :func:`eigvalsh_desc` / :func:`eigh_desc`: symmetric eigenproblems, descending, with a fallback
   to the CPU when the device runs out of memory.
-- top-k eigenvectors of a PSD Gram matrix by subspace iteration (:mod:`deltaspec.subspace`),
+- top-k eigenvectors of a PSD Gram matrix by subspace iteration (:mod:`deltaspec.engine.subspace`),
   falling back to the exact ``eigh`` when it would not converge fast.
 - :func:`factored_batch`: exact σ (and vectors) of N factored updates of one shape in single calls.
 """
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltaspec.engine.subspace import plan_block, top_eigvecs
 from deltaspec.errors import NumericalError
-from deltaspec.subspace import plan_block, top_eigvecs
 
 F64 = torch.float64
 # One float64 working block on the CPU takes half of this (32 MiB): RSS stays flat in matrix

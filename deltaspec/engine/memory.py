@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from deltaspec.engine import Operand
+from deltaspec.engine.kernels import Operand
 
 RELEASE_BYTES = 128 << 20  # mapped weight pages read between two releases
 _MADV_WILLNEED, _MADV_DONTNEED = 3, 4
