@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,7 @@ def _intruders(sp: Spectrum, op: Operand, w: Operand, eigs: relative.BaseEigs | 
     return M.intruders(cos.T, torch.eye(cos.shape[1], dtype=torch.float64))
 
 
-def _stream(sides: list[Deltas], items: list[tuple[str, ...]], opts: Options, vectors_k: int,
+def _stream(sides: list[Deltas], items: Sequence[tuple[str, ...]], opts: Options, vectors_k: int,
             with_base: bool, what: str) -> Iterator[Solved]:
     """Modules read and moved to the device on a worker thread while the previous ones are
     solved here; factored modules of one shape solved in batches (order: by job)."""
@@ -149,7 +149,7 @@ def _analyze_deltas(deltas: Deltas, opts: Options) -> Result:
     return _frame([rows[n] for n in names], cols.analyze_columns(with_base), spectra, deltas.skipped)
 
 
-def _frame(rows: list[dict[str, Any]], columns: list[str], spectra: dict[str, Spectrum],
+def _frame(rows: list[dict[str, Any]], columns: list[str], spectra: Mapping[str, object],
            skipped: list[tuple[str, str]]) -> Result:
     df = Result(pd.DataFrame(rows, columns=columns))
     for c in columns:

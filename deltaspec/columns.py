@@ -67,6 +67,7 @@ def compare_columns(with_base: bool) -> list[str]:
 
 def table_columns(columns: list[str]) -> list[str]:
     """The columns the CLI's table shows, out of a frame's columns."""
+    wanted: tuple[str, ...]
     if "cosine" in columns:
         wanted = TABLE_COMPARE
     else:

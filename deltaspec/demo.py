@@ -116,7 +116,7 @@ def load_reference_results(path: str | Path | None = None) -> dict[str, pd.DataF
     """The shipped reference results (or those at ``path``) as the report's overlay tables."""
     try:
         if path is None:
-            text = resources.files("deltaspec").joinpath("data", REFERENCE_FILE).read_text()
+            text = resources.files("deltaspec").joinpath("data").joinpath(REFERENCE_FILE).read_text()
             where = f"deltaspec/data/{REFERENCE_FILE}"
         else:
             text, where = Path(path).read_text(), str(path)

@@ -327,7 +327,7 @@ def plot_entropy_summary(data: Any, *, ax: Any = None, reference: Any = None) ->
               ("normalized_entropy", "all values (÷ ln min(m, n))", "//", 0.45))
     from matplotlib.patches import Patch
 
-    handles = []
+    handles: list[Any] = []
     for s, (col, name, hatch, alpha) in enumerate(series):
         x = [i + (s - 0.5) * width for i in range(len(labels))]
         bars = a.bar(x, df[col].astype(float), width, yerr=df[f"{col}_std"].astype(float), capsize=3,

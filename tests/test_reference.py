@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+import deltaspec  # the loader side of the loader↔trainer contract (deltaspec.load must exist)
 from deltaspec.reference import (
     AdapterConfig,
     DataConfig,
@@ -315,9 +316,6 @@ def _load_adapters_into_layers(out: Path, method: str) -> dict:
 
 @pytest.mark.parametrize("method", ["lora", "multilora"])
 def test_deltaspec_load_reads_adapters(tiny_run: tuple[Path, dict], method: str) -> None:
-    deltaspec = pytest.importorskip("deltaspec")
-    if not hasattr(deltaspec, "load"):
-        pytest.skip("deltaspec.load is not available yet")
     out, _ = tiny_run
     layers = _load_adapters_into_layers(out, method)
     deltas = deltaspec.load(out / method)
@@ -331,9 +329,6 @@ def test_deltaspec_load_reads_adapters(tiny_run: tuple[Path, dict], method: str)
 
 
 def test_deltaspec_load_reads_full_with_base(tiny_run: tuple[Path, dict]) -> None:
-    deltaspec = pytest.importorskip("deltaspec")
-    if not hasattr(deltaspec, "load"):
-        pytest.skip("deltaspec.load is not available yet")
     out, _ = tiny_run
     base, full = _read(out / "base" / "model.safetensors"), _read(out / "full" / "model.safetensors")
     deltas = deltaspec.load(out / "full", base=out / "base")

@@ -263,12 +263,3 @@ def test_bad_arguments():
         with pytest.raises(UsageError, match="CUDA"):
             resolve_device("cuda:0")
     assert resolve_device("auto").type in ("cpu", "cuda")
-
-
-def test_doctests_of_the_engine_modules():
-    import doctest
-    import importlib
-
-    for name in ("deltaspec.engine.spectrum", "deltaspec.engine.pipeline", "deltaspec.engine.kernels",
-                 "deltaspec.engine.memory", "deltaspec.engine.subspace"):
-        assert doctest.testmod(importlib.import_module(name)).failed == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,7 +98,7 @@ class Releaser:
     def __init__(self) -> None:
         self.pending = 0
 
-    def read(self, ops: list[Operand | None]) -> None:
+    def read(self, ops: Sequence[Operand | None]) -> None:
         """Count the dense tensors of ``ops`` as read; release when enough were."""
         self.pending += sum(t.numel() * t.element_size() for op in ops if op is not None
                             for _, t in op.dense)

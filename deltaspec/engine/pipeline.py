@@ -105,7 +105,7 @@ class Job:
     batched: bool
 
 
-def plan(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ...]], with_base: bool,
+def plan(sides: Sequence[Mapping[str, Delta]], items: Sequence[tuple[str, ...]], with_base: bool,
          max_batch: int = MAX_BATCH) -> list[Job]:
     """Group the items into jobs, ordered by their first item.
 
@@ -175,7 +175,7 @@ class Stager:
         if fits:
             return min(fits, key=lambda s: s[0].numel())
         if len(self.slots) < PINNED_SLOTS:
-            slot = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True), None]
+            slot: list[Any] = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True), None]
             self.slots.append(slot)
             return slot
         slot = self.slots.pop(0)  # the oldest: wait for its copy, then reuse or grow it
@@ -249,7 +249,7 @@ def stage(stager: Stager, sides: Sequence[Mapping[str, Delta]], job: Job, with_b
     st.event = stager.fence()
     if releaser is not None and not job.batched:
         st.event.synchronize()  # the host copies are done: the mapped pages are free to go
-        releaser.read(st.ops[0] + st.bases[0])
+        releaser.read([*st.ops[0], *st.bases[0]])
     return st
 
 
@@ -303,7 +303,7 @@ def _solve_one(op: Operand, vectors_k: int, pre: tuple[torch.Tensor, bool] | Non
     return solve_dense(op, vectors_k, pre)
 
 
-def solve_stream(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ...]],
+def solve_stream(sides: Sequence[Mapping[str, Delta]], items: Sequence[tuple[str, ...]],
                  device: torch.device, vectors_k: int, with_base: bool,
                  depth: int | None = None) -> Iterator[Solved]:
     """Solved modules, one per item (one name per side), in job order (batched factored jobs
@@ -331,7 +331,7 @@ def solve_stream(sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ..
             with nullcontext() if stager.cuda else kernels.sharing_cpu(in_flight.busy):
                 yield from solve(st, vectors_k)
             if main_rel is not None and not st.job.batched:  # CPU: the solve read the pages
-                main_rel.read(st.ops[0] + st.bases[0])
+                main_rel.read([*st.ops[0], *st.bases[0]])
     finally:
         torch.set_num_threads(threads)  # threads started later get the caller's count again
         for rel in (worker_rel, main_rel):

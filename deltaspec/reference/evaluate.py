@@ -11,19 +11,34 @@ generating and comparing strings, at the cost of a single forward pass per batch
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from deltaspec.engine.memory import peak_rss_mb as max_rss_mb  # this process's high-water RSS, MiB
-
 from .data import Example
 
 IGNORE = -100
 Encoder = Callable[[Example], tuple[list[int], int]]
 """Example → (token ids of prompt + answer + eos, number of prompt tokens)."""
+
+
+def max_rss_mb() -> float:
+    """This process's peak resident set size in MiB: VmHWM from /proc where it exists (Linux's
+    ``ru_maxrss`` would carry the spawning parent's high-water mark across exec), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    per_mib = 1 << 20 if sys.platform == "darwin" else 1 << 10  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mib
 
 
 def collate(

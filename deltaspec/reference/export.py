@@ -35,7 +35,7 @@ MODEL_TYPE = "deltaspec-reference"
 ARCHITECTURE = "DeltaspecReferenceLM"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -41,7 +41,7 @@ class _LogitsOnly(nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _load(hf_dir: Path) -> tuple[nn.Module, Any]:
+def _load(hf_dir: Path) -> tuple[Any, Any]:
     """(model, tokenizer or None) from a local folder; ValueError when that is impossible."""
     try:
         import transformers
@@ -89,7 +89,7 @@ def _encoder(tokenizer: Any, vocab_size: int) -> tuple[Encoder, int]:
     return encode_tok, pad
 
 
-def _save_full_hf(model: nn.Module, out: Path) -> None:
+def _save_full_hf(model: Any, out: Path) -> None:
     """HF-style folder: model.safetensors (tied lm_head dropped, as HF does) + config.json."""
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
@@ -98,7 +98,7 @@ def _save_full_hf(model: nn.Module, out: Path) -> None:
     write_json_atomic(out / "config.json", model.config.to_dict())
 
 
-def _save(method: str, model: nn.Module, layers: dict, out: Path, hf: Path) -> None:
+def _save(method: str, model: Any, layers: dict, out: Path, hf: Path) -> None:
     """Write the checkpoint of ``method`` with the HF model's module names."""
     targets = sorted({p.rpartition(".")[2] for p in layers})
     if method == "lora":

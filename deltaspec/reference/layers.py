@@ -125,11 +125,10 @@ class MultiLoRALinear(nn.Module):
         self.n, self.r, self.scaling_shape = n, r, scaling_shape
         self.alpha = float(r if alpha is None else alpha)
         w, fin, fout = base.weight, base.in_features, base.out_features
-        kw = {"device": w.device, "dtype": w.dtype}
-        self.lora_A = nn.Parameter(torch.empty(n, r, fin, **kw))
-        self.lora_B = nn.Parameter(torch.empty(n, fout, r, **kw))
+        self.lora_A = nn.Parameter(torch.empty(n, r, fin, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.empty(n, fout, r, device=w.device, dtype=w.dtype))
         scaling = (n,) if scaling_shape == "n" else (n, fout)
-        self.lora_scaling = nn.Parameter(torch.zeros(scaling, **kw))
+        self.lora_scaling = nn.Parameter(torch.zeros(scaling, device=w.device, dtype=w.dtype))
         with torch.no_grad():
             for i in range(n):  # per-module 2-D init: fan_in of Aᵢ is `in`, of Bᵢ is r
                 _kaiming(self.lora_A[i])
@@ -142,9 +141,9 @@ class MultiLoRALinear(nn.Module):
 
     def stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_cat, A_cat) with B_cat = [s₁B₁|…|sₙBₙ] (out, n·r), A_cat = [A₁;…;Aₙ] (n·r, in)."""
-        s = self.lora_scaling
+        sc = self.lora_scaling
         # s (n,) -> (n, 1, 1) scales a whole Bᵢ; s (n, out) -> (n, out, 1) scales its rows.
-        s = s[:, None, None] if self.scaling_shape == "n" else s[:, :, None]
+        s = sc[:, None, None] if self.scaling_shape == "n" else sc[:, :, None]
         scaled_b = self.lora_B * s  # (n, out, r)
         b_cat = scaled_b.permute(1, 0, 2).reshape(self.base.out_features, self.n * self.r)
         a_cat = self.lora_A.reshape(self.n * self.r, self.base.in_features)  # (n·r, in)
@@ -214,6 +213,7 @@ def apply_adapters(
     layers: dict[str, AdapterLayer] = {}
     for path in paths:
         base = model.get_submodule(path)
+        assert isinstance(base, nn.Linear), path  # target_linear_paths keeps nn.Linear only
         layer: AdapterLayer
         if method == "lora":
             layer = LoRALinear(base, r=r, alpha=alpha)

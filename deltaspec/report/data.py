@@ -267,7 +267,7 @@ def pick_module(names: list[str], module: str | None) -> str:
             raise UsageError(f"module {module!r} is not common to every update "
                              f"(e.g. {', '.join(names[:3])})")
         return hit[0]
-    layers = sorted({layer_of(n) for n in names if layer_of(n) is not None})
+    layers = sorted({x for x in map(layer_of, names) if x is not None})
     mid = layers[len(layers) // 2] if layers else None
     pool = [n for n in names if layer_of(n) == mid] or names
     first_kind = kind_order([kind_of(n) for n in pool])[0]
