@@ -1,19 +1,39 @@
-"""Checkpoint → ``dict[str, Delta]``: auto-detection through a table of formats.
+"""Checkpoint → ``dict[str, Delta]``: auto-detection through one table of formats.
 
-Each entry of ``FORMATS`` is (name, detect(folder) -> bool, load(folder, base, skipped, opts)).
-The first format whose ``detect`` accepts the folder loads it; a new format is one new row.
+Every format is one module of this package exposing the contract of
+:mod:`deltaspec.loaders.contract`: ``detect(folder) -> bool`` and
+``load(folder, base, opts, skipped) -> dict[str, Delta]``. ``FORMATS`` holds one row per format,
+(name, module), tried in order: the first module whose ``detect`` accepts the folder loads it.
+PEFT adapters are told apart by the ``peft_type`` of their ``adapter_config.json``
+(:func:`deltaspec.loaders.peft_common.detector`), so each PEFT method has its own module.
+
+Adding a format:
+
+1. one new file ``deltaspec/loaders/<format>.py`` with ``detect`` (claiming only its own
+   checkpoints; a PEFT type: ``detect = peft_common.detector("TYPE")``) and ``load`` with the
+   contract's signature, building :class:`~deltaspec.delta.Delta` objects (``delta.factored``,
+   ``delta.dense``, ``delta.kronecker``) whose thunks read nothing until asked; every bad input a
+   one-line :class:`~deltaspec.errors.DeltaspecError` naming the file or tensor;
+2. one row ``("<name>", <module>)`` in ``FORMATS`` below;
+3. its tests (genuine checkpoints, an independent oracle) and one line in the README's
+   "Formats read". A new option the format needs is one field of
+   :class:`~deltaspec.loaders.contract.LoadOptions`.
+
+The base checkpoint (``--base``) is opened once here (:mod:`deltaspec.loaders.checkpoint`) and
+handed to the loader, or None.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError, ConfigError
-from deltaspec.loaders import multilora, peft_lora
-from deltaspec.loaders.full import Checkpoint, base_for, load_full, open_weights_exists
+from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
+from deltaspec.loaders import full, multilora, peft_common, peft_lora
+from deltaspec.loaders.checkpoint import Checkpoint, base_for
+from deltaspec.loaders.contract import FormatModule, LoadOptions
+from deltaspec.loaders.store import read_json
 
 
 class Deltas(dict[str, Delta]):
@@ -25,30 +45,11 @@ class Deltas(dict[str, Delta]):
         self.skipped = skipped
 
 
-Loader = Callable[[Path, Path | None, list[tuple[str, str]], dict[str, Any]], dict[str, Delta]]
-
-
-def _peft(path: Path, base: Path | None, skipped: list[tuple[str, str]],
-          opts: dict[str, Any]) -> dict[str, Delta]:
-    return peft_lora.load_peft(path, base_for(base), skipped,
-                               allow_modified_base=opts.get("allow_modified_base", False))
-
-
-def _multilora(path: Path, base: Path | None, skipped: list[tuple[str, str]],
-               opts: dict[str, Any]) -> dict[str, Delta]:
-    return multilora.load_multilora(path, base_for(base), skipped)
-
-
-def _full(path: Path, base: Path | None, skipped: list[tuple[str, str]],
-          opts: dict[str, Any]) -> dict[str, Delta]:
-    return load_full(path, resolve(base) if base is not None else None, skipped)
-
-
-FORMATS: list[tuple[str, Callable[[Path], bool], Loader]] = [
-    ("peft-lora", peft_lora.detect, _peft),
-    ("multilora", multilora.detect, _multilora),
-    ("full", open_weights_exists, _full),
-]
+FORMATS: tuple[tuple[str, FormatModule], ...] = (
+    ("peft-lora", peft_lora),
+    ("multilora", multilora),
+    ("full", full),
+)
 
 
 def resolve(path: str | Path) -> Path:
@@ -62,15 +63,26 @@ def resolve(path: str | Path) -> Path:
 def detect_format(path: str | Path) -> str:
     """The name of the format of the checkpoint at ``path``."""
     folder = resolve(path)
-    for name, detect, _ in FORMATS:
-        if detect(folder):
+    for name, module in FORMATS:
+        if module.detect(folder):
             return name
-    orphan = next((w for w in peft_lora.WEIGHTS if (folder / w).is_file()), None)
+    adapter = peft_common.find_adapter_dir(folder)
+    if adapter is not None:
+        kind = read_json(adapter / peft_common.CONFIG).get("peft_type")
+        raise UnsupportedError(f"{adapter / peft_common.CONFIG}: peft_type {kind!r} is not "
+                               f"supported (deltaspec reads {', '.join(supported_peft_types())} "
+                               "adapters, MultiLoRA checkpoints and full fine-tunes)")
+    orphan = next((w for w in peft_common.WEIGHTS if (folder / w).is_file()), None)
     if orphan is not None:
-        raise ConfigError(f"{folder / peft_lora.CONFIG}: missing (needed to read {orphan}: it "
+        raise ConfigError(f"{folder / peft_common.CONFIG}: missing (needed to read {orphan}: it "
                           "gives lora_alpha and the other settings of the adapter)")
     raise CheckpointError(f"{folder}: not a checkpoint deltaspec knows (no adapter_config.json, "
                           "multilora_config.json or model weights)")
+
+
+def supported_peft_types() -> list[str]:
+    """The PEFT ``peft_type`` values some format module reads."""
+    return [t for _, module in FORMATS for t in getattr(module, "PEFT_TYPES", ())]
 
 
 def load(path: str | Path, base: str | Path | None = None, *,
@@ -90,10 +102,10 @@ def load(path: str | Path, base: str | Path | None = None, *,
     """
     folder = resolve(path)
     fmt = detect_format(folder)
-    loader = next(f for name, _, f in FORMATS if name == fmt)
+    module = next(m for name, m in FORMATS if name == fmt)
     skipped: list[tuple[str, str]] = []
-    base_path = Path(base) if base is not None else None
-    items = loader(folder, base_path, skipped, {"allow_modified_base": allow_modified_base})
+    opts = LoadOptions(allow_modified_base=allow_modified_base)
+    items = module.load(folder, base_for(Path(base) if base is not None else None), opts, skipped)
     if not items:
         why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
             if skipped else ""
@@ -106,4 +118,4 @@ def _order(name: str) -> tuple[Any, ...]:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-__all__ = ["FORMATS", "Checkpoint", "Deltas", "detect_format", "load", "resolve"]
+__all__ = ["FORMATS", "Checkpoint", "Deltas", "LoadOptions", "detect_format", "load", "resolve"]

@@ -16,7 +16,8 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
-from deltaspec.loaders.full import Checkpoint
+from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.loaders.contract import LoadOptions, Skipped
 from deltaspec.loaders.store import TensorStore, read_json
 from deltaspec.names import strip_peft_prefix
 
@@ -25,25 +26,25 @@ WEIGHTS = "multilora_model.safetensors"
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<part>A|B|scaling)(?:\.weight)?$")
 
 
-def detect(path: Path) -> bool:
+def detect(folder: Path) -> bool:
     """True for a folder with ``multilora_config.json``."""
-    return (path / CONFIG).is_file()
+    return (folder / CONFIG).is_file()
 
 
-def load_multilora(path: Path, base: Checkpoint | None,
-                   skipped: list[tuple[str, str]]) -> dict[str, Delta]:
+def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+         skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a MultiLoRA folder."""
-    config = read_json(path / CONFIG)
+    config = read_json(folder / CONFIG)
     alpha, r = config.get("lora_alpha", config.get("alpha")), config.get("r")
     if not isinstance(alpha, (int, float)) or not isinstance(r, int) or r <= 0:
-        raise ConfigError(f"{path / CONFIG}: needs numeric 'lora_alpha' and a positive integer 'r'")
+        raise ConfigError(f"{folder / CONFIG}: needs numeric 'lora_alpha' and a positive integer 'r'")
     n = config.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
-        raise ConfigError(f"{path / CONFIG}: 'n' must be a positive integer, not {n!r}")
-    files = [path / WEIGHTS] if (path / WEIGHTS).is_file() else \
-        sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        raise ConfigError(f"{folder / CONFIG}: 'n' must be a positive integer, not {n!r}")
+    files = [folder / WEIGHTS] if (folder / WEIGHTS).is_file() else \
+        sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
-        raise CheckpointError(f"{path}: no {WEIGHTS}")
+        raise CheckpointError(f"{folder}: no {WEIGHTS}")
     store = TensorStore.from_files(files)
     parts: dict[str, dict[str, str]] = {}
     for key in store:
@@ -57,7 +58,7 @@ def load_multilora(path: Path, base: Checkpoint | None,
         d = _module(store, mod, keys, alpha / r, base)  # checks that lora_A/B/scaling are there
         stacked_n, stacked_r = _stacked(store, keys)
         if stacked_r != r or (n is not None and stacked_n != n):
-            raise ConfigError(f"{path / CONFIG}: n={n}, r={r} but {mod}.lora_A is stacked as "
+            raise ConfigError(f"{folder / CONFIG}: n={n}, r={r} but {mod}.lora_A is stacked as "
                               f"{store.shape(keys['A'])} (n, r, in)")
         out[mod] = d
     if not out:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,10 +15,8 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders import peft_config
+from deltaspec.loaders.peft_common import Ctx
 from deltaspec.names import has_conv1d, is_conv1d, match_key
-
-if TYPE_CHECKING:
-    from deltaspec.loaders.peft_lora import Ctx
 
 NO_BASE = "{what}; pass --base to analyse it"
 

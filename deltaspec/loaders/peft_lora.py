@@ -23,20 +23,18 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UsageError
-from deltaspec.loaders import peft_config, peft_extras
-from deltaspec.loaders.full import Checkpoint, needs_transpose
-from deltaspec.loaders.store import TensorStore, read_json
+from deltaspec.loaders import peft_common, peft_config, peft_extras
+from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.peft_common import Ctx
 from deltaspec.names import strip_peft_prefix
 
-CONFIG = "adapter_config.json"
-WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PART = re.compile(
     r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?!(?:weight|bias)$)[^.]+)?(?:\.(?P<leaf>weight|bias))?$"
@@ -64,75 +62,17 @@ class _Groups:
     other: list[str] = field(default_factory=list)
 
 
-def find_adapter_dir(path: Path) -> Path | None:
-    """``path`` itself, or its one sub-folder named after an adapter, that holds the config."""
-    if (path / CONFIG).is_file():
-        return path
-    if not path.is_dir():
-        return None
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG).is_file())
-    if len(subs) > 1:
-        names = ", ".join(p.name for p in subs)
-        raise UsageError(f"{path}: holds several adapters ({names}); pass one of those folders")
-    return subs[0] if subs else None
+PEFT_TYPES = ("LORA",)
+detect = peft_common.detector(*PEFT_TYPES)
 
 
-def detect(path: Path) -> bool:
-    """True for a PEFT adapter folder (or a folder holding exactly one in a sub-folder)."""
-    return find_adapter_dir(path) is not None
-
-
-@dataclass
-class Ctx:
-    """What every builder needs: the store, config, the optional base and the skip list."""
-
-    store: TensorStore
-    config: dict[str, Any]
-    base: Checkpoint | None
-    source: str
-    config_path: Path
-    skipped: list[tuple[str, str]]
-    base_layers: dict[str, dict[str, str]] = field(default_factory=dict)
-
-    def scale(self, module: str, r: int) -> float:
-        """s = α/r (α/√r with rsLoRA) for ``module``."""
-        return peft_config.scale(self.config, module, r)
-
-    def get(self, key: str) -> torch.Tensor:
-        """One adapter tensor as float32."""
-        return self.store.get(key).to(torch.float32)
-
-    def base_weight(self, name: str, shape: tuple[int, int],
-                    fan_in_fan_out: bool | None) -> Callable[[], torch.Tensor] | None:
-        """The base weight of module ``name`` as (out, in) = ``shape``: from ``--base``, else from
-        the adapter's own ``base_layer.weight`` (saved with embedding LoRA), else None."""
-        if self.base is not None:
-            return self.base.oriented(name, shape, fan_in_fan_out)
-        key = self.base_layers.get(name, {}).get("weight")
-        if key is None:
-            return None
-        transpose = needs_transpose(self.store.shape(key), shape, bool(fan_in_fan_out),
-                                    f"{self.source}: tensor {key!r}")
-        return lambda: (self.get(key).T if transpose else self.get(key)).reshape(shape)
-
-
-def load_peft(path: Path, base: Checkpoint | None, skipped: list[tuple[str, str]], *,
-              allow_modified_base: bool = False) -> dict[str, Delta]:
+def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+         skipped: Skipped) -> dict[str, Delta]:
     """Every module's ΔW in a PEFT LoRA adapter folder."""
-    folder = find_adapter_dir(path)
-    if folder is None:
-        raise CheckpointError(f"{path}: no {CONFIG} here")
-    config = read_json(folder / CONFIG)
-    peft_config.check_config(folder / CONFIG, config, allow_modified_base)
-    weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin "
-                              f"next to {CONFIG}")
-    store = TensorStore.from_files([weights])
-    if len(store) == 0:
-        raise CheckpointError(f"{weights}: the adapter holds no tensors")
-    groups = _group(store.keys())
-    ctx = Ctx(store, config, base, str(weights), folder / CONFIG, skipped, groups.base_layer)
+    ctx = peft_common.open_adapter(folder, base, skipped)
+    peft_config.check_config(ctx.config_path, ctx.config, opts.allow_modified_base)
+    groups = _group(ctx.store.keys())
+    ctx.base_layers = groups.base_layer
     out: dict[str, Delta] = {mod.name: _build(ctx, mod) for mod in groups.lora.values()}
     for name, keys in groups.base_layer.items():
         if name not in out:  # a base layer without LoRA on it is loaded as a full weight
@@ -145,7 +85,7 @@ def load_peft(path: Path, base: Checkpoint | None, skipped: list[tuple[str, str]
         out[name] = d
     skipped.extend((key, "not a LoRA tensor deltaspec knows") for key in groups.other)
     if not out and not skipped:
-        raise CheckpointError(f"{weights}: the adapter holds no LoRA tensors")
+        raise CheckpointError(f"{ctx.source}: the adapter holds no LoRA tensors")
     return out
 
 
@@ -189,7 +129,7 @@ def _linear_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, float
                               f"lora_A shape {a_shape}")
     r = a_shape[0]
     shape = (b_shape[0], math.prod(a_shape[1:]))  # conv kernels flatten to (out, in·k…)
-    s = ctx.scale(mod.name, r)
+    s = peft_config.scale(ctx.config, mod.name, r)
 
     def load() -> _delta.Factors:
         b = ctx.get(mod.keys["lora_B"]).reshape(shape[0], r)  # (out, r)
@@ -207,7 +147,7 @@ def _embedding_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, fl
         raise CheckpointError(f"{ctx.source}: {mod.name}: lora_embedding_B shape {b_shape} does "
                               f"not match lora_embedding_A shape {a_shape}")
     (r, num), dim = a_shape, b_shape[0]
-    s = ctx.scale(mod.name, r)
+    s = peft_config.scale(ctx.config, mod.name, r)
 
     def load() -> _delta.Factors:
         return ctx.get(a_key).T * s, ctx.get(b_key).T  # (num, r) @ (r, dim)

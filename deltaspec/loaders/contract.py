@@ -1,0 +1,45 @@
+"""What every format module of :mod:`deltaspec.loaders` provides (the loader contract).
+
+A format module exposes exactly two functions::
+
+    def detect(folder: Path) -> bool: ...
+    def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+             skipped: list[tuple[str, str]]) -> dict[str, Delta]: ...
+
+``detect`` is cheap (file names, at most a small JSON config) and claims only its own format;
+``load`` returns module name → :class:`~deltaspec.delta.Delta` (lazy: no weight is read yet) and
+appends (tensor, reason) to ``skipped`` for every tensor it does not turn into a delta. ``base`` is
+the opened base checkpoint (``--base``) or None; a format that cannot work without it raises a
+one-line error saying so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from deltaspec.delta import Delta
+from deltaspec.loaders.checkpoint import Checkpoint
+
+Skipped = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Options a loader may need (every field has the default of ``deltaspec.load``)."""
+
+    allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway (s·B·A is not ΔW)
+
+
+class FormatModule(Protocol):
+    """The shape of a format module (see the module docstring)."""
+
+    def detect(self, folder: Path) -> bool:
+        """True when ``folder`` holds a checkpoint of this format."""
+        ...
+
+    def load(self, folder: Path, base: Checkpoint | None, opts: LoadOptions,
+             skipped: Skipped) -> dict[str, Delta]:
+        """Every module's ΔW of the checkpoint in ``folder``."""
+        ...
