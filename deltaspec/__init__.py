@@ -2,18 +2,43 @@
 
 >>> import deltaspec
 >>> sorted(deltaspec.__all__)[:3]
-['Delta', 'DeltaspecError', 'Spectrum']
+['Delta', 'DeltaspecError', 'Options']
+
+The public names are imported on first use, so that ``import deltaspec.cli`` (and with it
+``deltaspec --help``) does not pay for torch and pandas.
 """
 
-from deltaspec.analyze import analyze, compare, spectra
-from deltaspec.delta import Delta
-from deltaspec.engine.spectrum import Spectrum, spectrum
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from deltaspec.errors import DeltaspecError
-from deltaspec.loaders import load
+
+if TYPE_CHECKING:
+    from deltaspec.analyze import analyze, compare, spectra
+    from deltaspec.delta import Delta
+    from deltaspec.engine.spectrum import Spectrum, spectrum
+    from deltaspec.loaders import load
+    from deltaspec.options import Options
+
+_LAZY = {
+    "Delta": "deltaspec.delta",
+    "Options": "deltaspec.options",
+    "Spectrum": "deltaspec.engine.spectrum",
+    "analyze": "deltaspec.analyze",
+    "compare": "deltaspec.analyze",
+    "load": "deltaspec.loaders",
+    "spectra": "deltaspec.analyze",
+    "spectrum": "deltaspec.engine.spectrum",
+}
 
 __all__ = [
     "Delta",
     "DeltaspecError",
+    "Options",
     "Spectrum",
     "analyze",
     "compare",
@@ -22,3 +47,28 @@ __all__ = [
     "spectrum",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'deltaspec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """``deltaspec.analyze`` is the function even once the submodule of that name is imported
+    (importing a submodule would otherwise rebind the package attribute to the module)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

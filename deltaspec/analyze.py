@@ -1,4 +1,9 @@
-"""The only loop over modules: ``analyze`` (one update) and ``compare`` (two) → pandas.DataFrame."""
+"""The only loop over modules. :func:`run` is the core entry: already-loaded deltas (one side, or
+two to compare), one :class:`~deltaspec.options.Options` and an optional module list → a typed
+:class:`Analysis`. ``analyze``/``compare``/``spectra`` (the public API), the report, the CI gate
+(snapshot, check, ``deltaspec.testing``) and the CLI all go through it; each loads every
+checkpoint once.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,65 +25,119 @@ from deltaspec.engine import relative
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.pipeline import Solved, shard, solve_stream
 from deltaspec.engine.spectrum import Spectrum, resolve_device
-from deltaspec.errors import DeltaspecError, ShapeError, UsageError
+from deltaspec.errors import DeltaspecError, ShapeError
 from deltaspec.loaders import Deltas, detect_format, load
 from deltaspec.names import kind_of, layer_of, match_key
+from deltaspec.options import Options, make_options
 
 INTRUDER_TOP = 10  # Shuttleworth et al. look at the top-10 singular vectors of W + ΔW
+Item = tuple[str, ...]  # one module name per side
 
 
 @dataclass(frozen=True)
-class Options:
-    """Options of ``analyze``/``compare`` (keyword arguments of the same names)."""
+class Analysis:
+    """What the core entry returns.
 
-    top_k: int | None = None  # spectral metrics over the top K values only (fair across ranks)
-    k: int = 8  # subspace dimension K for similarity and amplification
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", …
-    intruders: bool = True  # needs the base's singular vectors: turn off on very large models
-    include: str | None = None  # regex: only modules whose name matches (re.search)
-    progress: bool = False  # a tqdm progress bar on stderr
-    allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway
-    shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
-    keep_spectra: bool = False  # attach spectra (name → Spectrum; compare: (a, b)) as .spectra
-    vectors: bool = False  # also compute the top-K singular vectors (kept with keep_spectra)
+    ``table``: one row per module (:mod:`deltaspec.columns`); ``spectra``: module (A's name) →
+    its :class:`Spectrum`, or (A's, B's) in a comparison — filled with ``keep_spectra``;
+    ``skipped``: (tensor, reason) the loaders passed over; ``only_a``/``only_b``: modules of one
+    side only (a comparison); ``with_base``: whether base-relative metrics were computed.
+    """
 
-
-def make_options(options: dict[str, Any]) -> Options:
-    """Validate keyword options into an :class:`Options` (unknown names are an error)."""
-    known = {f.name for f in dataclasses.fields(Options)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise UsageError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    opts = Options(**options)
-    if opts.top_k is not None and opts.top_k < 1:
-        raise UsageError(f"top_k must be a positive integer, not {opts.top_k}")
-    if opts.k < 1:
-        raise UsageError(f"k must be a positive integer, not {opts.k}")
-    if opts.include is not None:
-        try:
-            re.compile(opts.include)
-        except re.error as exc:
-            raise UsageError(f"include: invalid regular expression {opts.include!r} ({exc})") from None
-    return opts
+    table: pd.DataFrame
+    spectra: dict[str, Any] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    with_base: bool = False
 
 
-class Result(pd.DataFrame):
-    """A DataFrame that may also carry ``.spectra`` and ``.skipped`` (not copied by pandas ops)."""
-
-    _metadata = ["spectra", "skipped"]
-
-    @property
-    def _constructor(self) -> type[pd.DataFrame]:
-        return pd.DataFrame
+def has_base(*sides: Mapping[str, Delta]) -> bool:
+    """Is there a base — the one rule: every side has a base weight for some module."""
+    return bool(sides) and all(any(d.base is not None for d in s.values()) for s in sides)
 
 
-def _selected(deltas: dict[str, Delta], opts: Options) -> list[str]:
-    names = list(deltas)
+def select(a: Mapping[str, Delta], b: Mapping[str, Delta] | None, opts: Options,
+           modules: Sequence[str] | None = None,
+           names: tuple[str, str] = ("A", "B")) -> tuple[list[Item], list[str], list[str]]:
+    """Module selection and order, in one place: (items, only in A, only in B).
+
+    Items follow ``modules`` when given (names of A, any prefix spelling), else A's order; B's
+    modules pair with A's by name (:func:`deltaspec.names.match_key`); ``opts.include`` filters
+    on A's names; ``opts.shard`` = (rank, world) takes this process's share, last.
+    """
+    if modules is not None:
+        by_key = {match_key(n): n for n in a}
+        missing = [m for m in modules if match_key(m) not in by_key]
+        if missing:
+            raise DeltaspecError(f"module {missing[0]!r} is not in {names[0]} "
+                                 f"(e.g. {', '.join(list(a)[:3])})")
+        order = list(dict.fromkeys(by_key[match_key(m)] for m in modules))
+    else:
+        order = list(a)
+    only_a: list[str] = []
+    only_b: list[str] = []
+    if b is None:
+        items: list[Item] = [(n,) for n in order]
+    else:
+        b_key = {match_key(n): n for n in b}
+        items = [(n, b_key[match_key(n)]) for n in order if match_key(n) in b_key]
+        for na, nb in items:
+            if a[na].shape != b[nb].shape:
+                raise ShapeError(f"module {na!r}: shape {a[na].shape} in {names[0]} but "
+                                 f"{b[nb].shape} in {names[1]}")
+        if not items:
+            raise DeltaspecError(f"{names[0]} and {names[1]} have no module in common")
+        paired = {nb for _, nb in items}
+        only_a = sorted(set(a) - {na for na, _ in items}) if modules is None else []
+        only_b = sorted(set(b) - paired) if modules is None else []
     if opts.include:
-        names = [n for n in names if re.search(opts.include, n)]
+        items = [it for it in items if re.search(opts.include, it[0])]
     if opts.shard:
-        names = shard(names, *opts.shard)
-    return names
+        mine = set(shard([it[0] for it in items], *opts.shard))
+        items = [it for it in items if it[0] in mine]
+    return items, only_a, only_b
+
+
+def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
+        opts: Options | None = None, modules: Sequence[str] | None = None, *,
+        metrics: bool = True, names: tuple[str, str] = ("A", "B"),
+        vectors_k: int | None = None) -> Analysis:
+    """The core entry: analyse ``a`` (or compare ``a`` with ``b``) module by module.
+
+    Args:
+        a, b: loaded deltas (:func:`deltaspec.load`); ``b`` for a comparison.
+        opts: the options (defaults: :class:`Options`).
+        modules: analyse exactly these modules (names of ``a``), in this order.
+        metrics: False → spectra only, no table columns beyond the identity (``deltaspec.spectra``).
+        names: how errors name the two sides.
+        vectors_k: top vectors per side to compute (default: K where a metric or
+            ``opts.vectors`` needs them; -1: all).
+    """
+    opts = opts or Options()
+    sides = [a] if b is None else [a, b]
+    with_base = metrics and has_base(*sides)
+    items, only_a, only_b = select(a, b, opts, modules, names)
+    if vectors_k is None:
+        need = opts.vectors or (metrics and (with_base or b is not None))
+        vectors_k = opts.k if need else 0
+    rows, spectra = {}, {}
+    what = "analyze" if b is None else "compare"
+    for s in _stream(sides, items, opts, vectors_k, with_base, what):
+        name = s.deltas[0].name
+        if metrics:
+            rows[name] = _row(s, opts, with_base) if b is None else _compare_row(s, opts, with_base)
+        else:
+            rows[name] = _identity(s.deltas[0])
+        if opts.keep_spectra or not metrics:
+            spectra[name] = s.spectra[0] if b is None else (s.spectra[0], s.spectra[1])
+    order = [it[0] for it in items]
+    columns = (cols.analyze_columns(with_base) if b is None else cols.compare_columns(with_base)) \
+        if metrics else list(cols.IDENTITY)
+    skipped = list(getattr(a, "skipped", [])) + list(getattr(b, "skipped", []) if b else [])
+    return Analysis(_frame([rows[n] for n in order], columns),
+                    {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
+                    with_base)
 
 
 def _identity(d: Delta) -> dict[str, Any]:
@@ -87,7 +146,7 @@ def _identity(d: Delta) -> dict[str, Any]:
 
 
 def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand, opts: Options,
-                  eigs: relative.BaseEigs | None = None) -> dict[str, Any]:
+                  eigs: relative.BaseEigs) -> dict[str, Any]:
     """relative_norm, amplification, intruders. The metric functions take W; they get blockwise
     reductions of it — a 1×1 [‖W‖_F], the r×r projection U_rᵀ·W·V_r with identity vectors — so W
     is never copied to float64 whole (same numbers, flat memory)."""
@@ -108,19 +167,18 @@ def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand, opts: Optio
     return out
 
 
-def _intruders(sp: Spectrum, op: Operand, w: Operand, eigs: relative.BaseEigs | None) -> int:
+def _intruders(sp: Spectrum, op: Operand, w: Operand, eigs: relative.BaseEigs) -> int:
     """Intruder dimensions of W + ΔW against W. ``relative.intruder_cosines`` gives C = |U_Wᵀ·u_t|
     without forming U_W; ``M.intruders(Cᵀ, I)`` counts over exactly that matrix. ``eigs``: W's
     decompositions already made (a compare's two sides share their base's)."""
     if op.is_zero():
         return 0
-    eig = eigs.of(w) if eigs is not None else None
-    cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V), eig=eig)
+    cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V), eig=eigs.of(w))
     cos = cos.to("cpu")
     return M.intruders(cos.T, torch.eye(cos.shape[1], dtype=torch.float64))
 
 
-def _stream(sides: list[Deltas], items: Sequence[tuple[str, ...]], opts: Options, vectors_k: int,
+def _stream(sides: list[Mapping[str, Delta]], items: Sequence[Item], opts: Options, vectors_k: int,
             with_base: bool, what: str) -> Iterator[Solved]:
     """Modules read and moved to the device on a worker thread while the previous ones are
     solved here; factored modules of one shape solved in batches (order: by job)."""
@@ -132,59 +190,29 @@ def _stream(sides: list[Deltas], items: Sequence[tuple[str, ...]], opts: Options
     return iter(tqdm(it, total=len(items), desc=what, unit="module", leave=False))
 
 
-def _analyze_deltas(deltas: Deltas, opts: Options) -> Result:
-    with_base = any(d.base is not None for d in deltas.values())
-    names = _selected(deltas, opts)
-    rows, spectra = {}, {}
-    vectors_k = opts.k if (with_base or opts.vectors) else 0
-    for s in _stream([deltas], [(n,) for n in names], opts, vectors_k, with_base, "analyze"):
-        d, sp = s.deltas[0], s.spectra[0]
-        row = _identity(d) | M.spectral_metrics(sp.values, sp.shape, opts.top_k)
-        if with_base and s.bases[0] is not None:
-            row |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[0], s.bases[0], opts)
-        rows[d.name] = row
-        if opts.keep_spectra:
-            spectra[d.name] = sp
-    spectra = {n: spectra[n] for n in names if n in spectra}
-    return _frame([rows[n] for n in names], cols.analyze_columns(with_base), spectra, deltas.skipped)
+def _side_metrics(s: Solved, i: int, opts: Options, with_base: bool,
+                  eigs: relative.BaseEigs) -> dict[str, Any]:
+    sp, w = s.spectra[i], s.bases[i]
+    part = M.spectral_metrics(sp.values, sp.shape, opts.top_k)
+    if with_base and w is not None:
+        part |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts, eigs)
+    return part
 
 
-def _frame(rows: list[dict[str, Any]], columns: list[str], spectra: Mapping[str, object],
-           skipped: list[tuple[str, str]]) -> Result:
-    df = Result(pd.DataFrame(rows, columns=columns))
-    for c in columns:
-        if cols.is_integer(c) or c == "layer":
-            df[c] = df[c].astype("Int64")
-    for c in ("kind", "method", "method_a", "method_b"):
-        if c in df:
-            df[c] = df[c].astype("string")
-    df.spectra = spectra
-    df.skipped = skipped
-    return df
+def _row(s: Solved, opts: Options, with_base: bool) -> dict[str, Any]:
+    return _identity(s.deltas[0]) | _side_metrics(s, 0, opts, with_base, relative.BaseEigs())
 
 
-def analyze(path: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
-    """One row of metrics per module of the update at ``path`` (see :class:`Options`).
-
-    Columns are defined in :mod:`deltaspec.columns`: identity (module, layer, kind, method, shape,
-    rank_bound), every spectral metric, and with a base the base-relative ones.
-    """
-    opts = make_options(options)
-    deltas = load(path, base, allow_modified_base=opts.allow_modified_base)
-    return _analyze_deltas(deltas, opts)
-
-
-def _side(path: str | Path, base: str | Path | None, opts: Options) -> Deltas:
-    return load(path, base, allow_modified_base=opts.allow_modified_base)
-
-
-def _pairs(da: Deltas, db: Deltas) -> list[tuple[str, str]]:
-    by_key = {match_key(n): n for n in db}
-    pairs = [(n, by_key[match_key(n)]) for n in da if match_key(n) in by_key]
-    for na, nb in pairs:
-        if da[na].shape != db[nb].shape:
-            raise ShapeError(f"module {na!r}: shape {da[na].shape} in A but {db[nb].shape} in B")
-    return pairs
+def _compare_row(s: Solved, opts: Options, with_base: bool) -> dict[str, Any]:
+    ident = _identity(s.deltas[0])
+    row: dict[str, Any] = {c: ident[c] for c in cols.IDENTITY if c not in cols.PER_SIDE_IDENTITY}
+    eigs = relative.BaseEigs()  # one eigh of W when both sides have the same base
+    for i, side in enumerate(("a", "b")):
+        d = s.deltas[i]
+        part = {"method": d.method, "rank_bound": d.rank_bound}
+        part |= _side_metrics(s, i, opts, with_base, eigs)
+        row |= {f"{c}_{side}": v for c, v in part.items()}
+    return row | _pairwise(s, opts.k)
 
 
 def _pairwise(s: Solved, k: int) -> dict[str, float]:
@@ -202,6 +230,52 @@ def _pairwise(s: Solved, k: int) -> dict[str, float]:
     }
 
 
+def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=columns)
+    for c in columns:
+        if cols.is_integer(c) or c == "layer":
+            df[c] = df[c].astype("Int64")
+    for c in ("kind", "method", "method_a", "method_b"):
+        if c in df:
+            df[c] = df[c].astype("string")
+    return df
+
+
+def _public(result: Analysis) -> pd.DataFrame:
+    """The table the public functions return; skipped tensors and one-sided modules in ``attrs``
+    (informational: the library itself never reads them back)."""
+    df = result.table
+    df.attrs["skipped"] = list(result.skipped)
+    if result.only_a or result.only_b:
+        df.attrs["only_a"], df.attrs["only_b"] = list(result.only_a), list(result.only_b)
+    return df
+
+
+def _load(path: str | Path, base: str | Path | None, opts: Options) -> Deltas:
+    return load(path, base, allow_modified_base=opts.allow_modified_base)
+
+
+def run_paths(a: str | Path, b: str | Path | None = None, base: str | Path | None = None,
+              opts: Options | None = None) -> Analysis:
+    """Load the update(s) at ``a`` (and ``b``) once and run :func:`run` on them — with
+    ``compare``'s rule: two full checkpoints and no base are the one update ΔW = b − a."""
+    opts = opts or Options()
+    if b is None:
+        return run(_load(a, base, opts), opts=opts)
+    if base is None and detect_format(a) == detect_format(b) == "full":
+        return run(_load(b, a, opts), opts=opts)
+    return run(_load(a, base, opts), _load(b, base, opts), opts, names=(str(a), str(b)))
+
+
+def analyze(path: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
+    """One row of metrics per module of the update at ``path`` (options: :class:`Options`).
+
+    Columns are defined in :mod:`deltaspec.columns`: identity (module, layer, kind, method, shape,
+    rank_bound), every spectral metric, and with a base the base-relative ones.
+    """
+    return _public(run_paths(path, None, base, make_options(options, public=True)))
+
+
 def compare(a: str | Path, b: str | Path, base: str | Path | None = None,
             **options: Any) -> pd.DataFrame:
     """One row per module common to updates ``a`` and ``b``: both sides' metrics (suffixes
@@ -210,54 +284,21 @@ def compare(a: str | Path, b: str | Path, base: str | Path | None = None,
     Each side is an adapter folder, or a full checkpoint (then ``base`` is required). When both
     are full checkpoints and no base is given, the update is ΔW = b − a, analysed like ``analyze``.
     """
-    opts = make_options(options)
-    if base is None and detect_format(a) == detect_format(b) == "full":
-        return analyze(b, base=a, **options)
-    da, db = _side(a, base, opts), _side(b, base, opts)
-    pairs = _pairs(da, db)
-    if not pairs:
-        raise DeltaspecError(f"{a} and {b} have no module in common")
-    with_base = base is not None
-    keep = set(_selected({na: da[na] for na, _ in pairs}, opts))
-    kept = [p for p in pairs if p[0] in keep]
-    rows, spectra = {}, {}
-    for s in _stream([da, db], kept, opts, opts.k, with_base, "compare"):
-        name = s.deltas[0].name
-        rows[name] = _compare_row(s, opts, with_base)
-        if opts.keep_spectra:
-            spectra[name] = (s.spectra[0], s.spectra[1])
-    spectra = {na: spectra[na] for na, _ in kept if na in spectra}
-    df = _frame([rows[na] for na, _ in kept], cols.compare_columns(with_base), spectra,
-                da.skipped + db.skipped)
-    df.attrs["only_a"] = sorted(set(da) - {p[0] for p in pairs})
-    df.attrs["only_b"] = sorted(set(db) - {p[1] for p in pairs})
-    return df
-
-
-def _compare_row(s: Solved, opts: Options, with_base: bool) -> dict[str, Any]:
-    ident = _identity(s.deltas[0])
-    row: dict[str, Any] = {c: ident[c] for c in cols.IDENTITY if c not in cols.PER_SIDE_IDENTITY}
-    eigs = relative.BaseEigs()  # one eigh of W when both sides have the same base
-    for i, side in enumerate(("a", "b")):
-        d, sp, w = s.deltas[i], s.spectra[i], s.bases[i]
-        part = {"method": d.method, "rank_bound": d.rank_bound}
-        part |= M.spectral_metrics(sp.values, sp.shape, opts.top_k)
-        if with_base and w is not None:
-            part |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts, eigs)
-        row |= {f"{c}_{side}": v for c, v in part.items()}
-    return row | _pairwise(s, opts.k)
+    return _public(run_paths(a, b, base, make_options(options, public=True)))
 
 
 def spectra(path: str | Path, base: str | Path | None = None, k: int | None = None,
             vectors: bool = False, **options: Any) -> dict[str, Spectrum]:
     """Module name → :class:`Spectrum` of the update at ``path`` (values, and top-k vectors)."""
-    opts = make_options(options)
-    deltas = load(path, base, allow_modified_base=opts.allow_modified_base)
-    vk = (k if k is not None else -1) if vectors else 0
-    names = _selected(deltas, opts)
-    out = {}
-    for s in _stream([deltas], [(n,) for n in names], opts, vk, False, "spectra"):
-        sp = s.spectra[0]
-        out[s.deltas[0].name] = sp if k is None else Spectrum(sp.values[:k], sp.shape, sp.route,
-                                                              sp.U, sp.V)
-    return {n: out[n] for n in names}
+    opts = make_options(options, public=True)
+    # k=None with vectors: every vector (the engine's -1); else the top k values (and vectors)
+    opts = dataclasses.replace(opts, vectors=vectors, k=opts.k if k is None else k)
+    out = run(_load(path, base, opts), opts=opts, metrics=False, vectors_k=-1 if (
+        vectors and k is None) else None).spectra
+    if k is None:
+        return out
+    return {n: Spectrum(sp.values[:k], sp.shape, sp.route, sp.U, sp.V) for n, sp in out.items()}
+
+
+__all__ = ["Analysis", "Options", "analyze", "compare", "has_base", "run", "run_paths", "select",
+           "spectra"]

@@ -11,7 +11,9 @@ import torch
 
 import deltaspec
 from deltaspec import columns as cols
+from deltaspec.analyze import run
 from deltaspec.errors import DeltaspecError, UsageError
+from deltaspec.options import Options
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,8 +32,9 @@ def test_analyze_lora_one_row_per_module(llama_lora):
 def test_analyze_values_match_numpy(llama_lora):
     adapter, _ = llama_lora
     deltas = deltaspec.load(adapter)
-    df = deltaspec.analyze(adapter, keep_spectra=True)
-    for name, sp in df.spectra.items():
+    result = run(deltas, opts=Options(keep_spectra=True))
+    df = result.table
+    for name, sp in result.spectra.items():
         want = np.linalg.svd(deltas[name].dense(torch.float64).numpy(), compute_uv=False)
         assert np.allclose(sp.values.numpy(), want, atol=1e-9 * want[0])
         row = df.set_index("module").loc[name]
@@ -47,8 +50,10 @@ def test_analyze_full_with_base_has_base_relative_metrics(llama, llama_full):
     lin = df[df["kind"].isin(LINEARS)]
     assert (lin["method"] == "full").all()
     assert (lin["relative_norm"] > 0).all()
-    assert lin["intruders"].between(0, 10).all()
     assert (lin["amplification"] > 0).all()
+    assert df["intruders"].isna().all()  # opt-in: a full decomposition of every base matrix
+    on = deltaspec.analyze(llama_full, base=base, intruders=True, include=r"layers\.0\.")
+    assert on["intruders"].notna().all() and on["intruders"].between(0, 10).all()
 
 
 def test_top_k_include_and_shard(llama_lora):

@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltaspec import load
-from deltaspec.analyze import analyze, compare, spectra
+from deltaspec.analyze import analyze, compare, run, spectra
 from deltaspec.delta import dense, factored
 from deltaspec.engine import kernels, pipeline, relative
 from deltaspec.engine.memory import release_mapped_weights
 from deltaspec.engine.pipeline import Stager, plan, prefetch, shard, solve_stream
 from deltaspec.errors import NumericalError
+from deltaspec.options import Options
 
 F64 = torch.float64
 
@@ -180,11 +181,12 @@ def test_analyze_lora_matches_the_peft_merge(llama, llama_lora):
     model, _ = llama
     folder, peft_model = llama_lora
     expected = F.expected_deltas(model, peft_model)
-    df = analyze(folder, keep_spectra=True, vectors=True, k=3, device="cpu")
+    res = run(load(folder), opts=Options(keep_spectra=True, vectors=True, k=3, device="cpu"))
+    df = res.table
     assert list(df["module"]) == list(load(folder))  # rows keep the loader's order
     assert set(df["module"]) == set(expected)
     for name, dw in expected.items():
-        sp = df.spectra[name]
+        sp = res.spectra[name]
         ref = np.linalg.svd(dw.numpy(), compute_uv=False)
         assert sp.route == "factored"
         assert np.abs(sp.values.numpy() - ref).max() <= 1e-6 * ref[0]
@@ -212,7 +214,7 @@ def _oracle(dw: np.ndarray, w: np.ndarray, k: int = 8) -> tuple[float, float, in
 
 def test_full_finetune_base_metrics_match_numpy(llama, llama_full):
     _, base = llama
-    df = analyze(llama_full, base=base, device="cpu").set_index("module")
+    df = analyze(llama_full, base=base, device="cpu", intruders=True).set_index("module")
     stored = _stored_deltas(llama_full, base)
     assert load(llama_full, base)["model.layers.0.mlp.up_proj"].parts is not None
     for name, (dw, w) in stored.items():
@@ -233,7 +235,7 @@ def test_lora_with_base_matches_numpy(llama, llama_lora):
     folder, peft_model = llama_lora
     expected = F.expected_deltas(model, peft_model)
     weights = {k.removesuffix(".weight"): v.to(F64).numpy() for k, v in model.state_dict().items()}
-    df = analyze(folder, base=base, device="cpu").set_index("module")
+    df = analyze(folder, base=base, device="cpu", intruders=True).set_index("module")
     for name, dw in list(expected.items())[:6]:
         rel, amp, intruders = _oracle(dw.numpy(), weights[name])
         row = df.loc[name]
@@ -248,7 +250,8 @@ def test_compare_with_base_decomposes_each_base_matrix_once(tmp_path, llama, lla
     calls = []
     real = relative.base_eig
     monkeypatch.setattr(relative, "base_eig", lambda w: calls.append(w.label) or real(w))
-    df = compare(llama_full, other, base=base, device="cpu").set_index("module")
+    df = compare(llama_full, other, base=base, device="cpu",
+                 intruders=True).set_index("module")
     assert len(calls) == len(set(calls)) == len(df) >= 14  # one eigh of W per module, not per side
     sa, sb = _stored_deltas(llama_full, base), _stored_deltas(other, base)
     for name in df.index:
@@ -263,8 +266,8 @@ def test_compare_pairwise_metrics_match_numpy(tmp_path, llama, llama_lora):
     other, peft_b = F.lora_adapter(model, tmp_path / "b", seed=9, r=2, lora_alpha=4,
                                    target_modules=["q_proj", "v_proj", "down_proj"])
     ea, eb = F.expected_deltas(model, peft_a), F.expected_deltas(model, peft_b)
-    result = compare(folder, other, k=2, keep_spectra=True, device="cpu")
-    df = result.set_index("module")
+    result = run(load(folder), load(other), Options(k=2, keep_spectra=True, device="cpu"))
+    df = result.table.set_index("module")
     assert set(df.index) == set(ea) & set(eb)
     for name in df.index:
         a, b = ea[name].numpy(), eb[name].numpy()

@@ -167,8 +167,10 @@ def tool_deltaspec_analyze(workload: str, a: argparse.Namespace) -> dict[str, np
     import deltaspec
 
     path, base = _paths(workload, a)
-    df = deltaspec.analyze(path, base, device=a.device, keep_spectra=True, intruders=a.intruders)
-    return {n: s.values.numpy() for n, s in df.spectra.items()}
+    from deltaspec.analyze import run_paths
+
+    opts = deltaspec.Options(device=a.device, keep_spectra=True, intruders=a.intruders)
+    return {n: s.values.numpy() for n, s in run_paths(path, None, base, opts).spectra.items()}
 
 
 def tool_weightwatcher(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:

@@ -7,39 +7,47 @@ Renderers here (table, JSON, CSV, JUnit XML, GitHub Actions annotations) only fo
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
+from deltaspec.cli.options import (
+    analysis_options,
+    emit,
+    format_option,
+    output_file_option,
+    take,
+    to_options,
+)
 from deltaspec.errors import UsageError
-from deltaspec.gate.check import Outcome, describe, to_dict
-from deltaspec.gate.snapshot import write_shared
 from deltaspec.names import kind_of
 
-CHECK_FORMATS = ("table", "json", "csv")
+if TYPE_CHECKING:
+    from deltaspec.gate.check import Outcome
+    from deltaspec.output import Printable
+
 MAX_ANNOTATIONS = 50  # GitHub shows only the first few per step; the rest go into one summary
 
 
-def render(outcome: Outcome, fmt: str, verbose: bool = False) -> str:
-    """The outcome as ``table`` (failures first), ``json`` (everything) or ``csv`` (one row per
-    check)."""
-    if fmt == "json":
-        return json.dumps(to_dict(outcome), indent=2, ensure_ascii=False) + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["module", "metric", "baseline", "current", "limit", "passed", "message"])
-        for c in outcome.checks:
-            w.writerow([c.module, c.metric, "" if c.baseline is None else c.baseline,
-                        "" if c.current is None else c.current, c.limit, c.passed, c.message])
-        return buf.getvalue()
-    return describe(outcome, verbose)
+CHECK_COLUMNS = ["module", "metric", "baseline", "current", "limit", "passed", "message"]
+
+
+def printable(outcome: Outcome, verbose: bool = False) -> Printable:
+    """The outcome for the renderer table: ``table`` (failures first), ``json`` (everything),
+    ``csv`` (one row per check)."""
+    import pandas as pd
+
+    from deltaspec.gate.check import describe, to_dict
+    from deltaspec.output import Printable
+
+    rows = [[c.module, c.metric, c.baseline, c.current, c.limit, c.passed, c.message]
+            for c in outcome.checks]
+    frame = pd.DataFrame(rows, columns=CHECK_COLUMNS, dtype=object)
+    return Printable(frame, table=lambda: describe(outcome, verbose), json=to_dict(outcome))
 
 
 def junit_xml(outcome: Outcome) -> str:
@@ -98,66 +106,56 @@ def _writable(path: str | None, option: str) -> None:
 
 @click.command("snapshot")
 @click.argument("path")
-@click.option("--out", "-o", "out", required=True, metavar="FILE",
-              help="The baseline file to write (JSON, written atomically).")
-@click.option("--base", default=None, metavar="DIR",
-              help="Base model folder (full checkpoints, DoRA; adds base-relative metrics).")
-@click.option("--k", "k", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Top-K singular vectors kept per side for the subspace check.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None,
-              help="Take every spectral metric over the top K singular values only.")
+@output_file_option("the baseline (JSON)", required=True, alias="--out")
+@analysis_options(k={"help": "Subspace dimension K: the top-K singular vectors kept per side for "
+                             "the subspace check (and amplification's K)."})
 @click.option("--sketch", type=click.IntRange(min=0), default=0, show_default=True,
               help="0 stores the top-K vectors (float16). D > 0 (a multiple of 8, e.g. 256) "
                    "stores a D-row random sketch of each side instead: 20× smaller on 7B "
                    "models, φ within about ±0.05.")
-@click.option("--include", default=None, metavar="REGEX",
-              help="Only modules whose name matches this regular expression.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--no-intruders", is_flag=True, help="Skip the intruder count (with --base).")
-@click.option("--allow-modified-base", is_flag=True,
-              help="Read PiSSA/OLoRA/LoftQ/… adapters although s·B·A is not their update.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or notes on stderr.")
-def snapshot_cmd(path: str, out: str, **kw: Any) -> None:
+def snapshot_cmd(path: str, **kw: Any) -> None:
     """Record the per-module metrics and top-K subspaces of the update at PATH as a baseline
     for `deltaspec check`.
 
     PATH is a PEFT LoRA adapter, a MultiLoRA folder, or a full checkpoint (with --base).
     """
+    out = take(kw, "output", required=True)
+    _writable(out, "--output")
     from deltaspec.gate.snapshot import take_snapshot, write_baseline
 
-    _writable(out, "--out")
-    b = take_snapshot(path, kw["base"], k=kw["k"], top_k=kw["top_k"], sketch=kw["sketch"],
-                      include=kw["include"], intruders=not kw["no_intruders"],
-                      device=kw["device"], progress=not kw["quiet"],
-                      allow_modified_base=kw["allow_modified_base"])
+    b = take_snapshot(path, kw["base"], sketch=kw["sketch"], options=to_options(kw))
     write_baseline(b, out)
     if not kw["quiet"]:
         size = os.path.getsize(out)
         click.echo(f"wrote {out}: {len(b.modules)} modules, k={b.k}, {size / 1e6:.2f} MB", err=True)
 
 
+_FROM_BASELINE = " [default: the baseline's]"
+
+
 @click.command("check")
 @click.argument("path")
 @click.option("--baseline", "-b", required=True, metavar="FILE",
               help="A baseline written by `deltaspec snapshot`.")
-@click.option("--base", default=None, metavar="DIR",
-              help="Base model folder (needed when the baseline was made with one).")
 @click.option("--rules", "-r", default=None, metavar="FILE",
               help="Tolerances, bounds and subspace bounds (TOML, or JSON); defaults otherwise.")
-@click.option("--format", "fmt", type=click.Choice(CHECK_FORMATS), default="table",
-              show_default=True, help="How to print the result.")
-@click.option("--output", "-o", default=None, metavar="FILE",
-              help="Write the result here (atomically) instead of stdout.")
+@format_option("the result")
+@output_file_option("the result")
 @click.option("--junit", default=None, metavar="FILE",
               help="Also write JUnit XML (one testcase per module) for CI test reports; its "
                    "folder is created when missing.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when present), cpu, cuda or cuda:N.")
-@click.option("--allow-modified-base", is_flag=True,
-              help="Read PiSSA/OLoRA/LoftQ/… adapters although s·B·A is not their update.")
+@analysis_options(
+    base={"help": "Base model folder (needed when the baseline was made with one)."},
+    k={"default": None, "show_default": False,
+       "help": "Subspace dimension K; must be the baseline's." + _FROM_BASELINE},
+    top_k={"help": "Spectral metrics over the top K values; must be the baseline's."
+                   + _FROM_BASELINE},
+    include={"help": "Only check modules whose name matches this regular expression; the "
+                     "others are reported as ignored." + _FROM_BASELINE},
+    intruders={"help": "Count intruder dimensions (with --base) [default: off, unless the "
+                       "rules check intruders]."},
+    quiet={"help": "No progress bar or notes on stderr."})
 @click.option("-v", "--verbose", is_flag=True, help="List the passing checks too.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar on stderr.")
 @click.pass_context
 def check_cmd(ctx: click.Context, path: str, **kw: Any) -> None:
     """Compare the update at PATH with a baseline; fail on spectral regressions.
@@ -169,24 +167,29 @@ def check_cmd(ctx: click.Context, path: str, **kw: Any) -> None:
     Exit status: 0 all passed, 1 a regression, 2 a usage or input error.
     With GITHUB_ACTIONS=true, failures are also printed as ::error annotations.
     """
-    from deltaspec.gate.check import load_rules, read_baseline, run_check
-
     _writable(kw["output"], "--output")
+    from deltaspec.gate.check import load_rules, read_baseline, run_check
+    from deltaspec.output import format_for
+
     rules = load_rules(kw["rules"])
     baseline = read_baseline(kw["baseline"])
     if kw["junit"]:  # like pytest --junitxml: a report folder is created when missing
         Path(kw["junit"]).resolve().parent.mkdir(parents=True, exist_ok=True)
-    outcome = run_check(path, baseline, rules, base=kw["base"], device=kw["device"],
-                        progress=not kw["quiet"], allow_modified_base=kw["allow_modified_base"])
-    text = render(outcome, kw["fmt"], kw["verbose"])
+    opts = to_options(kw)
+    given = {name for name in ("k", "top_k", "include", "intruders")
+             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+    changes = {name: getattr(opts, name) for name in given} | {
+        "device": opts.device, "progress": opts.progress,
+        "allow_modified_base": opts.allow_modified_base}
+    outcome = run_check(path, baseline, rules, base=kw["base"], **changes)
     if kw["junit"]:
-        write_shared(kw["junit"], junit_xml(outcome))
-    if kw["output"]:
-        write_shared(kw["output"], text)
-    else:
-        click.echo(text, nl=False)
+        from deltaspec.output import write_atomic
+
+        write_atomic(kw["junit"], junit_xml(outcome))
+    emit(printable(outcome, kw["verbose"]), kw | {"quiet": True})
     if os.environ.get("GITHUB_ACTIONS") == "true":
-        to_stderr = kw["fmt"] != "table" and not kw["output"]  # keep JSON/CSV on stdout clean
+        fmt = format_for(kw["fmt"], kw["output"])
+        to_stderr = fmt != "table" and not kw["output"]  # keep JSON/CSV on stdout clean
         for line in github_annotations(outcome):
             click.echo(line, err=to_stderr)
     ctx.exit(0 if outcome.ok else 1)

@@ -38,7 +38,9 @@ absent from the baseline are warnings.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,12 +70,15 @@ from deltaspec.gate.snapshot import (
     write_baseline,
 )
 from deltaspec.names import match_key
+from deltaspec.options import Options, make_options
+from deltaspec.output import fmt_number as fmt
 
 _PHI_SLACK = 1e-3  # φ from float16-stored vectors is within ~1e-5; identical subspaces pass φ ≥ 1
 
 __all__ = [
     "DEFAULT_TOLERANCES", "METRICS", "Baseline", "Bound", "Check", "Outcome", "Policy", "Rules",
-    "Tolerance", "compare", "compare_module", "describe", "fmt", "load_rules", "load_rules_data",
+    "Tolerance", "check_options", "compare", "compare_module", "describe", "fmt", "load_rules",
+    "load_rules_data",
     "merge_rules", "parse_rules", "read_baseline", "run_check", "take_snapshot", "to_dict",
     "write_baseline",
 ]
@@ -124,15 +129,6 @@ class Outcome:
     def failed_modules(self) -> list[str]:
         """Modules with at least one failed check, in order."""
         return [m for m, cs in self.by_module().items() if any(not c.passed for c in cs)]
-
-
-def fmt(v: Any) -> str:
-    """A value for tables and messages: 4 significant digits, ``–`` for undefined."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
-    return str(v)
 
 
 def _value(metrics: dict[str, Any], key: str) -> float | None:
@@ -251,19 +247,52 @@ def compare(current: dict[str, ModuleRecord], baseline: Baseline, rules: Rules |
     return Outcome(source, baseline.path, checks, modules, new, ignored, notes)
 
 
+def _checked_metrics(rules: Rules) -> set[str]:
+    policies = [rules.default, *rules.kinds.values()]
+    return {m for p in policies for m in (*p.tolerances, *p.bounds)}
+
+
+def check_options(baseline: Baseline, rules: Rules | None = None, **changes: Any) -> Options:
+    """The analysis options of a check: the baseline's (k, top_k, include), intruders when the
+    rules check them, then ``changes`` (keyword :class:`Options` fields). A K or top-K other than
+    the baseline's would compare different quantities: that is a usage error."""
+    where = baseline.path or "the baseline"
+    need = baseline.intruders and "intruders" in _checked_metrics(rules or Rules())
+    make_options(changes, public=True)  # names and values are options' own
+    opts = dataclasses.replace(Options(k=baseline.k, top_k=baseline.top_k,
+                                       include=baseline.include, intruders=need), **changes)
+    for name, flag in (("k", "--k"), ("top_k", "--top-k")):
+        if getattr(opts, name) != getattr(baseline, name):
+            raise UsageError(f"{flag} {getattr(opts, name)}: {where} was made with {name} = "
+                             f"{getattr(baseline, name)}; check with the same (or snapshot again "
+                             f"with {flag} {getattr(opts, name)})")
+    return opts
+
+
 def run_check(path: str | Path, baseline: Baseline | str | Path, rules: Rules | None = None,
-              base: str | Path | None = None, *, device: str = "auto", progress: bool = False,
-              allow_modified_base: bool = False) -> Outcome:
-    """Analyse the update at ``path`` once (with the baseline's options) and compare it."""
+              base: str | Path | None = None, **changes: Any) -> Outcome:
+    """Analyse the update at ``path`` once (with :func:`check_options`) and compare it.
+
+    Keyword ``changes`` (:class:`Options` fields, e.g. ``device="cpu"``, ``include="q_proj"``)
+    change the baseline's analysis options; modules of the baseline that ``include`` leaves out
+    are reported as ignored, not missing.
+    """
     if not isinstance(baseline, Baseline):
         baseline = read_baseline(baseline)
     if baseline.base is not None and base is None:
         raise UsageError(f"{baseline.path or 'baseline'}: was made with --base {baseline.base}; "
                          "give --base to check as well")
-    df = run_analysis(path, base, k=baseline.k, top_k=baseline.top_k, include=baseline.include,
-                      intruders=baseline.intruders, device=device, progress=progress,
-                      allow_modified_base=allow_modified_base)
-    return compare(records_from(df, baseline.k), baseline, rules, source=str(path))
+    opts = check_options(baseline, rules, **changes)
+    checked = baseline
+    left_out: list[str] = []
+    if opts.include and opts.include != baseline.include:
+        kept = {n: r for n, r in baseline.modules.items() if re.search(opts.include, n)}
+        left_out = [n for n in baseline.modules if n not in kept]
+        checked = dataclasses.replace(baseline, modules=kept)
+    result = run_analysis(path, base, opts)
+    outcome = compare(records_from(result, baseline.k), checked, rules, source=str(path))
+    outcome.ignored += left_out
+    return outcome
 
 
 def describe(outcome: Outcome, verbose: bool = False) -> str:

@@ -4,7 +4,7 @@ A baseline is one JSON object (format ``deltaspec-baseline``, version 1)::
 
     {"format": "deltaspec-baseline", "version": 1, "created": "2025-01-01T00:00:00Z",
      "deltaspec_version": "0.1.0", "source": "runs/adapter", "base": null,
-     "k": 8, "top_k": null, "include": null, "intruders": true,
+     "k": 8, "top_k": null, "include": null, "intruders": false,
      "vectors": {"encoding": "float16-base64-le", "layout": "row-major (rows, k)",
                  "sketch": null},
      "modules": {"model.layers.0.self_attn.q_proj": {
@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime as _dt
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,11 @@ import torch
 from deltaspec import metrics as M
 from deltaspec.errors import ConfigError, UsageError
 from deltaspec.loaders.store import parse_json_file
-from deltaspec.output import atomic_path
+from deltaspec.options import Options, make_options
+from deltaspec.output import write_atomic
+
+if TYPE_CHECKING:
+    from deltaspec.analyze import Analysis
 
 FORMAT = "deltaspec-baseline"
 VERSION = 1
@@ -90,7 +94,7 @@ class Baseline:
     top_k: int | None = None
     base: str | None = None
     include: str | None = None
-    intruders: bool = True
+    intruders: bool = False
     sketch: int = 0
     created: str = ""
     deltaspec_version: str = ""
@@ -178,12 +182,14 @@ def _plain(v: Any) -> Any:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def records_from(df: Any, k: int, sketch: int = 0) -> dict[str, ModuleRecord]:
-    """Module records from an ``analyze`` frame run with ``vectors=True, keep_spectra=True``."""
+def records_from(result: Analysis, k: int, sketch: int = 0) -> dict[str, ModuleRecord]:
+    """Module records from a core :class:`~deltaspec.analyze.Analysis` run with ``vectors`` and
+    ``keep_spectra``."""
+    df = result.table
     metric_cols = [c for c in df.columns if c not in _IDENTITY]
     out = {}
     for row in df.to_dict(orient="records"):
-        sp = df.spectra[row["module"]]
+        sp = result.spectra[row["module"]]
         kk = min(k, M.numerical_rank(sp.values, sp.shape))
         left = right = None
         if kk and sp.U is not None and sp.V is not None:
@@ -195,38 +201,38 @@ def records_from(df: Any, k: int, sketch: int = 0) -> dict[str, ModuleRecord]:
     return out
 
 
-def run_analysis(path: str | Path, base: str | Path | None, *, k: int, top_k: int | None,
-                 include: str | None, intruders: bool, device: str = "auto",
-                 progress: bool = False, allow_modified_base: bool = False) -> Any:
-    """The one ``analyze`` pass snapshot and check both make (values and top-K vectors)."""
-    from deltaspec.analyze import analyze
+def run_analysis(path: str | Path, base: str | Path | None, opts: Options) -> Analysis:
+    """The one pass snapshot and check both make: the checkpoint loaded once, the core entry run
+    with values and top-K vectors kept."""
+    from deltaspec.analyze import run_paths
 
-    return analyze(path, base=base, k=k, top_k=top_k, include=include, intruders=intruders,
-                   device=device, progress=progress, allow_modified_base=allow_modified_base,
-                   vectors=True, keep_spectra=True)
+    return run_paths(path, None, base, dataclasses.replace(opts, vectors=True, keep_spectra=True))
 
 
-def take_snapshot(path: str | Path, base: str | Path | None = None, *, k: int = 8,
-                  top_k: int | None = None, sketch: int = 0, include: str | None = None,
-                  intruders: bool = True, device: str = "auto", progress: bool = False,
-                  allow_modified_base: bool = False) -> Baseline:
+def take_snapshot(path: str | Path, base: str | Path | None = None, *, sketch: int = 0,
+                  options: Options | None = None, **kwargs: Any) -> Baseline:
     """Analyse the update at ``path`` once and keep what ``check`` needs (see the module doc).
 
     Args:
-        k: how many top singular vectors per side to keep (the subspace dimension K).
         sketch: 0 stores the vectors (float16); D > 0 stores a D-row sketch of each side.
+        options: the analysis options (:class:`~deltaspec.options.Options`; ``k`` is how many top
+            singular vectors per side are kept), or give them as keyword arguments.
     """
+    opts = options if options is not None else make_options(kwargs, public=True)
+    if options is not None and kwargs:
+        opts = dataclasses.replace(opts, **kwargs)
+    k = opts.k
     if sketch and (sketch < 2 * k or sketch % SKETCH_NNZ):
         raise UsageError(f"sketch dimension {sketch} does not fit k = {k}: use a multiple of "
                          f"{SKETCH_NNZ}, at least {2 * k} (e.g. 256)")
-    df = run_analysis(path, base, k=k, top_k=top_k, include=include, intruders=intruders,
-                      device=device, progress=progress, allow_modified_base=allow_modified_base)
+    result = run_analysis(path, base, opts)
     from deltaspec import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    return Baseline(source=str(path), modules=records_from(df, k, sketch), k=k, top_k=top_k,
-                    base=None if base is None else str(base), include=include,
-                    intruders=intruders, sketch=sketch, created=now.replace("+00:00", "Z"),
+    return Baseline(source=str(path), modules=records_from(result, k, sketch), k=k,
+                    top_k=opts.top_k, base=None if base is None else str(base),
+                    include=opts.include, intruders=opts.intruders and result.with_base,
+                    sketch=sketch, created=now.replace("+00:00", "Z"),
                     deltaspec_version=__version__)
 
 
@@ -249,19 +255,9 @@ def to_json(b: Baseline) -> dict[str, Any]:
             "modules": modules}
 
 
-def write_shared(path: str | Path, text: str) -> None:
-    """Write ``text`` atomically, readable like any file the user creates (umask permissions;
-    the temporary file is private), e.g. for a baseline committed to a repository."""
-    umask = os.umask(0)
-    os.umask(umask)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-        os.chmod(tmp, 0o666 & ~umask)
-
-
 def write_baseline(b: Baseline, out: str | Path) -> None:
     """Write ``b`` to ``out`` atomically (a temporary file, then a rename)."""
-    write_shared(out, json.dumps(to_json(b), indent=1, allow_nan=False) + "\n")
+    write_atomic(out, json.dumps(to_json(b), indent=1, allow_nan=False) + "\n")
 
 
 def read_baseline(path: str | Path) -> Baseline:

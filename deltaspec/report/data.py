@@ -18,6 +18,7 @@ No matplotlib here; the math is deltaspec.metrics'.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import warnings
@@ -31,11 +32,12 @@ import pandas as pd
 import torch
 
 from deltaspec import metrics as M
-from deltaspec.analyze import analyze
+from deltaspec.analyze import run
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
 from deltaspec.names import kind_of, layer_of, match_key
+from deltaspec.options import Options, make_options
 
 # Architecture order of module kinds (attention, then MLP); unknown kinds follow, sorted.
 KIND_ORDER = (
@@ -156,10 +158,6 @@ def _common(loaded: dict[str, Deltas], include: str | None) -> tuple[dict[str, l
 
 def _names_of(loaded: dict[str, Deltas], key: str) -> list[str]:
     return [n for d in loaded.values() for n in d if match_key(n) == key]
-
-
-def _exact(names: Sequence[str]) -> str:
-    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 def _topk_columns(df: pd.DataFrame, spectra: dict[str, Spectrum], top_k: int) -> pd.DataFrame:
@@ -289,43 +287,43 @@ def similarity_grids(labels: list[str], names: dict[str, list[str]],
     return grids
 
 
-def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *, k: int = 8,
-            top_k: int | None = None, module: str | None = None, include: str | None = None,
-            device: str = "auto", intruders: bool = False, progress: bool = False) -> ReportData:
+def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *,
+            top_k: int | None = None, module: str | None = None, options: Options | None = None,
+            **kwargs: Any) -> ReportData:
     """Analyse labelled updates of one base and build the report's tables.
 
     Args:
         updates: label → checkpoint folder (PEFT adapter, MultiLoRA folder, full checkpoint).
         base: the base model folder: needed for full checkpoints; when given, every update must
             pair with it.
-        k: subspace dimension K for φ(K, K) and the heatmaps.
         top_k: the common K of the fair entropy; default: the smallest structural rank compared.
         module: the module of the heatmaps (default: the first kind of the middle layer).
-        include: regex; only modules whose name matches.
-        device, progress: as in :func:`deltaspec.analyze`.
-        intruders: also count intruder dimensions (off by default: it needs SVDs of the base
-            weights, and the report does not draw it).
+        options: the analysis options (:class:`~deltaspec.options.Options`: ``k`` is the K of
+            φ(K, K) and the heatmaps, ``include`` a regex on module names, device, progress;
+            ``intruders`` off by default — the report does not draw them), or give them as
+            keyword arguments.
     """
     labels = [str(x) for x in updates]
     check_labels(labels)
-    if k < 1 or (top_k is not None and top_k < 1):
-        raise UsageError("k and top_k must be positive integers")
-    if include is not None:
-        try:
-            re.compile(include)
-        except re.error as exc:
-            raise UsageError(f"include: invalid regular expression {include!r} ({exc})") from None
+    if top_k is not None and top_k < 1:
+        raise UsageError("top_k must be a positive integer")
+    opts = options if options is not None else make_options(kwargs, public=True)
+    if options is not None and kwargs:
+        opts = dataclasses.replace(options, **kwargs)
+    opts = dataclasses.replace(opts, vectors=True, keep_spectra=True)
     paths = {label: str(p) for label, p in updates.items()}
-    loaded = {label: load(p, base) for label, p in updates.items()}
+    loaded = {label: load(p, base, allow_modified_base=opts.allow_modified_base)
+              for label, p in updates.items()}
     _check_shapes(loaded, paths)
-    names, only = _common(loaded, include)
+    names, only = _common(loaded, opts.include)
     kk = top_k if top_k is not None else common_top_k(loaded, names)
     frames, raw = {}, {}
+    every = dataclasses.replace(opts, include=None)  # the common modules are chosen already
     for label in labels:
-        df = analyze(updates[label], base, include=_exact(names[label]), k=k, keep_spectra=True,
-                     vectors=True, device=device, intruders=intruders, progress=progress)
-        raw[label] = df.spectra
-        frames[label] = _topk_columns(pd.DataFrame(df), df.spectra, kk)
+        result = run(loaded[label], opts=every, modules=names[label])
+        raw[label] = result.spectra
+        frames[label] = _topk_columns(result.table, result.spectra, kk)
+    k = opts.k
     metrics = _metrics(labels, frames)
     metrics.attrs["top_k"] = kk
     similarity = similarity_table(labels, names, raw, k)

@@ -1,0 +1,145 @@
+"""The command line's shared options, declared once, and their one mapping to
+:class:`deltaspec.options.Options`.
+
+Every command that analyses (analyze, compare, report, snapshot, check) takes
+:func:`analysis_options`: ``--base``, ``--include``, ``--top-k``, ``--k``, ``--device``,
+``--intruders/--no-intruders``, ``--allow-modified-base``, ``-q``; a command may change a help
+text or a default (``check`` reads K and top-K from its baseline) but not a name. A command that
+writes one file takes ``-o/--output FILE``, one that writes a folder ``--out DIR``; ``--format``
+defaults to the extension of ``--output`` (.json, .csv), else ``table``. Older spellings stay as
+hidden aliases. Nothing here imports torch, numpy or pandas: ``--help`` and argument errors stay
+fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from deltaspec.errors import UsageError
+from deltaspec.options import Options
+from deltaspec.output import FORMATS
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+# name → (parameter declarations, click.option keyword arguments)
+ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "base": (("--base",), dict(
+        default=None, metavar="DIR",
+        help="Base model folder (needed for full checkpoints and DoRA; enables relative_norm, "
+             "amplification and, with --intruders, intruders).")),
+    "include": (("--include",), dict(
+        default=None, metavar="REGEX",
+        help="Only modules whose name matches this regular expression.")),
+    "top_k": (("--top-k", "top_k"), dict(
+        type=click.IntRange(min=1), default=None,
+        help="Take every spectral metric over the top K singular values only.")),
+    "k": (("--k", "k"), dict(
+        type=click.IntRange(min=1), default=8, show_default=True,
+        help="Subspace dimension K for similarity and amplification.")),
+    "device": (("--device",), dict(
+        default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")),
+    "intruders": (("--intruders/--no-intruders",), dict(
+        default=False, show_default=True,
+        help="Count intruder dimensions (with --base). Costs a full decomposition of every base "
+             "matrix: slow on large models, hence off by default.")),
+    "allow_modified_base": (("--allow-modified-base",), dict(
+        is_flag=True, help="Read PiSSA/OLoRA/LoftQ/… adapters although s·B·A is not their update.")),
+    "quiet": (("-q", "--quiet"), dict(is_flag=True, help="No progress bar or notes on stderr.")),
+}
+
+
+def _apply(f: Callable[..., Any], decorators: list[Decorator]) -> Callable[..., Any]:
+    for dec in reversed(decorators):
+        f = dec(f)
+    return f
+
+
+def analysis_options(**overrides: dict[str, Any]) -> Decorator:
+    """The shared analysis options; ``overrides``: name → click keyword arguments to change
+    (e.g. ``k={"default": None, "help": …}``)."""
+    unknown = set(overrides) - set(ANALYSIS)
+    assert not unknown, f"not a shared option: {unknown}"
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        decs = [click.option(*decls, **(kw | overrides.get(name, {})))
+                for name, (decls, kw) in ANALYSIS.items()]
+        return _apply(f, decs)
+
+    return deco
+
+
+def format_option(what: str = "the results") -> Decorator:
+    """``--format``: default from ``--output``'s extension, else table."""
+    return click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+                        help=f"How to print {what} [default: from the extension of --output "
+                             "(.json, .csv), else table].")
+
+
+def output_file_option(what: str = "the results", required: bool = False,
+                       alias: str | None = None) -> Decorator:
+    """``-o/--output FILE`` (and a hidden alias, e.g. snapshot's old ``--out FILE``)."""
+    decs = [click.option("-o", "--output", "output", default=None, metavar="FILE",
+                         help=f"Write {what} to FILE (atomically)"
+                              + (" [required]." if required else " instead of stdout."))]
+    if alias:
+        decs.append(click.option(alias, "output_alias", default=None, hidden=True))
+    return lambda f: _apply(f, decs)
+
+
+def output_dir_option(what: str, alias: str | None = "-o") -> Decorator:
+    """``--out DIR`` (and a hidden alias, e.g. report's old ``-o DIR``)."""
+    decs = [click.option("--out", "out", default=None, metavar="DIR", help=what + " [required]")]
+    if alias:
+        decs.append(click.option(alias, "out_alias", default=None, hidden=True))
+    return lambda f: _apply(f, decs)
+
+
+def take(kw: dict[str, Any], name: str, required: bool = False) -> Any:
+    """The value of option ``name`` given under its name or its hidden alias (not both)."""
+    value, alias = kw.pop(name, None), kw.pop(f"{name}_alias", None)
+    if value is not None and alias is not None and value != alias:
+        raise UsageError(f"--{name} given twice ({value} and {alias})")
+    value = value if value is not None else alias
+    if required and value is None:
+        raise UsageError(f"missing option --{name} (see --help)")
+    kw[name] = value
+    return value
+
+
+def progress(kw: dict[str, Any]) -> bool:
+    """Progress bars go to stderr, only when it is a terminal and -q is not given."""
+    return not kw.get("quiet") and sys.stderr.isatty()
+
+
+def to_options(kw: dict[str, Any], **changes: Any) -> Options:
+    """The parsed shared options → :class:`Options` (the one mapping)."""
+    fields = dict(top_k=kw.get("top_k"), k=kw.get("k") or 8, device=kw.get("device", "auto"),
+                  intruders=bool(kw.get("intruders")), include=kw.get("include"),
+                  allow_modified_base=bool(kw.get("allow_modified_base")), progress=progress(kw))
+    return Options(**(fields | changes))
+
+
+def emit(what: Any, kw: dict[str, Any], notes: list[str] | None = None) -> None:
+    """Print ``what`` (a frame or an :class:`~deltaspec.output.Printable`) in the chosen format,
+    or write it to ``--output``; then notes and the table's hint on stderr unless -q."""
+    from deltaspec.output import format_for, hint, render, write_atomic
+
+    fmt = format_for(kw.get("fmt"), kw.get("output"))
+    text = render(what, fmt)
+    if kw.get("output"):
+        write_atomic(kw["output"], text)
+    else:
+        click.echo(text, nl=False)
+    if kw.get("quiet"):
+        return
+    for line in [*(notes or []), hint(what, fmt)]:
+        if line:
+            click.echo(line, err=True)
+
+
+__all__ = ["ANALYSIS", "analysis_options", "emit", "format_option", "output_dir_option",
+           "output_file_option", "progress", "take", "to_options"]

@@ -1,0 +1,74 @@
+"""The analysis options, declared once: :class:`Options`, taken by the core entry
+(:func:`deltaspec.analyze.run`) and by ``analyze``/``compare``/``spectra`` as keyword arguments.
+
+Imports nothing heavy (no torch, numpy or pandas), so that the command line can build an
+:class:`Options` while it is still only parsing arguments.
+
+>>> Options(top_k=16).k
+8
+>>> make_options({"include": "q_proj"}).include
+'q_proj'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from deltaspec.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one analysis runs. Every field has the keyword argument of the same name."""
+
+    top_k: int | None = None  # spectral metrics over the top K values only (fair across ranks)
+    k: int = 8  # subspace dimension K for similarity and amplification
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", …
+    intruders: bool = False  # intruder count (with a base): a full decomposition of each W; opt-in
+    include: str | None = None  # regex: only modules whose name matches (re.search)
+    progress: bool = False  # a tqdm progress bar on stderr
+    allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway
+    shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
+    keep_spectra: bool = False  # keep every module's Spectrum in the result (core entry only)
+    vectors: bool = False  # also compute the top-K singular vectors (kept with keep_spectra)
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
+            raise UsageError(f"top_k must be a positive integer, not {self.top_k}")
+        if isinstance(self.k, bool) or self.k < 1:
+            raise UsageError(f"k must be a positive integer, not {self.k}")
+        if self.include is not None:
+            try:
+                re.compile(self.include)
+            except re.error as exc:
+                raise UsageError(f"include: invalid regular expression {self.include!r} "
+                                 f"({exc})") from None
+        if self.shard is not None:
+            rank, world = self.shard
+            if not 0 <= rank < world:
+                raise UsageError(f"shard: rank {rank} is not in 0 … {world - 1}")
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Options))
+# Options only the core entry takes: the public functions return a DataFrame, which cannot carry
+# spectra (pandas drops such attributes); ``deltaspec.spectra`` returns them.
+CORE_ONLY = ("keep_spectra", "vectors")
+
+
+def make_options(options: dict[str, Any], public: bool = False) -> Options:
+    """Validate keyword options into an :class:`Options` (unknown names are an error;
+    ``public``: the keywords of ``analyze``/``compare``, which keep no spectra)."""
+    known = [f for f in FIELDS if not (public and f in CORE_ONLY)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        hint = (" (spectra: use deltaspec.spectra(), or deltaspec.analyze.run() with "
+                "Options(keep_spectra=True))" if set(unknown) & set(CORE_ONLY) else "")
+        raise UsageError(f"unknown option(s): {', '.join(unknown)} "
+                         f"(known: {', '.join(sorted(known))}){hint}")
+    return Options(**options)
+
+
+__all__ = ["FIELDS", "Options", "make_options"]
