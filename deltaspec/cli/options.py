@@ -14,7 +14,7 @@ fast.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -52,7 +52,7 @@ ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 }
 
 
-def _apply(f: Callable[..., Any], decorators: list[Decorator]) -> Callable[..., Any]:
+def _apply(f: Callable[..., Any], decorators: Sequence[Callable[[Any], Any]]) -> Callable[..., Any]:
     for dec in reversed(decorators):
         f = dec(f)
     return f

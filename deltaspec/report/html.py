@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+
+from deltaspec.output import fmt_number
 
 STYLE = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d232b;margin:0;
@@ -42,19 +43,11 @@ class FigureFile:
     svg: bytes | None = None
 
 
-def _fmt(v: Any) -> str:
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}" if v == 0 or 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
-
-
 def table_html(df: pd.DataFrame, max_rows: int = 60) -> str:
     """A DataFrame as an HTML table (numbers to 4 significant digits, at most ``max_rows`` rows)."""
     shown = df.head(max_rows)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_number(v))}</td>" for v in row) + "</tr>"
                    for row in shown.itertuples(index=False))
     more = (f"<p class='meta'>first {max_rows} of {len(df)} rows; all of them in the CSV.</p>"
             if len(df) > max_rows else "")
