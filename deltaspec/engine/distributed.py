@@ -29,7 +29,7 @@ import atexit
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -298,3 +298,29 @@ def _outcome(world: World, gathered: list[Any] | None) -> Any:
     if any(st[0] == "peer" for _, st in gathered):
         return DistributedError("a rank stopped early without an error of its own")
     return [(mine, st[1]) for mine, st in gathered]
+
+
+def run_items(world: World, sides: Sequence[Mapping[str, Delta]], items: list[tuple[str, ...]],
+              with_base: bool, vectors_k: int,
+              compute: Callable[[list[tuple[str, ...]]], dict[str, T]]) -> dict[str, T]:
+    """``compute`` over this rank's share of ``items``; rank 0 gets every rank's results.
+
+    The shares are whole jobs of the single-process plan (:func:`deltaspec.engine.pipeline.plan`:
+    a batch of factored modules stays together), so each module is solved exactly as one process
+    would solve it. ``compute`` gets its items in the original order and returns name → result.
+    """
+    from deltaspec.engine.pipeline import plan
+
+    jobs = plan(sides, items, with_base)
+    costs = [sum(cost(side[n], with_base, vectors_k) for it in job.items
+                 for side, n in zip(sides, it, strict=True)) for job in jobs]
+    order = {it: i for i, it in enumerate(items)}
+
+    def work(mine: list[int]) -> dict[str, T]:
+        return compute(sorted((it for j in mine for it in jobs[j].items), key=order.__getitem__))
+
+    parts = run_sharded(world, costs, work)
+    merged: dict[str, T] = {}
+    for _, part in parts or []:
+        merged.update(part)
+    return merged
