@@ -227,7 +227,9 @@ def cost(d: Delta, with_base: bool, vectors_k: int) -> float:
 def _wait_all_done(world: World) -> None:
     """Block until every rank has finished its share; a rank silent too long is an error."""
     world.store.set(f"done/{world.rank}", "1")
-    limit, last, seen = timeout_s(), {}, {}
+    limit = timeout_s()
+    last: dict[int, int] = {}
+    seen: dict[int, float] = {}
     others = [r for r in range(world.size) if r != world.rank]
     while True:
         pending = [r for r in others if not world.store.check([f"done/{r}"])]
