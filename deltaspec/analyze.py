@@ -21,7 +21,7 @@ import torch
 from deltaspec import columns as cols
 from deltaspec import metrics as M
 from deltaspec.delta import Delta
-from deltaspec.engine import relative
+from deltaspec.engine import distributed, relative
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.pipeline import Solved, shard, solve_stream
 from deltaspec.engine.spectrum import Spectrum, resolve_device
@@ -121,16 +121,9 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     if vectors_k is None:
         need = opts.vectors or (metrics and (with_base or b is not None))
         vectors_k = opts.k if need else 0
-    rows, spectra = {}, {}
-    what = "analyze" if b is None else "compare"
-    for s in _stream(sides, items, opts, vectors_k, with_base, what):
-        name = s.deltas[0].name
-        if metrics:
-            rows[name] = _row(s, opts, with_base) if b is None else _compare_row(s, opts, with_base)
-        else:
-            rows[name] = _identity(s.deltas[0])
-        if opts.keep_spectra or not metrics:
-            spectra[name] = s.spectra[0] if b is None else (s.spectra[0], s.spectra[1])
+    done = _solve_rows(sides, items, opts, vectors_k, with_base, metrics)
+    rows = {n: r for n, (r, _) in done.items()}
+    spectra = {n: sp for n, (_, sp) in done.items() if sp is not None}
     order = [it[0] for it in items]
     columns = (cols.analyze_columns(with_base) if b is None else cols.compare_columns(with_base)) \
         if metrics else list(cols.IDENTITY)
@@ -138,6 +131,36 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     return Analysis(_frame([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
                     with_base)
+
+
+def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Options,
+                vectors_k: int, with_base: bool,
+                metrics: bool) -> dict[str, tuple[dict[str, Any], Any]]:
+    """Module name → (row, spectrum or None) for every item. Under ``torchrun`` (or inside a
+    process group) each rank solves its share by cost and every rank gets the whole back
+    (:mod:`deltaspec.engine.distributed`); the rows equal a single-process run's."""
+    world = distributed.current(opts.device)
+    if world.distributed:
+        opts = dataclasses.replace(opts, device=world.device(opts.device),
+                                   progress=opts.progress and world.is_writer)
+    pair = len(sides) == 2
+
+    def compute(mine: Sequence[Item]) -> dict[str, tuple[dict[str, Any], Any]]:
+        out = {}
+        for s in _stream(sides, mine, opts, vectors_k, with_base, "compare" if pair else "analyze"):
+            world.poll()  # another rank failed: stop at this module
+            if not metrics:
+                row = _identity(s.deltas[0])
+            else:
+                row = _compare_row(s, opts, with_base) if pair else _row(s, opts, with_base)
+            keep = opts.keep_spectra or not metrics
+            sp = (s.spectra[0], s.spectra[1]) if pair else s.spectra[0]
+            out[s.deltas[0].name] = (row, sp if keep else None)
+        return out
+
+    if not world.distributed:
+        return compute(items)
+    return distributed.run_items(world, sides, items, with_base, vectors_k, compute)
 
 
 def _identity(d: Delta) -> dict[str, Any]:

@@ -28,11 +28,27 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def this_rank_writes() -> bool:
+    """False on the ranks other than 0 of a ``torchrun`` job: they hold the same result as rank 0,
+    which alone writes every output (read from the launcher's environment; imports nothing).
+
+    >>> this_rank_writes()
+    True
+    """
+    env = os.environ
+    return env.get("WORLD_SIZE", "1").strip() in ("", "1") or env.get("RANK", "0").strip() in ("", "0")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-    The file gets the user's usual permissions (umask), not mkstemp's private 0600."""
+    The file gets the user's usual permissions (umask), not mkstemp's private 0600. On a rank that
+    does not write (:func:`this_rank_writes`) the path is a throwaway one."""
     target = Path(path)
+    if not this_rank_writes():
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / "out"
+        return
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{target}: folder {parent} does not exist")

@@ -84,7 +84,7 @@ def _run(args: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.Co
 def _same_output(tmp_path: Path, args: list[str], out_name: str, nproc: int = 2) -> None:
     one, many = tmp_path / "one", tmp_path / "many"
     for folder, n in ((one, 1), (many, nproc)):
-        folder.mkdir()
+        folder.mkdir(parents=True)
         res = _run([*args, "-o" if "." in out_name else "--out", str(folder / out_name)], n)
         assert res.returncode == 0, res.stderr[-2000:]
     a, b = one / out_name, many / out_name

@@ -8,6 +8,7 @@ on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -22,6 +23,12 @@ class _Group(click.Group):
     """A click group that turns DeltaspecError (and Ctrl-C) into a one-line message and exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from deltaspec.output import this_rank_writes
+
+        if not this_rank_writes():  # torchrun: rank 0 alone prints (errors included) and writes
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+            if not os.environ.get("DELTASPEC_DIST_VERBOSE"):  # keep every rank's stderr
+                sys.stderr = sys.stdout
         try:
             return super().invoke(ctx)
         except DeltaspecError as exc:

@@ -14,8 +14,9 @@ How one analysis runs on ``N`` ranks:
 3. a rank that fails records one message in the job's store and the others stop at their next
    module (:meth:`World.poll`); a rank that goes silent — no heartbeat for
    ``DELTASPEC_DIST_TIMEOUT`` seconds — is reported rather than waited on;
-4. rank 0 gathers every rank's rows (and spectra), puts them back in the single-process order and
-   writes every output; under the CLI the other ranks then exit, in the API they get the result.
+4. rank 0 gathers every rank's rows (and spectra) and broadcasts them, so every rank goes on with
+   the single-process result in the single-process order; under the CLI only rank 0 prints and
+   writes (the other ranks' stdout, stderr and file writes go nowhere).
 
 >>> assign([5.0, 1.0, 1.0, 4.0], 2)
 [0, 1, 0, 1]
@@ -73,7 +74,6 @@ class World:
     local_rank: int = 0
     store: Any = None  # a c10d Store every rank reaches (None: single process, or none found)
     owned: bool = False  # deltaspec initialised the group (and destroys it at exit)
-    cli: bool = False  # under the CLI: non-writer ranks exit once rank 0 has the result
     _beat: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -103,12 +103,7 @@ class World:
             self.store.compare_set(ABORT_KEY, "", message)
 
 
-_STATE: dict[str, Any] = {"world": None, "cli": False}
-
-
-def set_cli(on: bool = True) -> None:
-    """The CLI calls this: ranks other than 0 leave once rank 0 holds the result."""
-    _STATE["cli"] = on
+_STATE: dict[str, Any] = {"world": None}
 
 
 def launched() -> bool:
@@ -138,7 +133,6 @@ def current(device: str = "auto") -> World:
         world = _form(device)
     else:
         return World()
-    world.cli = bool(_STATE["cli"])
     _STATE["world"] = world
     if world.store is not None:
         _start_heartbeat(world)
@@ -248,12 +242,13 @@ def _wait_all_done(world: World) -> None:
 
 
 def run_sharded(world: World, costs: Sequence[float],
-                compute: Callable[[list[int]], T]) -> list[tuple[list[int], T]] | None:
+                compute: Callable[[list[int]], T]) -> list[tuple[list[int], T]]:
     """Run ``compute`` on this rank's share of the jobs (indices into ``costs``) and gather.
 
-    Returns, on rank 0 (and on every rank in the API), each rank's (job indices, result); under
-    the CLI the other ranks get None. A failure anywhere is raised on rank 0 with its own message
-    (and as :class:`PeerFailed` elsewhere).
+    Returns, on every rank, each rank's (job indices, result): rank 0 gathers them and broadcasts
+    the whole, so every rank goes on with the same result (under the CLI only rank 0 prints and
+    writes). A failure anywhere is raised on rank 0 with its own message (and as
+    :class:`PeerFailed` elsewhere).
     """
     owner = assign(costs, world.size)
     mine = [i for i, r in enumerate(owner) if r == world.rank]
@@ -273,26 +268,17 @@ def run_sharded(world: World, costs: Sequence[float],
         _wait_all_done(world)
     gathered: list[Any] | None = [None] * world.size if world.is_writer else None
     dist.gather_object((mine, status), gathered, dst=0)
-    outcome = _outcome(world, gathered)
-    if not world.cli:
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0)
-        outcome = box[0]
-    if isinstance(outcome, BaseException):
-        raise outcome if world.is_writer else PeerFailed(str(outcome))
-    if outcome is None:  # CLI, not rank 0: rank 0 has everything and writes it
-        teardown()
-        raise SystemExit(0)
-    return outcome
+    box = [_outcome(world, gathered)]
+    dist.broadcast_object_list(box, src=0)  # every rank continues with the same result
+    if isinstance(box[0], BaseException):
+        raise box[0] if world.is_writer else PeerFailed(str(box[0]))
+    return box[0]
 
 
 def _outcome(world: World, gathered: list[Any] | None) -> Any:
     """On rank 0: the first failure (the one the store recorded first), or every rank's result."""
-    if not world.is_writer:
-        if world.store is not None and world.store.check([ABORT_KEY]):
-            return PeerFailed(world.store.get(ABORT_KEY).decode("utf-8", "replace"))
+    if gathered is None:
         return None
-    assert gathered is not None
     errors = [st[1] for _, st in gathered if st[0] == "error"]
     if errors:
         first = world.store.get(ABORT_KEY).decode() if world.store is not None else ""
@@ -323,6 +309,6 @@ def run_items(world: World, sides: Sequence[Mapping[str, Delta]], items: list[tu
 
     parts = run_sharded(world, costs, work)
     merged: dict[str, T] = {}
-    for _, part in parts or []:
+    for _, part in parts:
         merged.update(part)
     return merged

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -125,7 +126,14 @@ def _is_report(folder: Path) -> bool:
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh folder beside ``target``; on success it replaces ``target`` (an earlier report
-    is removed only after the new one is in place); on failure nothing is left behind."""
+    is removed only after the new one is in place); on failure nothing is left behind. On a
+    rank that does not write (:func:`deltaspec.output.this_rank_writes`) it is a throwaway."""
+    from deltaspec.output import this_rank_writes
+
+    if not this_rank_writes():
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch)
+        return
     created: list[Path] = []
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
