@@ -85,25 +85,6 @@ class Delta:
         assert self._dense is not None
         return check_finite(self._dense().to(dtype), self.label)
 
-    def materialize(self) -> Delta:
-        """A copy whose tensors are already read (used to prefetch the next module off-thread)."""
-        if self._factors is not None:
-            b, a = self._factors()
-            return _replace(self, _factors=lambda: (b, a))
-        assert self._dense is not None
-        w = self._dense()
-        return _replace(self, _dense=lambda: w)
-
-
-def _replace(d: Delta, **changes: object) -> Delta:
-    fields = {
-        "name": d.name, "shape": d.shape, "rank_bound": d.rank_bound, "method": d.method,
-        "source": d.source, "_factors": None, "_dense": None, "base": d.base, "bias": d.bias,
-        "parts": d.parts,
-    }
-    fields.update(changes)
-    return Delta(**fields)  # type: ignore[arg-type]
-
 
 def factored(
     name: str, shape: tuple[int, int], load: Callable[[], Factors], *, method: str, source: str,

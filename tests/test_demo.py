@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from deltaspec.cli import main
-from deltaspec.demo import load_reference_results, reference_from_report
+from deltaspec.demo import load_reference_results, write_reference_results
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,7 @@ def test_demo_writes_report_with_training_table(demo_dir):
 
 
 def test_reference_results_round_trip(demo_dir, tmp_path):
-    ref = reference_from_report(demo_dir / "report")
-    path = tmp_path / "ref.json"
-    path.write_text(json.dumps(ref))
+    path = write_reference_results(demo_dir / "report", tmp_path / "ref.json")
     tables = load_reference_results(path)
     assert set(tables) == {"spectra", "metrics", "summary"}
     assert set(tables["spectra"]["label"].astype(str)) == {"lora", "multilora", "full"}

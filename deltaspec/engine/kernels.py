@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltaspec.delta import check_finite
 from deltaspec.engine.subspace import plan_block, top_eigvecs
 from deltaspec.errors import NumericalError
 
@@ -136,12 +137,8 @@ class Operand:
 
     def check_finite(self) -> None:
         """Raise :class:`NumericalError` naming the tensor if a term holds NaN/Inf."""
-        tensors = [d for _, d in self.dense] + [t for pair in self.factored for t in pair]
-        for t in tensors:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise NumericalError(f"{self.label}: {bad} NaN/Inf value(s) in a tensor of shape "
-                                     f"{tuple(t.shape)}")
+        for t in [d for _, d in self.dense] + [t for pair in self.factored for t in pair]:
+            check_finite(t, self.label)
 
     def is_zero(self) -> bool:
         """True when the matrix is exactly zero (a frozen module)."""

@@ -9,8 +9,6 @@ dict reads ``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.{q,k,v,o}
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -56,11 +54,6 @@ class ModelConfig:
     def to_dict(self) -> dict:
         """Plain-JSON form of the config."""
         return asdict(self)
-
-    def config_hash(self) -> str:
-        """Stable short hash of the config (used by the pretraining cache)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class RMSNorm(nn.Module):
