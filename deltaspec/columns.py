@@ -1,49 +1,21 @@
-"""Every output column, defined once: names, order, dtypes, and which ones the CLI table shows."""
+"""Every output column, defined once: names, order, dtypes, and which ones the CLI table shows.
+
+The metric columns and their facts come from the metric table, :mod:`deltaspec.metrics.table`.
+"""
 
 from __future__ import annotations
 
-IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound")
-SPECTRAL = (
-    "fro_norm", "spectral_norm", "nuclear_norm", "rank", "entropy", "effective_rank",
-    "normalized_entropy", "energy_entropy", "stable_rank", "energy_rank_90", "energy_rank_99",
-    "top1_share", "top8_share",
-)
-BASE_RELATIVE = ("relative_norm", "amplification", "intruders")
-PAIRWISE = ("cosine", "subspace_sim_left", "subspace_sim_right", "min_angle_left", "min_angle_right")
+from deltaspec.metrics.table import METRICS, names
 
-INTEGER = frozenset({"rank_bound", "rank", "energy_rank_90", "energy_rank_99", "intruders"})
+IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound")
+# The metric columns, in order, from the metric table (deltaspec.metrics.table).
+SPECTRAL = names("spectral")
+BASE_RELATIVE = names("base_relative")
+PAIRWISE = names("pairwise")
+
+INTEGER = frozenset({"rank_bound"} | {m.name for m in METRICS.values() if m.integer})
 # Columns that pair as <name>_a / <name>_b in a comparison.
 PER_SIDE_IDENTITY = ("method", "rank_bound")
-
-DESCRIPTIONS = {
-    "module": "canonical module path",
-    "layer": "block index (first integer in the path)",
-    "kind": "module kind (last path component), e.g. q_proj",
-    "method": "lora, multilora, dora, full, modules_to_save or trainable_tokens",
-    "shape": "(out × in) of ΔW",
-    "rank_bound": "structural rank bound: Σr for factored deltas, min(out, in) for dense",
-    "fro_norm": "‖ΔW‖_F",
-    "spectral_norm": "σ₁",
-    "nuclear_norm": "Σσ",
-    "rank": "#{σ > σ₁·max(m,n)·ε_f32}",
-    "entropy": "−Σ p ln p, p = σ/Σσ",
-    "effective_rank": "exp(entropy)",
-    "normalized_entropy": "entropy / ln k",
-    "energy_entropy": "entropy of σ²/Σσ², / ln k",
-    "stable_rank": "Σσ²/σ₁²",
-    "energy_rank_90": "least r holding 90% of Σσ²",
-    "energy_rank_99": "least r holding 99% of Σσ²",
-    "top1_share": "σ₁²/Σσ²",
-    "top8_share": "Σ_{i≤8}σᵢ²/Σσ²",
-    "relative_norm": "‖ΔW‖_F / ‖W‖_F",
-    "amplification": "‖ΔW‖_F / ‖U_rᵀ W V_r‖_F",
-    "intruders": "top-10 left singular vectors of W+ΔW with max |cos| < 0.5 against W's",
-    "cosine": "⟨ΔW_a, ΔW_b⟩_F / (‖ΔW_a‖‖ΔW_b‖)",
-    "subspace_sim_left": "φ(K, K) of the left singular vectors",
-    "subspace_sim_right": "φ(K, K) of the right singular vectors",
-    "min_angle_left": "smallest principal angle (degrees) between the top-K left subspaces",
-    "min_angle_right": "smallest principal angle (degrees) between the top-K right subspaces",
-}
 
 TABLE_ANALYZE = ("module", "shape", "rank_bound", "fro_norm", "entropy", "normalized_entropy",
                  "effective_rank", "stable_rank", "top1_share")

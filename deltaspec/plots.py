@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from deltaspec.errors import UsageError
+from deltaspec.metrics.table import label as metric_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -27,14 +28,6 @@ PANEL_W, PANEL_H = 3.7, 3.0
 MAX_COLS = 4
 MIN_W = 5.0  # inches: a one-panel figure still has room for its title and legend
 CHARS_PER_INCH = 10  # of a 12 pt title
-METRIC_LABELS = {
-    "normalized_entropy_topk": "normalised entropy (top K)",
-    "normalized_entropy": "normalised entropy (all values)",
-    "effective_rank": "effective rank exp(H)",
-    "effective_rank_topk": "effective rank (top K)",
-    "stable_rank": "stable rank Σσ²/σ₁²",
-    "top1_share": "top-1 energy share",
-}
 BAND_NOTE = "line: median across layers, band: 10–90 %"
 
 
@@ -212,7 +205,7 @@ def plot_entropy_by_layer(data: Any, *, metric: str = "normalized_entropy_topk",
     ref_labels = _order(ref, "label") if ref is not None else []
     colors = _palette(labels + [lb for lb in ref_labels if lb not in labels])
     chosen = _kinds(df, kinds)
-    name = METRIC_LABELS.get(metric, metric)
+    name = metric_label(metric)
     k_note = f", K = {df.attrs['top_k']}" if "top_k" in df.attrs and "topk" in metric else ""
     fig, axes, own = _panels(len(chosen), ax, f"{name[0].upper()}{name[1:]} per layer{k_note}")
     from matplotlib.ticker import MaxNLocator

@@ -1,21 +1,52 @@
-"""Metrics against hand-computed cases (and the docstring examples, run as doctests)."""
+"""Metrics against hand-computed cases, and the metric table's facts against the functions.
+
+(The docstring examples run as doctests of the package: pyproject's ``--doctest-modules``.)
+"""
 
 from __future__ import annotations
 
 import doctest
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deltaspec import metrics as M
-from deltaspec.metrics import base_relative, pairwise, spectral
+from deltaspec.metrics.table import METRICS, group
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.parametrize("module", [spectral, pairwise, base_relative])
-def test_docstring_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+@pytest.mark.parametrize("name", list(METRICS))
+def test_every_metric_function_has_a_runnable_example(name):
+    fn = METRICS[name].function
+    examples = doctest.DocTestFinder(recurse=False).find(fn, fn.__name__, globs={})
+    assert examples and examples[0].examples, f"{fn.__qualname__} has no >>> example"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1e300, allow_nan=False) | st.floats(0.0, 1e-150), max_size=40),
+       st.sampled_from([None, 1, 4, 64]))
+def test_spectral_metrics_stay_in_their_declared_bounds_and_types(values, top_k):
+    n = max(len(values), 1)
+    got = M.spectral_metrics(values, (n, n + 3), top_k)
+    assert list(got) == [m.name for m in group("spectral")]
+    for m in group("spectral"):
+        v = got[m.name]
+        lo, hi = m.bounds
+        assert lo - 1e-12 <= v <= hi + 1e-12, (m.name, v)
+        assert isinstance(v, int) == m.integer, (m.name, type(v))
+
+
+def test_the_readme_metric_table_is_the_metric_table():
+    section = README.read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if re.match(r"\| `", ln)]
+    want = [f"| `{m.name}` | {m.description} |" for m in METRICS.values()]
+    assert rows == want, "README.md's metric table should read:\n" + "\n".join(want)
 
 
 def test_two_value_spectrum_by_hand():
@@ -131,3 +162,11 @@ def test_base_relative_by_hand():
     assert M.intruders(torch.eye(2, dtype=torch.float64), tilted) == 0
     u_base = torch.eye(3, dtype=torch.float64)[:, :1]
     assert M.intruders(u_base, torch.eye(3, dtype=torch.float64)[:, 1:]) == 2
+
+
+def test_tiny_and_huge_spectra_neither_underflow_nor_overflow():
+    for scale in (1e-200, 1e200):
+        m = M.spectral_metrics([3.0 * scale, 4.0 * scale], (2, 2))
+        assert m["fro_norm"] == pytest.approx(5.0 * scale, rel=1e-12)
+        assert m["stable_rank"] == pytest.approx(25 / 16)
+        assert m["top1_share"] == pytest.approx(0.64) and m["rank"] == 2

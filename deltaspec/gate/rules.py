@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltaspec import columns as cols
 from deltaspec.errors import ConfigError
+from deltaspec.metrics.table import METRICS as TABLE
+from deltaspec.metrics.table import names
 
-METRICS = (*cols.SPECTRAL, *cols.BASE_RELATIVE)
+METRICS = names("spectral", "base_relative")  # the metrics a rules file may name
 DIRECTIONS = ("both", "down", "up")
 SIDES = ("left", "right")
 _SLACK = 1e-9  # relative float round-off allowed on top of every tolerance
@@ -77,11 +78,11 @@ class Policy:
     sides: tuple[str, ...] = SIDES
 
 
-# Calibrated in deltaspec.gate.check's docstring: a reseeded run of one recipe passes, a collapse fails.
+# From the metric table's ``gate`` entries (calibrated in deltaspec.gate.check's docstring: a reseeded
+# run of one recipe passes, a collapse fails); only the change away from "better" fails.
 DEFAULT_TOLERANCES = {
-    "normalized_entropy": Tolerance(abs=0.05, rel=0.05, direction="down"),
-    "top1_share": Tolerance(abs=0.15, rel=0.30, direction="up"),
-    "fro_norm": Tolerance(rel=0.35),
+    name: Tolerance(m.gate.abs, m.gate.rel, m.failing_direction)
+    for name, m in TABLE.items() if name in METRICS and m.gate is not None
 }
 DEFAULT_POLICY = Policy(DEFAULT_TOLERANCES)
 

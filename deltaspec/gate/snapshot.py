@@ -147,12 +147,8 @@ def like(reference: Basis, vectors: torch.Tensor) -> Basis:
 
 def similarity(a: Basis, b: Basis, k: int | None = None) -> float:
     """φ(k, k) = ‖Aᵀ B‖²_F / k over the first k columns (k defaults to the smaller count) of two
-    bases of the same form — :func:`deltaspec.metrics.subspace_similarity`; NaN when empty."""
-    ua, ub = a.matrix.numpy(), b.matrix.numpy()
-    k = min(ua.shape[1], ub.shape[1], *(() if k is None else (k,)))
-    if k < 1:
-        return math.nan
-    return float(np.square(ua[:, :k].T @ ub[:, :k]).sum() / k)
+    bases of the same form: :func:`deltaspec.metrics.subspace_similarity` of their matrices."""
+    return M.subspace_similarity(a.matrix, b.matrix, k)
 
 
 def _encode(b: Basis) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Pure metric functions: of one spectrum, between two updates, and against the base weight.
+"""Pure metric functions: of one spectrum, between two updates, and against the base weight,
+and the metric table (:data:`METRICS`, :mod:`deltaspec.metrics.table`) that declares each once.
 
 No pandas, matplotlib or click here: tensors in, floats out.
 """
@@ -21,13 +22,15 @@ from deltaspec.metrics.spectral import (
     normalized_entropy,
     nuclear_norm,
     numerical_rank,
-    spectral_metrics,
     spectral_norm,
     stable_rank,
     top_share,
 )
+from deltaspec.metrics.table import METRICS, Metric, spectral_metrics
 
 __all__ = [
+    "METRICS",
+    "Metric",
     "amplification",
     "cosine",
     "effective_rank",

@@ -14,15 +14,28 @@ import torch
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 
 
-def _sigma(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
+def descending(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """σ as a flat float64 tensor, negatives clamped to 0, sorted descending (the form every
+    metric here reads).
+
+    >>> descending([1.0, 3.0, -1.0]).tolist()
+    [3.0, 1.0, 0.0]
+    """
     s = torch.as_tensor(values, dtype=torch.float64).flatten().clamp_min(0)
     if s.numel() < 2 or bool((s[:-1] >= s[1:]).all()):  # already descending: an O(n) check, no sort
         return s
     return torch.sort(s, descending=True).values
 
 
+def _scaled(values: torch.Tensor | Sequence[float]) -> tuple[torch.Tensor, float]:
+    """(σ/σ₁, σ₁): squares of σ/σ₁ neither underflow nor overflow where σ² would (σ ~ 1e-200)."""
+    s = descending(values)
+    top = float(s[0]) if s.numel() else 0.0
+    return (s / top if top > 0 else s[:0]), top
+
+
 def _probs(values: torch.Tensor | Sequence[float], power: int) -> torch.Tensor:
-    s = _sigma(values) ** power
+    s = _scaled(values)[0] ** power
     total = s.sum()
     return s / total if total > 0 else s[:0]
 
@@ -38,7 +51,8 @@ def fro_norm(values: torch.Tensor | Sequence[float]) -> float:
     >>> fro_norm([3.0, 4.0])
     5.0
     """
-    return float(_sigma(values).square().sum().sqrt())
+    s, top = _scaled(values)
+    return top * float(s.square().sum().sqrt()) if top > 0 else 0.0
 
 
 def spectral_norm(values: torch.Tensor | Sequence[float]) -> float:
@@ -47,7 +61,7 @@ def spectral_norm(values: torch.Tensor | Sequence[float]) -> float:
     >>> spectral_norm([1.0, 3.0])
     3.0
     """
-    s = _sigma(values)
+    s = descending(values)
     return float(s[0]) if s.numel() else 0.0
 
 
@@ -57,7 +71,7 @@ def nuclear_norm(values: torch.Tensor | Sequence[float]) -> float:
     >>> nuclear_norm([3.0, 1.0])
     4.0
     """
-    return float(_sigma(values).sum())
+    return float(descending(values).sum())
 
 
 def numerical_rank(values: torch.Tensor | Sequence[float], shape: tuple[int, int]) -> int:
@@ -66,7 +80,7 @@ def numerical_rank(values: torch.Tensor | Sequence[float], shape: tuple[int, int
     >>> numerical_rank([1.0, 1e-3, 1e-9], (3, 3))
     2
     """
-    s = _sigma(values)
+    s = descending(values)
     if not s.numel() or s[0] == 0:
         return 0
     return int((s > s[0] * max(shape) * FLOAT32_EPS).sum())
@@ -99,7 +113,7 @@ def normalized_entropy(values: torch.Tensor | Sequence[float], k: int | None = N
     >>> normalized_entropy([1.0, 0.0, 0.0, 0.0])
     0.0
     """
-    k = len(_sigma(values)) if k is None else k
+    k = len(descending(values)) if k is None else k
     return entropy(values) / math.log(k) if k > 1 else 0.0
 
 
@@ -109,7 +123,7 @@ def energy_entropy(values: torch.Tensor | Sequence[float], k: int | None = None)
     >>> energy_entropy([1.0, 1.0])
     1.0
     """
-    k = len(_sigma(values)) if k is None else k
+    k = len(descending(values)) if k is None else k
     return _entropy_of(_probs(values, 2)) / math.log(k) if k > 1 else 0.0
 
 
@@ -119,8 +133,8 @@ def stable_rank(values: torch.Tensor | Sequence[float]) -> float:
     >>> stable_rank([2.0, 2.0, 0.0])
     2.0
     """
-    s = _sigma(values)
-    return float(s.square().sum() / s[0] ** 2) if s.numel() and s[0] > 0 else 0.0
+    s, top = _scaled(values)
+    return float(s.square().sum()) if top > 0 else 0.0
 
 
 def energy_rank(values: torch.Tensor | Sequence[float], tau: float) -> int:
@@ -145,34 +159,3 @@ def top_share(values: torch.Tensor | Sequence[float], t: int) -> float:
     """
     p = _probs(values, 2)
     return float(p[:t].sum()) if p.numel() else 0.0
-
-
-def spectral_metrics(values: torch.Tensor | Sequence[float], shape: tuple[int, int],
-                     top_k: int | None = None) -> dict[str, float]:
-    """Every single-update metric, over all values or over the top ``top_k`` only.
-
-    With ``top_k``, the normalising k of the entropies is min(top_k, len(σ)), so that a rank-16
-    LoRA and a full fine-tune are compared over the same number of directions.
-
-    >>> m = spectral_metrics([2.0, 1.0, 0.0], (3, 3))
-    >>> m["rank"], round(m["top1_share"], 2)
-    (2, 0.8)
-    """
-    s = _sigma(values)
-    if top_k is not None:
-        s = s[:top_k]
-    return {
-        "fro_norm": fro_norm(s),
-        "spectral_norm": spectral_norm(s),
-        "nuclear_norm": nuclear_norm(s),
-        "rank": numerical_rank(s, shape),
-        "entropy": entropy(s),
-        "effective_rank": effective_rank(s),
-        "normalized_entropy": normalized_entropy(s),
-        "energy_entropy": energy_entropy(s),
-        "stable_rank": stable_rank(s),
-        "energy_rank_90": energy_rank(s, 0.90),
-        "energy_rank_99": energy_rank(s, 0.99),
-        "top1_share": top_share(s, 1),
-        "top8_share": top_share(s, 8),
-    }

@@ -21,11 +21,13 @@ ROLE_NAMES = {"lora": "LoRA", "multilora": "MultiLoRA", "full": "full FT"}
 PRIMARY = "normalized_entropy_topk"
 SECONDARY = "normalized_entropy"
 
-SUMMARY_COLUMNS = (
-    "label", "method", "modules", "normalized_entropy_topk", "normalized_entropy_topk_std",
-    "normalized_entropy", "normalized_entropy_std", "effective_rank_topk", "effective_rank",
-    "stable_rank", "top1_share",
-)
+# Metric-table columns averaged per update (``_topk``: over the top K values); the verdict's two
+# also get their spread across modules (``*_std``).
+SUMMARY_METRICS = (PRIMARY, SECONDARY, "effective_rank_topk", "effective_rank", "stable_rank",
+                   "top1_share")
+SPREAD = (PRIMARY, SECONDARY)
+SUMMARY_COLUMNS = ("label", "method", "modules",
+                   *(c for m in SUMMARY_METRICS for c in (m, f"{m}_std")[: 2 if m in SPREAD else 1]))
 
 
 def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -33,16 +35,12 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for label, g in metrics.groupby("label", observed=True, sort=True):
         methods = sorted(set(g["method"].dropna().astype(str)))
-        rows.append({
-            "label": str(label), "method": "+".join(methods), "modules": len(g),
-            "normalized_entropy_topk": g[PRIMARY].mean(),
-            "normalized_entropy_topk_std": g[PRIMARY].std(ddof=0),
-            "normalized_entropy": g[SECONDARY].mean(),
-            "normalized_entropy_std": g[SECONDARY].std(ddof=0),
-            "effective_rank_topk": g["effective_rank_topk"].mean(),
-            "effective_rank": g["effective_rank"].mean(),
-            "stable_rank": g["stable_rank"].mean(), "top1_share": g["top1_share"].mean(),
-        })
+        row: dict[str, Any] = {"label": str(label), "method": "+".join(methods), "modules": len(g)}
+        for m in SUMMARY_METRICS:
+            row[m] = g[m].mean()
+            if m in SPREAD:
+                row[f"{m}_std"] = g[m].std(ddof=0)
+        rows.append(row)
     df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     return df.astype({"label": "string", "method": "string", "modules": "int64"})
 
