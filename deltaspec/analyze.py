@@ -170,35 +170,28 @@ def _identity(d: Delta) -> dict[str, Any]:
 
 def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand, opts: Options,
                   eigs: relative.BaseEigs) -> dict[str, Any]:
-    """relative_norm, amplification, intruders. The metric functions take W; they get blockwise
-    reductions of it — a 1×1 [‖W‖_F], the r×r projection U_rᵀ·W·V_r with identity vectors — so W
-    is never copied to float64 whole (same numbers, flat memory)."""
-    f64 = torch.float64
+    """relative_norm, amplification, intruders: the metric functions of
+    :mod:`deltaspec.metrics.base_relative` fed the reductions of W they need, formed blockwise by
+    the engine (‖W‖_F, the r×r projection U_rᵀ·W·V_r), so W is never copied to float64 whole."""
     w_fro = math.sqrt(w.fro2())
     if not math.isfinite(w_fro):
         w.check_finite()
-    out: dict[str, Any] = {"relative_norm": M.relative_norm(fro, torch.tensor([[w_fro]], dtype=f64))}
     r = min(opts.k, M.numerical_rank(sp.values, sp.shape))
-    if r and sp.U is not None and sp.V is not None:
-        proj = sp.U[:, :r].T @ w.mm(sp.V[:, :r]).to("cpu", f64)  # (r, r)
-        eye = torch.eye(r, dtype=f64)
-        out["amplification"] = M.amplification(fro, proj, eye, eye)
-    else:
-        out["amplification"] = M.amplification(fro, torch.zeros(0, 0), torch.zeros(0, 0),
-                                                torch.zeros(0, 0))
-    out["intruders"] = _intruders(sp, op, w, eigs) if opts.intruders else math.nan
-    return out
+    u, v = sp.U, sp.V
+    proj = relative.projection(w, u[:, :r], v[:, :r]) if r and u is not None and v is not None \
+        else torch.zeros(0, 0)
+    return {"relative_norm": M.relative_norm(fro, w_fro), "amplification": M.amplification(fro, proj),
+            "intruders": _intruders(sp, op, w, eigs) if opts.intruders else math.nan}
 
 
 def _intruders(sp: Spectrum, op: Operand, w: Operand, eigs: relative.BaseEigs) -> int:
-    """Intruder dimensions of W + ΔW against W. ``relative.intruder_cosines`` gives C = |U_Wᵀ·u_t|
-    without forming U_W; ``M.intruders(Cᵀ, I)`` counts over exactly that matrix. ``eigs``: W's
+    """Intruder dimensions of W + ΔW against W: ``relative.intruder_cosines`` gives C = |U_Wᵀ·u_t|
+    without forming U_W, and :func:`deltaspec.metrics.intruders` counts over it. ``eigs``: W's
     decompositions already made (a compare's two sides share their base's)."""
     if op.is_zero():
         return 0
     cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V), eig=eigs.of(w))
-    cos = cos.to("cpu")
-    return M.intruders(cos.T, torch.eye(cos.shape[1], dtype=torch.float64))
+    return M.intruders(cos.to("cpu"))
 
 
 def _stream(sides: list[Mapping[str, Delta]], items: Sequence[Item], opts: Options, vectors_k: int,
@@ -244,8 +237,10 @@ def _pairwise(s: Solved, k: int) -> dict[str, float]:
     rb = min(k, M.numerical_rank(sb.values, sb.shape))
     assert sa.U is not None and sb.U is not None and sa.V is not None and sb.V is not None
     ua, ub, va, vb = sa.U[:, :ra], sb.U[:, :rb], sa.V[:, :ra], sb.V[:, :rb]
+    fa, fb = M.fro_norm(sa.values), M.fro_norm(sb.values)
+    inner = relative.frobenius_inner(op_a, op_b) if fa > 0 and fb > 0 else 0.0
     return {
-        "cosine": relative.cosine(op_a, op_b, M.fro_norm(sa.values), M.fro_norm(sb.values)),
+        "cosine": M.cosine(inner, fa, fb),
         "subspace_sim_left": M.subspace_similarity(ua, ub),
         "subspace_sim_right": M.subspace_similarity(va, vb),
         "min_angle_left": M.min_angle_degrees(ua, ub),

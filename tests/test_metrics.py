@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltaspec import metrics as M
+from deltaspec.engine.kernels import Operand
+from deltaspec.engine.relative import frobenius_inner, projection
 from deltaspec.metrics.table import METRICS, group
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -133,16 +135,20 @@ def test_empty_vectors_give_nan_similarity():
     assert math.isnan(M.min_angle_degrees(empty, full))
 
 
-def test_cosine_factored_equals_dense():
+def test_cosine_of_the_engine_inner_product_factored_or_dense():
     g = torch.Generator().manual_seed(2)
     b1, a1 = torch.randn(20, 3, generator=g), torch.randn(3, 30, generator=g)
     b2, a2 = torch.randn(20, 2, generator=g), torch.randn(2, 30, generator=g)
     w1, w2 = b1.double() @ a1.double(), b2.double() @ a2.double()
-    dense = float((w1 * w2).sum() / (w1.norm() * w2.norm()))
-    assert M.cosine((b1, a1), (b2, a2)) == pytest.approx(dense, rel=1e-9)
-    assert M.cosine(w1, (b2, a2)) == pytest.approx(dense, rel=1e-9)
-    assert M.cosine((b1, a1), w2) == pytest.approx(dense, rel=1e-9)
-    assert math.isnan(M.cosine(torch.zeros(2, 2), torch.eye(2)))
+    want = float((w1 * w2).sum() / (w1.norm() * w2.norm()))  # float64 oracle
+    cpu = torch.device("cpu")
+    fac1 = Operand((20, 30), cpu, factored=[(b1, a1)])
+    fac2 = Operand((20, 30), cpu, factored=[(b2, a2)])
+    den1, den2 = Operand((20, 30), cpu, dense=[(1.0, w1)]), Operand((20, 30), cpu, dense=[(1.0, w2)])
+    fa, fb = float(w1.norm()), float(w2.norm())
+    for x, y in ((fac1, fac2), (den1, fac2), (fac1, den2), (den1, den2)):
+        assert M.cosine(frobenius_inner(x, y), fa, fb) == pytest.approx(want, rel=1e-9)
+    assert math.isnan(M.cosine(0.0, 0.0, 1.0)) and M.cosine(-2.0, 1.0, 2.0) == -1.0
 
 
 def test_principal_angles_known_case():
@@ -152,16 +158,22 @@ def test_principal_angles_known_case():
     assert [math.degrees(float(x)) for x in angles] == pytest.approx([0.0, 45.0], abs=1e-9)
 
 
-def test_base_relative_by_hand():
+def test_base_relative_by_hand_through_the_engine_reductions():
     w = torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64))
-    assert M.relative_norm(1.0, w) == pytest.approx(0.2)
-    e2 = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
-    assert M.amplification(2.0, w, e2, e2) == pytest.approx(0.5)
-    tilted = torch.tensor([[math.cos(0.9)], [math.sin(0.9)]], dtype=torch.float64)
+    op = Operand((2, 2), torch.device("cpu"), dense=[(1.0, w)])
+    assert M.relative_norm(1.0, math.sqrt(op.fro2())) == pytest.approx(0.2)
+    assert math.isnan(M.relative_norm(1.0, 0.0))
+    e2 = torch.tensor([[0.0], [1.0]], dtype=torch.float64)  # ΔW = 2·e2e2ᵀ: U_r = V_r = e2
+    proj = projection(op, e2, e2)
+    assert proj.tolist() == [[4.0]]
+    assert M.amplification(2.0, proj) == pytest.approx(0.5)
+    assert math.isnan(M.amplification(2.0, torch.zeros(1, 1)))
     # cos(0.9) = 0.62 and sin(0.9) = 0.78 against e1, e2: not an intruder
-    assert M.intruders(torch.eye(2, dtype=torch.float64), tilted) == 0
+    tilted = torch.tensor([[math.cos(0.9)], [math.sin(0.9)]], dtype=torch.float64)
+    assert M.intruders((torch.eye(2, dtype=torch.float64).T @ tilted).abs()) == 0
     u_base = torch.eye(3, dtype=torch.float64)[:, :1]
-    assert M.intruders(u_base, torch.eye(3, dtype=torch.float64)[:, 1:]) == 2
+    assert M.intruders((u_base.T @ torch.eye(3, dtype=torch.float64)[:, 1:]).abs()) == 2
+    assert M.intruders(torch.zeros(3, 0)) == 0
 
 
 def test_tiny_and_huge_spectra_neither_underflow_nor_overflow():

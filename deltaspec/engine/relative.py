@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,20 +12,26 @@ from deltaspec.engine.kernels import F64, VECTOR_RTOL, Operand, eigh_desc, gram,
 from deltaspec.engine.subspace import top_eigvecs
 
 
-def cosine(a: Operand, b: Operand, fro_a: float, fro_b: float) -> float:
-    """⟨ΔW_a, ΔW_b⟩_F / (‖ΔW_a‖_F‖ΔW_b‖_F) — :func:`deltaspec.metrics.cosine` read blockwise, for
-    operands that may be dense on a device; NaN when either side is zero."""
-    if fro_a <= 0 or fro_b <= 0:
-        return math.nan
+def frobenius_inner(a: Operand, b: Operand) -> float:
+    """⟨ΔW_a, ΔW_b⟩_F in float64, read blockwise (operands may be dense on a device); a pair of
+    single factored terms never forms B·A: ⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ⊙ (A₁A₂ᵀ). The input of
+    :func:`deltaspec.metrics.cosine`."""
     if not a.dense and not b.dense and len(a.factored) == len(b.factored) == 1:
-        (b1, a1), (b2, a2) = a.factored[0], b.factored[0]  # ⟨B₁A₁, B₂A₂⟩ = Σ (B₁ᵀB₂) ⊙ (A₁A₂ᵀ)
+        (b1, a1), (b2, a2) = a.factored[0], b.factored[0]
         inner = float(((b1.to(F64).T @ b2.to(F64)) * (a1.to(F64) @ a2.to(F64).T)).sum())
     else:
         inner, s = 0.0, a.step(True) // 2 + 1
         for lo in range(0, a.shape[0], s):
             hi = min(lo + s, a.shape[0])
             inner += float((a.rows(lo, hi) * b.rows(lo, hi).to(a.device)).sum())
-    return inner / (fro_a * fro_b)
+    return inner
+
+
+def projection(w: Operand, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The r×r projection Uᵀ·W·V (float64, on the CPU) of W onto ΔW's top-r singular vectors
+    ``u`` (out, r) and ``v`` (in, r), W read blockwise: the input of
+    :func:`deltaspec.metrics.amplification`."""
+    return u.to("cpu", F64).T @ w.mm(v).to("cpu", F64)
 
 
 @dataclass

@@ -7,7 +7,6 @@ No pandas, matplotlib or click here: tensors in, floats out.
 from deltaspec.metrics.base_relative import amplification, intruders, relative_norm
 from deltaspec.metrics.pairwise import (
     cosine,
-    frobenius_inner,
     min_angle_degrees,
     principal_angles,
     subspace_similarity,
@@ -38,7 +37,6 @@ __all__ = [
     "energy_rank",
     "entropy",
     "fro_norm",
-    "frobenius_inner",
     "intruders",
     "min_angle_degrees",
     "normalized_entropy",

@@ -10,8 +10,6 @@ import math
 
 import torch
 
-Factors = tuple[torch.Tensor, torch.Tensor]
-
 
 def subspace_similarity_grid(u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
     r"""The grid :math:`\varphi(i, j) = \|U_a[:, :i]^\top U_b[:, :j]\|_F^2 / \min(i, j)`
@@ -72,33 +70,18 @@ def min_angle_degrees(u_a: torch.Tensor, u_b: torch.Tensor) -> float:
     return math.degrees(float(theta[0])) if theta.numel() else math.nan
 
 
-def frobenius_inner(a: torch.Tensor | Factors, b: torch.Tensor | Factors) -> float:
-    r""":math:`\langle \Delta W_a, \Delta W_b \rangle_F`, without forming factored products:
-    :math:`\langle B_1A_1, B_2A_2\rangle = \sum (B_1^\top B_2) \odot (A_1 A_2^\top)`.
+def cosine(inner: float, fro_a: float, fro_b: float) -> float:
+    r"""Cosine :math:`\langle \Delta W_a, \Delta W_b\rangle_F / (\|\Delta W_a\|_F \|\Delta W_b\|_F)`
+    from the Frobenius inner product and the two norms (the engine reduces ΔW_a, ΔW_b to these
+    blockwise: :func:`deltaspec.engine.relative.frobenius_inner`); NaN when either norm is zero.
 
     >>> import torch
-    >>> frobenius_inner(torch.ones(2, 2), (torch.ones(2, 1), torch.ones(1, 2)))
-    4.0
+    >>> a, b = torch.eye(2, dtype=torch.float64), torch.tensor([[2.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> round(cosine(float((a * b).sum()), float(a.norm()), float(b.norm())), 6)  # 4 / (√2 · 3)
+    0.942809
+    >>> cosine(0.0, 0.0, 1.0)
+    nan
     """
-    f64 = lambda t: t.to(torch.float64)  # noqa: E731
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return float(((f64(a[0]).T @ f64(b[0])) * (f64(a[1]) @ f64(b[1]).T)).sum())
-    if isinstance(a, tuple):
-        a, b = b, a
-    if isinstance(b, tuple):  # dense a, factored b: ⟨W, BA⟩ = Σ (Bᵀ W) ⊙ A
-        return float(((f64(b[0]).T @ f64(a)) * f64(b[1])).sum())
-    return float((f64(a) * f64(b)).sum())
-
-
-def cosine(a: torch.Tensor | Factors, b: torch.Tensor | Factors) -> float:
-    r"""Cosine :math:`\langle \Delta W_a, \Delta W_b\rangle_F / (\|\Delta W_a\|_F \|\Delta W_b\|_F)`;
-    NaN when either is zero.
-
-    >>> import torch
-    >>> cosine(torch.eye(2), 2 * torch.eye(2))
-    1.0
-    """
-    na, nb = frobenius_inner(a, a), frobenius_inner(b, b)
-    if na <= 0 or nb <= 0:
+    if fro_a <= 0 or fro_b <= 0:
         return math.nan
-    return frobenius_inner(a, b) / math.sqrt(na * nb)
+    return max(-1.0, min(1.0, inner / (fro_a * fro_b)))

@@ -28,10 +28,15 @@ def descending(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
 
 
 def _scaled(values: torch.Tensor | Sequence[float]) -> tuple[torch.Tensor, float]:
-    """(σ/σ₁, σ₁): squares of σ/σ₁ neither underflow nor overflow where σ² would (σ ~ 1e-200)."""
+    """(σ/c, c) with c the power of two just above σ₁ (0 for a zero spectrum): squares of σ/c
+    neither underflow nor overflow where σ² would (σ ~ 1e-200), and dividing by a power of two
+    is exact, so every metric reads the same bits as from σ itself."""
     s = descending(values)
     top = float(s[0]) if s.numel() else 0.0
-    return (s / top if top > 0 else s[:0]), top
+    if not top > 0:
+        return s[:0], 0.0
+    c = math.ldexp(1.0, math.frexp(top)[1])
+    return s / c, c
 
 
 def _probs(values: torch.Tensor | Sequence[float], power: int) -> torch.Tensor:
@@ -51,8 +56,8 @@ def fro_norm(values: torch.Tensor | Sequence[float]) -> float:
     >>> fro_norm([3.0, 4.0])
     5.0
     """
-    s, top = _scaled(values)
-    return top * float(s.square().sum().sqrt()) if top > 0 else 0.0
+    s, c = _scaled(values)
+    return c * float(s.square().sum().sqrt())
 
 
 def spectral_norm(values: torch.Tensor | Sequence[float]) -> float:
@@ -133,8 +138,8 @@ def stable_rank(values: torch.Tensor | Sequence[float]) -> float:
     >>> stable_rank([2.0, 2.0, 0.0])
     2.0
     """
-    s, top = _scaled(values)
-    return float(s.square().sum()) if top > 0 else 0.0
+    s, _ = _scaled(values)
+    return float(s.square().sum() / s[0] ** 2) if s.numel() else 0.0
 
 
 def energy_rank(values: torch.Tensor | Sequence[float], tau: float) -> int:
