@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, updates: dict[str, str], base: str | None) -> 
 
     order = args.order.split(",") if args.order else None
     index = write_report(updates, args.out, base=base, order=order, top_k=args.top_k, k=args.k,
-                         svg=args.svg, progress=True,
+                         svg=args.svg, progress=sys.stderr.isatty(),
                          title="Democracy of the update: " + ", ".join(updates))
     import json
 

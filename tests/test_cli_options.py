@@ -51,6 +51,8 @@ def test_output_format_comes_from_the_extension(llama_lora, tmp_path, suffix, ki
         assert "normalized_entropy" in text and "mean per module kind" in text
     forced = run("analyze", adapter, "-o", out, "-q", "--format", "json", "--include", "q_proj")
     assert forced.exit_code == 0 and json.loads(out.read_text())  # --format wins
+    missing = run("analyze", adapter, "-o", tmp_path / "nope" / "m.json")
+    assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
 def test_table_hints_at_the_hidden_columns_on_stderr(llama_lora):

@@ -21,8 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 import deltaspec
+from deltaspec.analyze import run_paths
 from deltaspec.gate.check import run_check
 from deltaspec.gate.snapshot import read_baseline, take_snapshot, write_baseline
+from deltaspec.options import Options
 
 SHAPES = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
           "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
@@ -72,8 +74,8 @@ def main() -> None:
         adapter = write_adapter(Path(tmp) / "adapter", args.layers, args.rank)
         dev, rep = args.device, args.repeat
         rows = [("analyze", *timed(lambda: deltaspec.analyze(adapter, device=dev), rep), ""),
-                ("analyze (with top-8 vectors)", *timed(lambda: deltaspec.analyze(
-                    adapter, device=dev, vectors=True, keep_spectra=True), rep), "")]
+                ("analyze (with top-8 vectors)", *timed(lambda: run_paths(adapter, opts=Options(
+                    device=dev, vectors=True, keep_spectra=True)), rep), "")]
         for sketch in (0, 256):
             out = Path(tmp) / f"baseline-{sketch}.json"
             t, b = timed(lambda s=sketch: take_snapshot(adapter, device=dev, sketch=s), rep)

@@ -6,7 +6,14 @@ from typing import Any
 
 import click
 
-from deltaspec.cli.options import analysis_options, emit, format_option, output_file_option, to_options
+from deltaspec.cli.options import (
+    analysis_options,
+    emit,
+    format_option,
+    output_file_option,
+    to_options,
+    writable,
+)
 
 
 def result_notes(skipped: list[tuple[str, str]], only_a: list[str], only_b: list[str]) -> list[str]:
@@ -34,6 +41,7 @@ def analyze_cmd(path: str, **kw: Any) -> None:
     PATH is a PEFT LoRA adapter folder, a MultiLoRA folder, or a full fine-tuned checkpoint
     (then --base is required and ΔW = PATH − BASE).
     """
+    writable(kw["output"])
     from deltaspec.analyze import run_paths
 
     result = run_paths(path, None, kw["base"], to_options(kw))
@@ -52,6 +60,7 @@ def compare_cmd(a: str, b: str, **kw: Any) -> None:
     singular vectors), smallest principal angle. When A and B are both full checkpoints and no
     --base is given, the update analysed is ΔW = B − A.
     """
+    writable(kw["output"])
     from deltaspec.analyze import run_paths
 
     result = run_paths(a, b, kw["base"], to_options(kw))

@@ -22,8 +22,8 @@ from deltaspec.cli.options import (
     output_file_option,
     take,
     to_options,
+    writable,
 )
-from deltaspec.errors import UsageError
 from deltaspec.names import kind_of
 
 if TYPE_CHECKING:
@@ -99,11 +99,6 @@ def github_annotations(outcome: Outcome) -> list[str]:
     return lines
 
 
-def _writable(path: str | None, option: str) -> None:
-    if path and not (Path(path).parent if str(Path(path).parent) else Path(".")).is_dir():
-        raise UsageError(f"{option} {path}: folder {Path(path).parent} does not exist")
-
-
 @click.command("snapshot")
 @click.argument("path")
 @output_file_option("the baseline (JSON)", required=True, alias="--out")
@@ -120,7 +115,7 @@ def snapshot_cmd(path: str, **kw: Any) -> None:
     PATH is a PEFT LoRA adapter, a MultiLoRA folder, or a full checkpoint (with --base).
     """
     out = take(kw, "output", required=True)
-    _writable(out, "--output")
+    writable(out)
     from deltaspec.gate.snapshot import take_snapshot, write_baseline
 
     b = take_snapshot(path, kw["base"], sketch=kw["sketch"], options=to_options(kw))
@@ -152,7 +147,8 @@ _FROM_BASELINE = " [default: the baseline's]"
                    + _FROM_BASELINE},
     include={"help": "Only check modules whose name matches this regular expression; the "
                      "others are reported as ignored." + _FROM_BASELINE},
-    intruders={"help": "Count intruder dimensions (with --base) [default: off, unless the "
+    intruders={"show_default": False,
+               "help": "Count intruder dimensions (with --base) [default: off, unless the "
                        "rules check intruders]."},
     quiet={"help": "No progress bar or notes on stderr."})
 @click.option("-v", "--verbose", is_flag=True, help="List the passing checks too.")
@@ -167,7 +163,7 @@ def check_cmd(ctx: click.Context, path: str, **kw: Any) -> None:
     Exit status: 0 all passed, 1 a regression, 2 a usage or input error.
     With GITHUB_ACTIONS=true, failures are also printed as ::error annotations.
     """
-    _writable(kw["output"], "--output")
+    writable(kw["output"])
     from deltaspec.gate.check import load_rules, read_baseline, run_check
     from deltaspec.output import format_for
 

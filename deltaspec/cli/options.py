@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -110,6 +111,14 @@ def take(kw: dict[str, Any], name: str, required: bool = False) -> Any:
     return value
 
 
+def writable(path: str | None, option: str = "--output") -> None:
+    """Refuse an output file whose folder does not exist, before any work is done."""
+    if path:
+        parent = Path(path).parent if str(Path(path).parent) else Path(".")
+        if not parent.is_dir():
+            raise UsageError(f"{option} {path}: folder {parent} does not exist")
+
+
 def progress(kw: dict[str, Any]) -> bool:
     """Progress bars go to stderr, only when it is a terminal and -q is not given."""
     return not kw.get("quiet") and sys.stderr.isatty()
@@ -142,4 +151,4 @@ def emit(what: Any, kw: dict[str, Any], notes: list[str] | None = None) -> None:
 
 
 __all__ = ["ANALYSIS", "analysis_options", "emit", "format_option", "output_dir_option",
-           "output_file_option", "progress", "take", "to_options"]
+           "output_file_option", "progress", "take", "to_options", "writable"]
