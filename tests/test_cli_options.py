@@ -131,3 +131,26 @@ def test_help_and_argument_errors_import_no_torch(args):
     last = proc.stdout.strip().splitlines()[-1].split()
     assert last[0] == "HEAVY" and last[1] in ("0", "2"), proc.stdout + proc.stderr
     assert last[2:] == [], f"{args} imported {last[2:]}"
+
+
+def test_each_checkpoint_is_loaded_once(llama_lora, monkeypatch, tmp_path):
+    import deltaspec.analyze  # noqa: F401  (deltaspec.analyze itself is the function)
+    from deltaspec import loaders
+    from deltaspec.gate.snapshot import take_snapshot
+    from deltaspec.report import data as report_data
+
+    calls = []
+
+    def counting(path, base=None, **kw):
+        calls.append(str(path))
+        return loaders.load(path, base, **kw)
+
+    core = sys.modules["deltaspec.analyze"]
+    monkeypatch.setattr(core, "load", counting)
+    monkeypatch.setattr(report_data, "load", counting)
+    adapter, _ = llama_lora
+    report_data.collect({"a": adapter, "b": adapter}, include="q_proj", device="cpu")
+    assert calls == [str(adapter)] * 2  # one load per update, none inside the analysis
+    calls.clear()
+    take_snapshot(adapter, include="q_proj", device="cpu")
+    assert calls == [str(adapter)]
