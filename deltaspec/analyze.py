@@ -24,7 +24,7 @@ from deltaspec.delta import Delta
 from deltaspec.engine import distributed, relative
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.pipeline import Solved, shard, solve_stream
-from deltaspec.engine.spectrum import Spectrum, resolve_device
+from deltaspec.engine.spectrum import Spectrum, resolve_device, route
 from deltaspec.errors import DeltaspecError, ShapeError
 from deltaspec.loaders import Deltas, detect_format, load
 from deltaspec.names import kind_of, layer_of, match_key
@@ -165,7 +165,8 @@ def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Optio
 
 def _identity(d: Delta) -> dict[str, Any]:
     return {"module": d.name, "layer": layer_of(d.name), "kind": kind_of(d.name),
-            "method": d.method, "shape": f"{d.shape[0]}×{d.shape[1]}", "rank_bound": d.rank_bound}
+            "method": d.method, "shape": f"{d.shape[0]}×{d.shape[1]}", "rank_bound": d.rank_bound,
+            "route": route(d)}
 
 
 def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand, opts: Options,
@@ -225,7 +226,7 @@ def _compare_row(s: Solved, opts: Options, with_base: bool) -> dict[str, Any]:
     eigs = relative.BaseEigs()  # one eigh of W when both sides have the same base
     for i, side in enumerate(("a", "b")):
         d = s.deltas[i]
-        part = {"method": d.method, "rank_bound": d.rank_bound}
+        part = {"method": d.method, "rank_bound": d.rank_bound, "route": route(d)}
         part |= _side_metrics(s, i, opts, with_base, eigs)
         row |= {f"{c}_{side}": v for c, v in part.items()}
     return row | _pairwise(s, opts.k)
@@ -253,7 +254,7 @@ def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     for c in columns:
         if cols.is_integer(c) or c == "layer":
             df[c] = df[c].astype("Int64")
-    for c in ("kind", "method", "method_a", "method_b"):
+    for c in ("kind", "method", "method_a", "method_b", "route", "route_a", "route_b"):
         if c in df:
             df[c] = df[c].astype("string")
     return df

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from deltaspec.metrics.table import METRICS, names
 
-IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound")
+IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound", "route")
 # The metric columns, in order, from the metric table (deltaspec.metrics.table).
 SPECTRAL = names("spectral")
 BASE_RELATIVE = names("base_relative")
@@ -15,7 +15,7 @@ PAIRWISE = names("pairwise")
 
 INTEGER = frozenset({"rank_bound"} | {m.name for m in METRICS.values() if m.integer})
 # Columns that pair as <name>_a / <name>_b in a comparison.
-PER_SIDE_IDENTITY = ("method", "rank_bound")
+PER_SIDE_IDENTITY = ("method", "rank_bound", "route")
 
 TABLE_ANALYZE = ("module", "shape", "rank_bound", "fro_norm", "entropy", "normalized_entropy",
                  "effective_rank", "stable_rank", "top1_share")

@@ -1,8 +1,10 @@
-"""`Delta`: the one type every loader yields — a weight update ΔW, factored or dense, read lazily.
+"""`Delta`: the one type every loader yields — a weight update ΔW, read lazily, in one of three
+structures: factored (ΔW = B·A), Kronecker (ΔW = W₁ ⊗ W₂, each factor dense or itself B·A) or dense.
 
 A Delta knows its name, its canonical shape (out, in) and how to produce its tensors; nothing is
-read from disk until :meth:`Delta.factors` or :meth:`Delta.dense` is called. Factored deltas keep
-every scale folded into ``B`` so that ``ΔW = B @ A`` exactly.
+read from disk until :meth:`Delta.factors`, :meth:`Delta.kron_factors` or :meth:`Delta.dense` is
+called. Structured deltas keep every scale folded into the first factor (``B``, ``W₁``) so that
+``ΔW = B @ A`` (``torch.kron(W₁, W₂)``) exactly.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from deltaspec.errors import DeltaspecError, NumericalError
 
 Factors = tuple[torch.Tensor, torch.Tensor]
+# One factor of a Kronecker delta: a dense matrix, or (B, A) with the factor = B @ A.
+KronFactor = torch.Tensor | Factors
 
 
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -32,7 +36,8 @@ class Delta:
     Attributes:
         name: canonical module path, e.g. ``model.layers.0.self_attn.q_proj``.
         shape: (out, in) of ΔW.
-        rank_bound: structural rank bound: Σ r for a factored delta, min(out, in) for a dense one.
+        rank_bound: structural rank bound: Σ r for a factored delta, the product of the factors'
+            bounds for a Kronecker one, min(out, in) for a dense one.
         method: where it came from: ``lora``, ``multilora``, ``dora``, ``full``, ``modules_to_save``.
         source: the file the tensors are read from (used in error messages).
         base: optional thunk returning the base weight W0 in (out, in) orientation.
@@ -52,10 +57,23 @@ class Delta:
     base: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     bias: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     parts: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    _kron: Callable[[], tuple[KronFactor, KronFactor]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if (self._factors is None) == (self._dense is None):
-            raise ValueError("a Delta is either factored or dense")
+        if sum(x is not None for x in (self._factors, self._dense, self._kron)) != 1:
+            raise ValueError("a Delta is exactly one of factored, Kronecker or dense")
+
+    @property
+    def is_kronecker(self) -> bool:
+        """True when ΔW = W₁ ⊗ W₂ is kept as its two factors (never materialised)."""
+        return self._kron is not None
+
+    def kron_factors(self, dtype: torch.dtype = torch.float32) -> tuple[KronFactor, KronFactor]:
+        """(W₁, W₂) with ΔW = torch.kron(W₁, W₂); each a matrix or a (B, A) pair. Kronecker only."""
+        if self._kron is None:
+            raise DeltaspecError(f"{self.label}: not a Kronecker delta")
+        return tuple(_kron_factor(f, dtype, f"{self.label} (Kronecker factor {i + 1})")  # type: ignore[return-value]
+                     for i, f in enumerate(self._kron()))
 
     @property
     def is_factored(self) -> bool:
@@ -82,8 +100,21 @@ class Delta:
         if self._factors is not None:
             b, a = self.factors(torch.float64)
             return (b @ a).to(dtype)
+        if self._kron is not None:
+            w1, w2 = (as_matrix(f) for f in self.kron_factors(torch.float64))
+            return torch.kron(w1, w2).to(dtype)
         assert self._dense is not None
         return check_finite(self._dense().to(dtype), self.label)
+
+def as_matrix(f: KronFactor) -> torch.Tensor:
+    """A Kronecker factor as a matrix (a (B, A) pair multiplied out)."""
+    return f[0] @ f[1] if isinstance(f, tuple) else f
+
+
+def _kron_factor(f: KronFactor, dtype: torch.dtype, what: str) -> KronFactor:
+    if isinstance(f, tuple):
+        return check_finite(f[0].to(dtype), what), check_finite(f[1].to(dtype), what)
+    return check_finite(f.to(dtype), what)
 
 
 def factored(
@@ -104,3 +135,12 @@ def dense(
     """Build a dense Delta (``parts``: see :class:`Delta`)."""
     return Delta(name, shape, min(shape), method, source, _dense=load, base=base, bias=bias,
                  parts=parts)
+
+
+def kronecker(
+    name: str, shape: tuple[int, int], load: Callable[[], tuple[KronFactor, KronFactor]], *,
+    method: str, source: str, rank: int, base: Callable[[], torch.Tensor] | None = None,
+    bias: Callable[[], torch.Tensor] | None = None,
+) -> Delta:
+    """Build a Kronecker Delta: ΔW = W₁ ⊗ W₂ (scale folded into W₁), ``rank`` ≥ rank W₁ · rank W₂."""
+    return Delta(name, shape, min(rank, *shape), method, source, _kron=load, base=base, bias=bias)

@@ -26,7 +26,15 @@ from deltaspec.delta import Delta
 from deltaspec.engine import kernels
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.memory import Releaser, read_ahead
-from deltaspec.engine.spectrum import Spectrum, is_factored_route, operand, solve_dense, solve_factored
+from deltaspec.engine.spectrum import (
+    Spectrum,
+    is_factored_route,
+    operand,
+    route,
+    solve_dense,
+    solve_factored,
+    solve_kronecker,
+)
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -244,8 +252,8 @@ def stage(stager: Stager, sides: Sequence[Mapping[str, Delta]], job: Job, with_b
                 read_ahead(t)
         st = Staged(job, deltas, [ops], [bases], dev)
         if not stager.cuda:  # CPU: the worker's half of the cores forms the Gram matrix too
-            st.grams = [None if _factored_single(op) or op.is_zero() else kernels.gram(op)
-                        for op in ops]
+            st.grams = [None if _factored_single(op) or route(d) == "kronecker" or op.is_zero()
+                        else kernels.gram(op) for d, op in zip(deltas[0], ops, strict=True)]
     st.event = stager.fence()
     if releaser is not None and not job.batched:
         st.event.synchronize()  # the host copies are done: the mapped pages are free to go
@@ -285,7 +293,8 @@ def solve(st: Staged, vectors_k: int) -> Iterator[Solved]:
             b, a = st.stacks[s]
             col = solve_factored(b, a, [row[s].shape for row in st.deltas], vectors_k)
         else:
-            col = [_solve_one(st.ops[0][s], vectors_k, st.grams[s] if st.grams else None)]
+            col = [_solve_one(st.deltas[0][s], st.ops[0][s], vectors_k,
+                              st.grams[s] if st.grams else None)]
         for i, sp in enumerate(col):
             spectra[i].append(sp)
     for i, row in enumerate(st.deltas):
@@ -296,7 +305,10 @@ def _factored_single(op: Operand) -> bool:
     return not op.dense and len(op.factored) == 1 and op.factored[0][0].shape[1] < min(op.shape)
 
 
-def _solve_one(op: Operand, vectors_k: int, pre: tuple[torch.Tensor, bool] | None) -> Spectrum:
+def _solve_one(d: Delta, op: Operand, vectors_k: int,
+               pre: tuple[torch.Tensor, bool] | None) -> Spectrum:
+    if route(d) == "kronecker":
+        return solve_kronecker(d, vectors_k, op.device)
     if _factored_single(op):
         b, a = op.factored[0]
         return solve_factored(b[None], a[None], [op.shape], vectors_k)[0]

@@ -12,6 +12,8 @@ Routes:
 - **gram+randomized** (top-k vectors of a large dense matrix): subspace iteration on the Gram from
   a seeded random block, its length chosen from the exact eigenvalues and its Ritz residuals
   checked; σ stay exact (from ``eigvalsh``).
+- **kronecker** (ΔW = W₁ ⊗ W₂, LoKr): σ are the pairwise products σᵢ(W₁)·σⱼ(W₂) of the factors'
+  float64 SVDs; top vectors are u₁ᵢ ⊗ u₂ⱼ, v₁ᵢ ⊗ v₂ⱼ. Exact; ΔW is never materialised for it.
 - **zero** matrices are answered without a solver.
 Values come back as float64 on the CPU, descending, padded with exact zeros to min(m, n); the
 same numbers (to ~1e-12) whatever the device.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaspec.delta import Delta, check_finite
+from deltaspec.delta import Delta, KronFactor, check_finite
 from deltaspec.engine import kernels
 from deltaspec.engine.kernels import Operand
 from deltaspec.errors import UsageError
@@ -91,9 +93,17 @@ def truncate(sp: Spectrum, k: int) -> Spectrum:
     return Spectrum(sp.values[:k], sp.shape, sp.route, cut(sp.U), cut(sp.V))
 
 
+def route(d: Delta) -> str:
+    """The route that solves ``d``: "kronecker", "factored" (inner rank below min(m, n)) or
+    "dense" (Gram / SVD; zero matrices are found there). The only place this is decided."""
+    if d.is_kronecker:
+        return "kronecker"
+    return "factored" if d.is_factored and d.rank_bound < min(d.shape) else "dense"
+
+
 def is_factored_route(d: Delta) -> bool:
     """True when ``d`` is solved through its factors (inner rank below min(m, n))."""
-    return d.is_factored and d.rank_bound < min(d.shape)
+    return route(d) == "factored"
 
 
 def operand(d: Delta, device: torch.device,
@@ -118,7 +128,9 @@ def compute(x: Delta | torch.Tensor, *, vectors_k: int = 0,
     """All singular values, plus the top ``vectors_k`` vectors (-1: all, 0: none)."""
     dev = resolve_device(device)
     if isinstance(x, Delta):
-        if is_factored_route(x):
+        if route(x) == "kronecker":
+            return solve_kronecker(x, vectors_k, dev)
+        if route(x) == "factored":
             b, a = x.factors(torch.float32)
             return solve_factored(b[None].to(dev), a[None].to(dev), [x.shape], vectors_k)[0]
         return solve_dense(operand(x, dev), vectors_k)
@@ -172,3 +184,15 @@ def solve_factored(b: torch.Tensor, a: torch.Tensor, shapes: list[tuple[int, int
         v = None if vs is None else vs[i]
         out.append(Spectrum(_pad(values[i], min(shape)), shape, "factored", u, v))
     return out
+
+
+def solve_kronecker(d: Delta, vectors_k: int, device: torch.device) -> Spectrum:
+    """The spectrum of a Kronecker delta W₁ ⊗ W₂ from its factors (on ``device``)."""
+    def move(f: KronFactor) -> KronFactor:
+        return (f[0].to(device), f[1].to(device)) if isinstance(f, tuple) else f.to(device)
+
+    w1, w2 = d.kron_factors(torch.float64)  # small: the SVDs run in float64 anyway
+    res = kernels.kron_solve(move(w1), move(w2), vectors_k)
+    if not bool(res.values.any()):
+        return zero_spectrum(d.shape, vectors_k)
+    return Spectrum(_pad(res.values, min(d.shape)), d.shape, "kronecker", _cpu(res.U), _cpu(res.V))

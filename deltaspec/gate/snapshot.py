@@ -55,7 +55,7 @@ VERSION = 1
 ENCODING = "float16-base64-le"
 SKETCH_HASH = "splitmix64-osnap8"
 SKETCH_NNZ = 8  # non-zeros per column of the sparse sketch
-_IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound")
+_IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound", "route")
 
 
 @dataclass(frozen=True, eq=False)
