@@ -242,3 +242,29 @@ def multilora_adapter(model, folder: Path, n: int = 3, r: int = 2, lora_alpha: f
               "scaling_shape": "n", "target_modules": sorted(set(target_modules))}
     (folder / "multilora_config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders for the other PEFT types (AdaLoRA, VeRA, LoHa, LoKr, IA3, OFT, BOFT, FourierFT).
+
+
+def peft_typed_adapter(model, folder: Path, config, seed: int = 3, noise: float = 0.1):
+    """A PEFT adapter of any type whose every trainable tensor is moved off its initialisation
+    (as training would: most types start at ΔW = 0). Returns (folder, PeftModel)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(model), config)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(noise * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(folder)
+    return folder, pm
+
+
+def expected_deltas64(base_model, peft_model) -> dict[str, torch.Tensor]:
+    """:func:`expected_deltas` with PEFT's merge run in float64 (no float32 cancellation in
+    W + ΔW − W, so the oracle is exact where ΔW is small against W)."""
+    return expected_deltas(copy.deepcopy(base_model).double(), copy.deepcopy(peft_model).double())

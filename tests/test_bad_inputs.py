@@ -65,7 +65,7 @@ def _bad_json(tmp: Path, ctx: dict) -> tuple[list[str], str]:
 
 def _peft_type(tmp: Path, ctx: dict) -> tuple[list[str], str]:
     d = copy_adapter(ctx["adapter"], tmp / "a")
-    cfg = json.loads((d / "adapter_config.json").read_text()) | {"peft_type": "BOFT"}
+    cfg = json.loads((d / "adapter_config.json").read_text()) | {"peft_type": "HRA"}
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     return [str(d)], "adapter_config.json"
 

@@ -30,7 +30,20 @@ from typing import Any
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
-from deltaspec.loaders import full, multilora, peft_common, peft_lora
+from deltaspec.loaders import (
+    adalora,
+    boft,
+    fourierft,
+    full,
+    ia3,
+    loha,
+    lokr,
+    multilora,
+    oft,
+    peft_common,
+    peft_lora,
+    vera,
+)
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
 from deltaspec.loaders.contract import FormatModule, LoadOptions
 from deltaspec.loaders.store import read_json
@@ -47,6 +60,14 @@ class Deltas(dict[str, Delta]):
 
 FORMATS: tuple[tuple[str, FormatModule], ...] = (
     ("peft-lora", peft_lora),
+    ("peft-adalora", adalora),
+    ("peft-vera", vera),
+    ("peft-loha", loha),
+    ("peft-lokr", lokr),
+    ("peft-ia3", ia3),
+    ("peft-oft", oft),
+    ("peft-boft", boft),
+    ("peft-fourierft", fourierft),
     ("multilora", multilora),
     ("full", full),
 )

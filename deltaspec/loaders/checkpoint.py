@@ -85,6 +85,21 @@ class Checkpoint:
         return load
 
 
+    def canonical_shape(self, name: str, fan_in_fan_out: bool | None = None) -> tuple[int, int]:
+        """The (out, in·k…) shape of module ``name``'s weight (Conv1D weights are stored (in, out))."""
+        key = self.find(name + ".weight") or self.find(name)
+        if key is None:
+            raise CheckpointError(f"{self.folder}: base has no weight for module {name!r}")
+        stored = self.store.shape(key)
+        if len(stored) < 2:
+            raise CheckpointError(f"{self.store.file_of(key)}: tensor {key!r} of shape {stored} is "
+                                  "not a weight matrix")
+        conv = is_conv1d(self.model_type, name) if has_conv1d(self.model_type) else fan_in_fan_out
+        if len(stored) == 2 and conv:
+            return stored[1], stored[0]
+        return stored[0], math.prod(stored[1:])
+
+
 def needs_transpose(stored: tuple[int, ...], shape: tuple[int, int], conv: bool, what: str) -> bool:
     """Whether a stored weight must be transposed to be (out, in) = ``shape``.
 

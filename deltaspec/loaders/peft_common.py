@@ -8,6 +8,7 @@ format module reads it is decided by the config's ``peft_type`` alone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,11 @@ from typing import Any
 
 import torch
 
-from deltaspec.errors import CheckpointError, UsageError
+from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
 from deltaspec.loaders.checkpoint import Checkpoint, needs_transpose
 from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.store import TensorStore, read_json
+from deltaspec.names import strip_peft_prefix
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -107,3 +109,60 @@ def open_adapter(path: Path, base: Checkpoint | None,
     if len(store) == 0:
         raise CheckpointError(f"{weights}: the adapter holds no tensors")
     return Ctx(store, config, base, str(weights), folder / CONFIG, skipped)
+
+
+_FULL = re.compile(r"^(?P<mod>.+?)(?P<base>\.base_layer)?\.(?P<leaf>weight|bias)$")
+
+
+@dataclass
+class Grouped:
+    """An adapter's keys by role: each adapted module's parts, saved base layers, full weights."""
+
+    modules: dict[str, dict[str, str]] = field(default_factory=dict)  # module → part → key
+    base_layer: dict[str, dict[str, str]] = field(default_factory=dict)  # module → leaf → key
+    full: dict[str, dict[str, str]] = field(default_factory=dict)  # modules_to_save
+    shared: dict[str, str] = field(default_factory=dict)  # part → key of a model-level tensor
+    other: list[str] = field(default_factory=list)
+
+
+def group(ctx: Ctx, parts: tuple[str, ...], shared: tuple[str, ...] = ()) -> Grouped:
+    """Sort the adapter's keys: ``<module>.<part>[.<adapter>][.weight]`` for each name in ``parts``,
+    model-level ``base_model.<name>`` tensors for each in ``shared``, base layers and full weights."""
+    alt = "|".join(sorted(parts, key=len, reverse=True))
+    part_re = re.compile(rf"^(?P<mod>.+?)\.(?P<part>{alt})(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
+    g = Grouped()
+    for key in ctx.store:
+        name = strip_peft_prefix(key)
+        head = key.removeprefix("base_model.").split(".")[0]
+        if head in shared and key.count(".") <= 2:
+            g.shared[head] = key
+        elif m := part_re.match(name):
+            g.modules.setdefault(m["mod"], {})[m["part"]] = key
+        elif m := _FULL.match(name):
+            target = g.base_layer if m["base"] else g.full
+            target.setdefault(m["mod"], {})[m["leaf"]] = key
+        else:
+            g.other.append(key)
+    ctx.base_layers = g.base_layer
+    return g
+
+
+def require_base(ctx: Ctx, what: str) -> Checkpoint:
+    """The base checkpoint, or a one-line error saying why ``what`` needs it."""
+    if ctx.base is None:
+        raise UsageError(f"{ctx.source}: {what}, so pass --base")
+    return ctx.base
+
+
+def check_options(ctx: Ctx, unsupported: dict[str, Callable[[Any], bool]]) -> None:
+    """An :class:`UnsupportedError` naming the config and the option for the first option whose
+    value the predicate flags (deltaspec would not report this adapter's exact ΔW)."""
+    for option, bad in unsupported.items():
+        if option in ctx.config and bad(ctx.config[option]):
+            raise UnsupportedError(f"{ctx.config_path}: {option}={ctx.config[option]!r} is not "
+                                   f"supported for peft_type {ctx.config.get('peft_type')!r}")
+
+
+def truthy(value: Any) -> bool:
+    """An option that is set (not None/False/0/empty)."""
+    return bool(value)

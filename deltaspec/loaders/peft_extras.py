@@ -15,7 +15,7 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders import peft_config
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.peft_common import Ctx, Grouped
 from deltaspec.names import has_conv1d, is_conv1d, match_key
 
 NO_BASE = "{what}; pass --base to analyse it"
@@ -126,3 +126,29 @@ def _tokens_delta(ctx: Ctx, name: str, key: str, base_key: str, idx: list[int],
 
     return _delta.dense(name, shape, load, method="trainable_tokens", source=ctx.source,
                         base=lambda: base.tensor(base_key))
+
+
+def finish(ctx: Ctx, out: dict[str, Delta], groups: Grouped, what: str) -> dict[str, Delta]:
+    """Add an adapter's full weights (modules_to_save, base layers saved without an adapter on
+    them) to the adapted modules' deltas ``out``; list every other key in ``.skipped``."""
+    if not groups.modules:
+        first = next(iter(ctx.store.keys()), "")
+        raise CheckpointError(f"{ctx.source}: holds no {what} tensor (the first key is {first!r}); "
+                              f"is peft_type {ctx.config.get('peft_type')!r} right?")
+    for name, keys in groups.base_layer.items():
+        if name not in out:
+            groups.full.setdefault(name, keys)
+    for name, d in full_weights(ctx, groups.full).items():
+        if name in out:
+            raise CheckpointError(f"{ctx.source}: module {name!r} holds both {what} tensors and a "
+                                  "full weight")
+        out[name] = d
+    ctx.skipped.extend((key, f"not a {what} tensor deltaspec knows") for key in groups.other)
+    if not out and not ctx.skipped:
+        raise CheckpointError(f"{ctx.source}: the adapter holds no {what} tensors")
+    return out
+
+
+def module_bias(ctx: Ctx, name: str, out: int) -> Callable[[], torch.Tensor] | None:
+    """The trained bias of an adapted module (``bias="all"`` etc.: saved − base), or None."""
+    return trained_bias(ctx, name, ctx.base_layers.get(name, {}).get("bias"), out)

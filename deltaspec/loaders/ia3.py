@@ -1,0 +1,96 @@
+"""PEFT IA³ adapters (``peft_type: IA3``): learned vectors l that rescale a layer; needs the base.
+
+PEFT merges W′ = W ⊙ l (``ia3/layer.py``): for an attention-type module l is (out, 1) and
+ΔW = (diag(l) − I)·W (its bias is rescaled too: Δb = (l − 1) ⊙ b); for a module listed in
+``feedforward_modules`` l is (1, in) and ΔW = W·(diag(l) − I) (bias unchanged). For Linear and
+Conv1D layers the stored shape of l says which; a conv layer's l is (1, c, 1, 1) either way, so
+there ``feedforward_modules`` (matched like PEFT: a regex fully matching the module path, or a
+list of suffixes) decides, and a feed-forward l scales every kernel position of its input
+channel. Dense (the update is a rescaled base weight).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from deltaspec import delta as _delta
+from deltaspec.delta import Delta
+from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
+from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.peft_common import Ctx
+
+PEFT_TYPES = ("IA3",)
+detect = peft_common.detector(*PEFT_TYPES)
+PARTS = ("ia3_l",)
+NEEDS_BASE = "an IA3 update rescales the base weight (ΔW = W·(diag(l) − I) or (diag(l) − I)·W)"
+
+
+def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+         skipped: Skipped) -> dict[str, Delta]:
+    """Every module's dense ΔW in a PEFT IA³ adapter folder."""
+    ctx = peft_common.open_adapter(folder, base, skipped)
+    bs = peft_common.require_base(ctx, NEEDS_BASE)
+    groups = peft_common.group(ctx, PARTS)
+    out = {name: _module(ctx, bs, name, keys["ia3_l"]) for name, keys in groups.modules.items()}
+    return peft_extras.finish(ctx, out, groups, "IA3")
+
+
+def is_feedforward(ctx: Ctx, name: str) -> bool:
+    """PEFT's ``_check_target_module_feedforward`` on the module path ``name``."""
+    spec = ctx.config.get("feedforward_modules") or []
+    if isinstance(spec, str):
+        try:
+            return re.fullmatch(spec, name) is not None
+        except re.error as exc:
+            raise ConfigError(f"{ctx.config_path}: feedforward_modules {spec!r} is not a valid "
+                              f"pattern ({exc})") from None
+    return any(name.endswith(str(k)) for k in spec)
+
+
+def _module(ctx: Ctx, bs: Checkpoint, name: str, key: str) -> Delta:
+    fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
+    shape = bs.canonical_shape(name, fan_in_fan_out)
+    stored = ctx.shape(key)
+    base = bs.oriented(name, shape, fan_in_fan_out)
+    base_key = bs.find(name + ".weight") or ""
+    kernel = len(bs.store.shape(base_key)) > 2
+    row, col = stored == (shape[0], 1), stored == (1, shape[1])
+    repeat = 1
+    if kernel:
+        ff = is_feedforward(ctx, name)
+        channels = bs.store.shape(base_key)[1] if ff else shape[0]
+        if stored[0] != 1 or len(stored) < 2 or stored[1] != channels or any(x != 1 for x in stored[2:]):
+            raise UnsupportedError(f"{ctx.source}: {key} has shape {stored}; deltaspec reads IA3 "
+                                   f"on ungrouped conv layers ({channels} channels here)")
+        repeat = shape[1] // channels if ff else 1
+    elif row or col:
+        ff = col if row != col else is_feedforward(ctx, name)
+    else:
+        raise CheckpointError(f"{ctx.source}: {key} has shape {stored}, neither ({shape[0]}, 1) "
+                              f"nor (1, {shape[1]}) for the base's {shape} weight")
+
+    def scale() -> torch.Tensor:  # l − 1, per row (out) or per column (in·k…)
+        lm1 = ctx.get64(key).reshape(-1) - 1.0
+        return lm1.repeat_interleave(repeat) if ff else lm1
+
+    def load() -> torch.Tensor:
+        w = base().to(torch.float64)
+        return w * scale()[None, :] if ff else w * scale()[:, None]
+
+    return _delta.dense(name, shape, load, method="ia3", source=ctx.source, base=base,
+                        bias=None if ff else _bias(ctx, bs, name, scale, shape[0]))
+
+
+def _bias(ctx: Ctx, bs: Checkpoint, name: str, scale: Callable[[], torch.Tensor],
+          out: int) -> Callable[[], torch.Tensor] | None:
+    """Δb = (l − 1) ⊙ b of an attention-type module with a bias (None without one)."""
+    key = bs.find(name + ".bias")
+    if key is None:
+        return peft_extras.module_bias(ctx, name, out)
+    return lambda: scale() * bs.tensor(key).to(torch.float64)

@@ -1,0 +1,86 @@
+"""PEFT LoKr adapters (``peft_type: LOKR``): ΔW = (W₁ ⊗ W₂)·α/r, kept as its two Kronecker factors.
+
+W₁ is ``lokr_w1`` (a, c) or ``lokr_w1_a``·``lokr_w1_b`` (``decompose_both``); W₂ is ``lokr_w2``
+(b, d[, kh, kw]), ``lokr_w2_a``·``lokr_w2_b``, or with ``use_effective_conv2d`` the Tucker form
+w₂ₐᵀ·(t₂ ×₂ w₂ᵦᵀ) (PEFT ``lokr/layer.py``: ``make_kron``, ``make_weight_cp``). A conv kernel
+flattens to (out, in·kh·kw) = (a·b, c·d·kh·kw), which is exactly W₁ ⊗ W₂ with W₂ flattened to
+(b, d·kh·kw). The engine's Kronecker route takes σ as the pairwise products of the factors' σ —
+exact, never dense. The scale is α/r with r, α from the config (``rank_pattern`` /
+``alpha_pattern``), also when both factors are full matrices (PEFT scales those by α/r too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deltaspec import delta as _delta
+from deltaspec.delta import Delta, KronFactor
+from deltaspec.errors import CheckpointError
+from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.loha import factor_pair, factor_value, lycoris_scale
+from deltaspec.loaders.peft_common import Ctx
+
+PEFT_TYPES = ("LOKR",)
+detect = peft_common.detector(*PEFT_TYPES)
+PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+         skipped: Skipped) -> dict[str, Delta]:
+    """Every module's Kronecker ΔW in a PEFT LoKr adapter folder."""
+    ctx = peft_common.open_adapter(folder, base, skipped)
+    groups = peft_common.group(ctx, PARTS)
+    out = {name: _module(ctx, name, keys) for name, keys in groups.modules.items()}
+    return peft_extras.finish(ctx, out, groups, "LoKr")
+
+
+Side = tuple[str, str | None, str | None]  # (full key | a key, b key, Tucker core key)
+
+
+def _side(ctx: Ctx, name: str, keys: dict[str, str], i: int) -> tuple[Side, tuple[int, int], int]:
+    """Factor ``i``: its keys, its (rows, cols·k…) shape and a rank bound."""
+    full, a, b, t = (keys.get(f"lokr_w{i}"), keys.get(f"lokr_w{i}_a"), keys.get(f"lokr_w{i}_b"),
+                     keys.get(f"lokr_t{i}"))
+    if full is not None and a is None and b is None and t is None:
+        shape = ctx.shape(full)
+        if len(shape) < 2:
+            raise CheckpointError(f"{ctx.source}: {name}: lokr_w{i} has shape {shape}")
+        flat = (shape[0], _prod(shape[1:]))
+        return (full, None, None), flat, min(flat)
+    if full is None and a is not None and b is not None:
+        flat, r = factor_pair(ctx, name, a, b, t)
+        return (a, b, t), flat, min(r, *flat)
+    raise CheckpointError(f"{ctx.source}: module {name!r}: Kronecker factor {i} needs lokr_w{i} "
+                          f"or lokr_w{i}_a and lokr_w{i}_b")
+
+
+def _prod(dims: tuple[int, ...]) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def _value(ctx: Ctx, side: Side, scale: float) -> KronFactor:
+    first, b, t = side
+    if b is None:
+        w = ctx.get64(first)
+        return w.reshape(w.shape[0], -1) * scale
+    bf, af = factor_value(ctx, first, b, t)
+    return bf * scale, af
+
+
+def _module(ctx: Ctx, name: str, keys: dict[str, str]) -> Delta:
+    (side1, (a, c), r1), (side2, (b, d), r2) = (_side(ctx, name, keys, i) for i in (1, 2))
+    if len(ctx.shape(side1[0])) != 2:
+        raise CheckpointError(f"{ctx.source}: {name}: the first Kronecker factor must be a matrix")
+    _, s = lycoris_scale(ctx, name)
+    shape = (a * b, c * d)
+
+    def load() -> tuple[KronFactor, KronFactor]:
+        return _value(ctx, side1, s), _value(ctx, side2, 1.0)
+
+    return _delta.kronecker(name, shape, load, method="lokr", source=ctx.source, rank=r1 * r2,
+                            base=ctx.base_weight(name, shape, None))
