@@ -223,3 +223,24 @@ def test_a_typed_adapter_with_foreign_keys_names_them(tmp_path, llama_lora):
                                               r"\(the first key is '.*lora_.*'\); is peft_type "
                                               r"'LOKR' right\?$"):
         deltaspec.load(tmp_path / "a")
+
+
+@pytest.mark.parametrize(("n", "blocks", "size", "factors"), [(16, 4, 4, 2), (32, 8, 4, 3),
+                                                              (24, 6, 4, 1)])
+def test_boft_butterfly_is_pefts(n, blocks, size, factors):
+    """Several butterfly factors (PEFT builds them only with its CUDA extension): the permutation
+    is PEFT's own, and W·Mᵀ applied factor by factor is W times PEFT's product matrix."""
+    from peft.tuners.boft.layer import BOFTLayer
+
+    from deltaspec.loaders import boft
+
+    g = torch.Generator().manual_seed(0)
+    rot = boft.cayley(torch.randn(factors, blocks, size, size, generator=g, dtype=torch.float64))
+    w = torch.randn(5, n, generator=g, dtype=torch.float64)
+    m = torch.eye(n, dtype=torch.float64)
+    for i in range(factors):
+        perm = BOFTLayer.block_butterfly_perm(None, n, int(blocks / 2**i), int(size / 2), factors - 1)
+        assert torch.equal(boft.butterfly_perm(n, int(blocks / 2**i), int(size / 2), factors - 1), perm)
+        p = BOFTLayer.perm2mat(None, perm).to(torch.float64)
+        m = p @ torch.block_diag(*rot[i]) @ p.T @ m
+    assert torch.allclose(boft.rotate(w, rot), w @ m.T, atol=1e-12)

@@ -263,3 +263,23 @@ def test_bad_arguments():
         with pytest.raises(UsageError, match="CUDA"):
             resolve_device("cuda:0")
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_kronecker_route_matches_numpy(low_rank):
+    """σ(W₁ ⊗ W₂) from the factors = float64 numpy SVD of the dense Kronecker product, with a
+    rank-deficient second factor given dense or as B·A; an all-zero factor is the zero route."""
+    from deltaspec.delta import kronecker
+
+    g = torch.Generator().manual_seed(3)
+    w1 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    b, a = torch.randn(4, 2, generator=g, dtype=torch.float64), torch.randn(2, 6, generator=g,
+                                                                          dtype=torch.float64)
+    w2 = (b, a) if low_rank else b @ a
+    d = kronecker("m", (12, 30), lambda: (w1, w2), method="lokr", source="t", rank=6)
+    sp = spectrum(d, device="cpu")
+    want = np.linalg.svd(np.kron(w1.numpy(), (b @ a).numpy()), compute_uv=False)
+    assert sp.route == "kronecker" and sp.values.shape == (12,)
+    assert np.abs(sp.values.numpy() - want).max() <= 1e-12 * want[0]
+    zero = kronecker("z", (12, 30), lambda: (w1 * 0, w2), method="lokr", source="t", rank=6)
+    assert spectrum(zero, device="cpu").route == "zero"

@@ -29,6 +29,7 @@ import torch
 from deltaspec.delta import Delta, KronFactor, check_finite
 from deltaspec.engine import kernels
 from deltaspec.engine.kernels import Operand
+from deltaspec.engine.kronecker import kron_solve
 from deltaspec.errors import UsageError
 
 
@@ -192,7 +193,7 @@ def solve_kronecker(d: Delta, vectors_k: int, device: torch.device) -> Spectrum:
         return (f[0].to(device), f[1].to(device)) if isinstance(f, tuple) else f.to(device)
 
     w1, w2 = d.kron_factors(torch.float64)  # small: the SVDs run in float64 anyway
-    res = kernels.kron_solve(move(w1), move(w2), vectors_k)
+    res = kron_solve(move(w1), move(w2), vectors_k)
     if not bool(res.values.any()):
         return zero_spectrum(d.shape, vectors_k)
     return Spectrum(_pad(res.values, min(d.shape)), d.shape, "kronecker", _cpu(res.U), _cpu(res.V))
