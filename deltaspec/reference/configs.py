@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from .data import DataConfig
-from .layers import SCALING_SHAPES
+from .layers import MULTILORA_INITS, SCALING_SHAPES
 from .model import ModelConfig
 
 METHODS = ("lora", "multilora", "full")
@@ -40,6 +40,12 @@ class TrainConfig:
     seq_len: int = 64
     # Seed of initialisation and batch order.
     seed: int = 0
+    # Early stopping (fine-tuning only): evaluate the held-out (validation) loss every
+    # ``eval_every`` steps (0 = never), stop after ``patience`` evaluations without an
+    # improvement larger than ``min_delta`` (0 = never stop), end on the best parameters.
+    eval_every: int = 0
+    patience: int = 0
+    min_delta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ class AdapterConfig:
     target_modules: tuple[str, ...] = ALL_LINEAR
     # Give LoRA rank n·r, i.e. the same trainable parameters as MultiLoRA minus its scalings.
     match_params: bool = True
+    # MultiLoRA initialisation: "multilora" (the paper: A and B Kaiming-uniform, scalings zero)
+    # or "lora" (A Kaiming-uniform, B zero, scalings one: LoRA's init in MultiLoRA's shape).
+    init: str = "multilora"
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.r < 1:
@@ -66,6 +75,8 @@ class AdapterConfig:
             raise ValueError(f"scaling_shape must be one of {SCALING_SHAPES}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"alpha must be > 0 (got {self.alpha})")
+        if self.init not in MULTILORA_INITS:
+            raise ValueError(f"init must be one of {MULTILORA_INITS}")
         if not self.target_modules:
             raise ValueError("target_modules must not be empty")
 

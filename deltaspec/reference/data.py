@@ -85,6 +85,10 @@ class DataConfig:
     n_train_per_task: int = 1500
     # Held-out examples per task: 64 gives accuracy steps of 1.6 points, evaluation in seconds.
     n_heldout_per_task: int = 64
+    # Validation examples per task (early stopping): drawn from the held-out key space like the
+    # held-out split but disjoint from it, with their own random stream (recall has none: its
+    # held-out questions are all there are).
+    n_validation_per_task: int = 32
     # Lines of pretraining text (~40 characters each, ~0.3 M characters in all).
     n_pretrain_lines: int = 8000
     # Lengths of the random lowercase strings of the transform tasks.
@@ -113,6 +117,7 @@ class TaskMixture:
     facts: dict[str, str]
     heldout_countries: list[str]
     pretrain_lines: list[str] = field(repr=False)
+    validation: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
 
 _NOUNS = ("soup", "room", "staff", "film", "music", "bread", "view", "service", "show", "garden",
@@ -264,7 +269,28 @@ def build_mixture(cfg: DataConfig | None = None) -> TaskMixture:
         train[task], heldout[task] = _task_splits(task, rng, cfg, facts, set(heldout_c))
     corpus_rng = random.Random(f"{cfg.seed}/pretrain")  # the corpus does not depend on the tasks
     lines = [_pretrain_line(corpus_rng, cfg, facts) for _ in range(cfg.n_pretrain_lines)]
-    return TaskMixture(train, heldout, facts, heldout_c, lines)
+    validation = _validation(cfg, facts, heldout)
+    return TaskMixture(train, heldout, facts, heldout_c, lines, validation)
+
+
+def _validation(cfg: DataConfig, facts: dict[str, str],
+                heldout: dict[str, list[Example]]) -> dict[str, list[Example]]:
+    """Validation examples from the held-out key space, none of them a held-out prompt."""
+    rng = random.Random(f"{cfg.seed}/validation")  # its own stream: the other splits are unchanged
+    out: dict[str, list[Example]] = {}
+    for task in TASKS:
+        if task == "capital":
+            continue
+        taken, val = {e.prompt for e in heldout[task]}, []
+        for _ in range(200 * max(1, cfg.n_validation_per_task)):
+            if len(val) >= cfg.n_validation_per_task:
+                break
+            ex = _sample(task, rng, cfg, facts)
+            if _hash_bucket(f"{task}|{_split_key(ex)}", 5) == 0 and ex.prompt not in taken:
+                val.append(ex)
+                taken.add(ex.prompt)
+        out[task] = val
+    return out
 
 
 def chance_accuracy(task: str, cfg: DataConfig | None = None) -> float:

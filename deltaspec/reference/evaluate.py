@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import Example
@@ -100,6 +101,25 @@ def exact_match(
         ok = ((pred == labels) | (labels == IGNORE)).all(dim=1)
         correct += int(ok.sum())
     return correct / len(encoded)
+
+
+@torch.no_grad()
+def answer_loss(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    encoded: list[tuple[list[int], int]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 128,
+) -> float:
+    """Mean teacher-forced cross-entropy of the answer (and EOS) tokens of ``encoded``."""
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        inputs, labels = collate(encoded[start : start + batch_size], pad_id, device)
+        logits = model(inputs)  # (B, T, V)
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                       ignore_index=IGNORE, reduction="sum"))
+        count += int((labels != IGNORE).sum())
+    return total / max(1, count)
 
 
 def evaluate_tasks(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SCALING_SHAPES = ("n", "n_out")
+MULTILORA_INITS = ("multilora", "lora")
 
 
 def lora_num_params(in_features: int, out_features: int, r: int) -> int:
@@ -115,8 +116,11 @@ class MultiLoRALinear(nn.Module):
         r: int,
         alpha: float | None = None,
         scaling_shape: str = "n",
+        init: str = "multilora",
     ) -> None:
         super().__init__()
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {MULTILORA_INITS}, got {init!r}")
         if n < 1 or r < 1:
             raise ValueError(f"MultiLoRA needs n >= 1 and r >= 1, got n={n}, r={r}")
         if scaling_shape not in SCALING_SHAPES:
@@ -129,10 +133,9 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(n, fout, r, device=w.device, dtype=w.dtype))
         scaling = (n,) if scaling_shape == "n" else (n, fout)
         self.lora_scaling = nn.Parameter(torch.zeros(scaling, device=w.device, dtype=w.dtype))
+        self.init = init
         with torch.no_grad():
-            for i in range(n):  # per-module 2-D init: fan_in of Aᵢ is `in`, of Bᵢ is r
-                _kaiming(self.lora_A[i])
-                _kaiming(self.lora_B[i])
+            _INITS[init](self)
 
     @property
     def scale(self) -> float:
@@ -169,6 +172,24 @@ class MultiLoRALinear(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
+def _init_multilora(layer: MultiLoRALinear) -> None:
+    """The paper's init: every Aᵢ and Bᵢ Kaiming-uniform (per-module 2-D fan-in), scalings 0."""
+    for i in range(layer.n):  # fan_in of Aᵢ is `in`, of Bᵢ is r
+        _kaiming(layer.lora_A[i])
+        _kaiming(layer.lora_B[i])
+    layer.lora_scaling.zero_()
+
+
+def _init_lora(layer: MultiLoRALinear) -> None:
+    """LoRA's init in MultiLoRA's shape: Aᵢ Kaiming-uniform, Bᵢ zero, scalings 1 (ΔW = 0 too)."""
+    for i in range(layer.n):
+        _kaiming(layer.lora_A[i])
+    layer.lora_B.zero_()
+    layer.lora_scaling.fill_(1.0)
+
+
+_INITS = {"multilora": _init_multilora, "lora": _init_lora}
+
 AdapterLayer = LoRALinear | MultiLoRALinear
 
 
@@ -196,6 +217,7 @@ def apply_adapters(
     n: int = 1,
     alpha: float | None = None,
     scaling_shape: str = "n",
+    init: str = "multilora",
 ) -> dict[str, AdapterLayer]:
     """Freeze ``model`` and wrap every targeted nn.Linear in a LoRA or MultiLoRA layer.
 
@@ -218,7 +240,8 @@ def apply_adapters(
         if method == "lora":
             layer = LoRALinear(base, r=r, alpha=alpha)
         else:
-            layer = MultiLoRALinear(base, n=n, r=r, alpha=alpha, scaling_shape=scaling_shape)
+            layer = MultiLoRALinear(base, n=n, r=r, alpha=alpha, scaling_shape=scaling_shape,
+                                    init=init)
         _set_submodule(model, path, layer)
         layers[path] = layer
     return layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,12 @@ from .evaluate import IGNORE, MemoryMeter
 Log = Callable[[str], None]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every random source the reference uses (Python's ``random`` and torch, all devices)."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
 def default_threads() -> int:
     """Intra-op threads by default: 1.
 
@@ -31,21 +38,32 @@ def default_threads() -> int:
     threads on a shared 2-core machine wait on each other at every barrier: measured here with
     other jobs running (load average 2-4), a pretraining step ran 3-8x slower with 2 threads than
     with 1. One thread also keeps tokens/s comparable between methods. Pass ``threads=2`` to use
-    both cores of an otherwise idle machine.
+    both cores of an otherwise idle machine, or any other count on a bigger one.
     """
     return 1
 
 
 @contextmanager
 def thread_limit(n: int | None) -> Iterator[int]:
-    """Use ``n`` intra-op threads (default :func:`default_threads`; never more than 2)."""
-    before = torch.get_num_threads()
-    want = max(1, min(n or default_threads(), 2, os.cpu_count() or 1))
+    """Run with ``n`` intra-op threads (default :func:`default_threads`) and deterministic kernels.
+
+    Same seed, same thread count, same machine → bit-identical results: the thread count fixes
+    how reductions are split, and ``torch.use_deterministic_algorithms`` rules out the kernels
+    (mostly CUDA ones) whose results depend on scheduling. Both settings are restored on exit.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be >= 1 (got {n})")
+    before, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    want = n or default_threads()
     torch.set_num_threads(want)
+    torch.use_deterministic_algorithms(True)
+    if torch.cuda.is_available():  # cuBLAS needs a fixed workspace to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         yield want
     finally:
         torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(det)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -67,6 +85,48 @@ def _loss_summary(losses: list[float], points: int = 40) -> dict:
     return {"first": losses[0], "final": sum(tail) / len(tail), "min": min(losses), "curve": curve}
 
 
+class EarlyStop:
+    """Patience on a held-out loss: evaluate every ``cfg.eval_every`` steps, keep the best
+    trainable parameters, stop after ``cfg.patience`` evaluations without an improvement of more
+    than ``cfg.min_delta``, and restore the best parameters at the end."""
+
+    def __init__(self, params: list[nn.Parameter], cfg: TrainConfig,
+                 evaluate: Callable[[], float] | None) -> None:
+        self.params, self.cfg, self.evaluate = params, cfg, evaluate
+        self.on = evaluate is not None and cfg.eval_every > 0
+        self.best, self.best_step, self.bad = math.inf, 0, 0
+        self.curve: list[list[float]] = []
+        self.saved: list[torch.Tensor] = []
+
+    def check(self, step: int, model: nn.Module) -> bool:
+        """After ``step`` steps: evaluate when due; True when training should stop."""
+        if not self.on or step % self.cfg.eval_every or self.evaluate is None:
+            return False
+        model.eval()
+        loss = float(self.evaluate())
+        model.train()
+        self.curve.append([step, loss])
+        if loss < self.best - self.cfg.min_delta:
+            self.best, self.best_step, self.bad = loss, step, 0
+            self.saved = [p.detach().clone() for p in self.params]
+        else:
+            self.bad += 1
+        return self.cfg.patience > 0 and self.bad >= self.cfg.patience
+
+    def finish(self, steps_run: int) -> dict:
+        """Restore the best parameters; the early-stopping record for the metrics."""
+        if not self.on:
+            return {}
+        if self.saved:
+            with torch.no_grad():
+                for p, best in zip(self.params, self.saved, strict=True):
+                    p.copy_(best)
+        return {"early_stopping": {"eval_every": self.cfg.eval_every, "patience": self.cfg.patience,
+                                   "max_steps": self.cfg.steps, "steps_run": steps_run,
+                                   "best_step": self.best_step, "best_heldout_loss": self.best,
+                                   "heldout_loss_curve": self.curve}}
+
+
 def train_loop(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -75,13 +135,19 @@ def train_loop(
     device: torch.device | str = "cpu",
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     log: Log | None = None,
+    evaluate: Callable[[], float] | None = None,
 ) -> dict:
-    """Run ``cfg.steps`` AdamW steps on ``params``; return loss, throughput and memory stats."""
+    """Run up to ``cfg.steps`` AdamW steps on ``params``; return loss, throughput and memory stats.
+
+    With ``evaluate`` (→ held-out loss) and ``cfg.eval_every`` > 0, training stops early by
+    patience and ends on the best evaluated parameters (see :class:`EarlyStop`).
+    """
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     meter, forward = MemoryMeter(model, device), logits_fn or model
+    stopper = EarlyStop(params, cfg, evaluate)
     losses: list[float] = []
-    tokens, start = 0, time.perf_counter()
+    tokens, start, eval_s = 0, time.perf_counter(), 0.0
     model.train()
     for step in range(cfg.steps):
         inputs, labels = next(batches)
@@ -99,10 +165,18 @@ def train_loop(
         tokens += inputs.numel()
         if log and (step + 1) % max(1, cfg.steps // 5) == 0:
             log(f"  step {step + 1}/{cfg.steps}  loss {losses[-1]:.4f}")
-    seconds = time.perf_counter() - start
+        t_eval = time.perf_counter()
+        stop = stopper.check(step + 1, model)
+        eval_s += time.perf_counter() - t_eval
+        if stop:
+            if log:
+                log(f"  early stop at step {step + 1} (best held-out loss at {stopper.best_step})")
+            break
+    seconds = time.perf_counter() - start - eval_s
     model.eval()
     return {"loss": _loss_summary(losses), "train_tokens": tokens, "train_time_s": seconds,
-            "tokens_per_s": tokens / seconds, **meter.summary()}
+            "tokens_per_s": tokens / seconds, "steps_run": len(losses), **meter.summary(),
+            **stopper.finish(len(losses))}
 
 
 def environment(device: torch.device | str, threads: int) -> dict:

@@ -37,7 +37,7 @@ from .data import (
     build_mixture,
     chance_accuracy,
 )
-from .evaluate import evaluate_tasks, finetune_batches, lm_batches
+from .evaluate import answer_loss, evaluate_tasks, finetune_batches, lm_batches
 from .export import (
     full_config_dict,
     load_full_checkpoint,
@@ -47,7 +47,7 @@ from .export import (
     write_json_atomic,
 )
 from .layers import apply_adapters, lora_num_params, multilora_num_params
-from .loop import Log, environment, thread_limit, train_loop
+from .loop import Log, environment, seed_everything, thread_limit, train_loop
 from .model import DeltaspecReferenceLM, ModelConfig, greedy_generate
 
 
@@ -148,7 +148,7 @@ def pretrain(
     _check_overwrite(base, overwrite)
     wall = time.perf_counter()
     with thread_limit(threads) as n_threads:
-        torch.manual_seed(tcfg.seed)
+        seed_everything(tcfg.seed)
         tok, mix = CharTokenizer(), build_mixture(dcfg)
         if tok.vocab_size != mcfg.vocab_size:
             raise ValueError(f"model vocab_size {mcfg.vocab_size} != tokenizer {tok.vocab_size}")
@@ -193,7 +193,8 @@ def make_trainable(
     else:
         r = adapter.lora_rank() if method == "lora" else adapter.r
         layers = apply_adapters(model, method, adapter.target_modules, r=r, n=adapter.n,
-                                alpha=adapter.alpha, scaling_shape=adapter.scaling_shape)
+                                alpha=adapter.alpha, scaling_shape=adapter.scaling_shape,
+                                init=adapter.init)
     return layers, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -270,7 +271,7 @@ def finetune(
     base, out = Path(base_dir).resolve(), Path(out_dir)
     wall = time.perf_counter()
     with thread_limit(threads) as n_threads:
-        torch.manual_seed(tcfg.seed)
+        seed_everything(tcfg.seed)
         tok, mix = CharTokenizer(), build_mixture(dcfg)
         encode = _encoder(tok)
         model, base_config, layers, params = _prepare_model(method, base, adapter, device)
@@ -278,7 +279,9 @@ def finetune(
             log(f"fine-tuning {method}: {sum(p.numel() for p in params)} trainable params")
         train_enc = {t: [encode(e) for e in exs] for t, exs in mix.train.items()}
         batches = finetune_batches(train_enc, tcfg.batch_size, tcfg.seed, tok.pad_id, device)
-        stats = train_loop(model, params, batches, tcfg, device, log=log)
+        val_enc = [encode(e) for exs in mix.validation.values() for e in exs]
+        stats = train_loop(model, params, batches, tcfg, device, log=log,
+                           evaluate=lambda: answer_loss(model, val_enc, tok.pad_id, device))
         acc = evaluate_tasks(model, mix.heldout, encode, tok.pad_id, device)
         train_acc = evaluate_tasks(model, mix.train, encode, tok.pad_id, device, limit=64)
         samples = _samples(model, mix.heldout, tok)

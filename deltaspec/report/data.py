@@ -13,12 +13,17 @@ builds the tables the figures and the verdict are drawn from:
   singular vectors;
 - ``grids``: φ(i, j) for one chosen module, one grid per pair of labels (for heatmaps).
 
+A label may name several runs of one method (seeds: ``lora=run1,run2`` or a glob): ``metrics``
+then holds one row per (label, run, module) (column ``run``), the spectra bands pool the runs, and
+the verdict's intervals resample runs as well as modules; φ is computed on each label's first run.
+
 No matplotlib here; the math is deltaspec.metrics'.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import re
 import warnings
@@ -66,7 +71,7 @@ class ReportData:
     """Everything the democracy report shows, as tables (see the module docstring)."""
 
     labels: list[str]
-    paths: dict[str, str]
+    paths: dict[str, str]  # label → its folder (several runs: joined by ", ")
     base: str | None
     k: int
     top_k: int
@@ -77,6 +82,7 @@ class ReportData:
     module: str | None
     only_in: dict[str, list[str]] = field(default_factory=dict)
     raw: dict[str, dict[str, Spectrum]] = field(default_factory=dict, repr=False)
+    runs: dict[str, list[str]] = field(default_factory=dict)  # label → every run's folder
 
     def methods(self) -> dict[str, str]:
         """Label → the update's method as its checkpoint says (lora, multilora, full, …)."""
@@ -87,12 +93,13 @@ class ReportData:
         return out
 
 
-def parse_updates(specs: Sequence[str]) -> dict[str, str]:
+def parse_updates(specs: Sequence[str]) -> dict[str, str | list[str]]:
     """``["lora=path/a", "full=path/b"]`` → ``{"lora": "path/a", "full": "path/b"}``.
 
+    Several runs of one method: ``lora=run1,run2`` or a glob ``lora=runs/lora-seed*`` → a list.
     Labels are letters, digits and ``_ . + -``; a label given twice is an error.
     """
-    out: dict[str, str] = {}
+    out: dict[str, str | list[str]] = {}
     for spec in specs:
         label, sep, path = spec.partition("=")
         label = label.strip()
@@ -100,9 +107,36 @@ def parse_updates(specs: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"{spec!r}: expected NAME=PATH (e.g. lora=./adapter)")
         if label in out:
             raise UsageError(f"label {label!r} given twice ({out[label]} and {path})")
-        out[label] = path
+        runs = [r for part in path.split(",") if part for r in _expand(part)]
+        out[label] = runs[0] if len(runs) == 1 else runs
     check_labels(list(out))
     return out
+
+
+def _expand(part: str) -> list[str]:
+    """A path, or the sorted matches of a glob pattern (none is an error)."""
+    if not any(c in part for c in "*?["):
+        return [part]
+    hits = sorted(glob.glob(part))
+    if not hits:
+        raise UsageError(f"{part}: the pattern matches no checkpoint folder")
+    return hits
+
+
+def _runs(updates: Mapping[str, Any]) -> dict[str, list[str]]:
+    """label → list of run folders (a single path becomes a one-element list)."""
+    out = {}
+    for label, p in updates.items():
+        runs = [str(x) for x in p] if isinstance(p, list | tuple) else [str(p)]
+        if not runs:
+            raise UsageError(f"label {label!r}: no checkpoint given")
+        out[str(label)] = runs
+    return out
+
+
+def spectrum_key(module: str, run: int) -> str:
+    """Key of a module's spectrum in ``ReportData.raw[label]`` (run 0: the module name itself)."""
+    return module if run == 0 else f"{module}@run{run}"
 
 
 def check_labels(labels: Sequence[str]) -> None:
@@ -181,7 +215,8 @@ def _metrics(labels: list[str], frames: dict[str, pd.DataFrame]) -> pd.DataFrame
     df["kind"] = pd.Categorical(df["kind"].astype(str), categories=kind_order(df["kind"].astype(str)),
                                 ordered=True)
     first = ["label", "module", "layer", "kind", "method", "shape", "rank_bound",
-             "normalized_entropy", "normalized_entropy_topk", "effective_rank", "effective_rank_topk"]
+             "normalized_entropy", "normalized_entropy_topk", "effective_rank", "effective_rank_topk",
+             "run"]
     return df[first + [c for c in df.columns if c not in first]]
 
 
@@ -211,7 +246,8 @@ def spectra_table(metrics: pd.DataFrame, raw: dict[str, dict[str, Spectrum]]) ->
     """Per (label, kind, i): median and 10–90 % band across layers of σᵢ/σ₁ and of the energy."""
     parts = []
     for (label, kind), group in metrics.groupby(["label", "kind"], observed=True, sort=True):
-        pairs = [_normalised(raw[str(label)][m]) for m in group["module"]]
+        pairs = [_normalised(raw[str(label)][spectrum_key(m, int(r))])
+                 for m, r in zip(group["module"], group["run"], strict=True)]
         width = max(p[0].size for p in pairs)
         norm = np.vstack([_pad(p[0], width) for p in pairs])
         energy = np.vstack([_pad(p[1], width) for p in pairs])
@@ -287,13 +323,15 @@ def similarity_grids(labels: list[str], names: dict[str, list[str]],
     return grids
 
 
-def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *,
-            top_k: int | None = None, module: str | None = None, options: Options | None = None,
+def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
+            base: str | Path | None = None, *, top_k: int | None = None,
+            module: str | None = None, options: Options | None = None,
             **kwargs: Any) -> ReportData:
     """Analyse labelled updates of one base and build the report's tables.
 
     Args:
-        updates: label → checkpoint folder (PEFT adapter, MultiLoRA folder, full checkpoint).
+        updates: label → checkpoint folder (PEFT adapter, MultiLoRA folder, full checkpoint),
+            or a list of folders: several runs (seeds) of that method.
         base: the base model folder: needed for full checkpoints; when given, every update must
             pair with it.
         top_k: the common K of the fair entropy; default: the smallest structural rank compared.
@@ -311,18 +349,25 @@ def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *
     if options is not None and kwargs:
         opts = dataclasses.replace(options, **kwargs)
     opts = dataclasses.replace(opts, vectors=True, keep_spectra=True)
-    paths = {label: str(p) for label, p in updates.items()}
-    loaded = {label: load(p, base, allow_modified_base=opts.allow_modified_base)
-              for label, p in updates.items()}
-    _check_shapes(loaded, paths)
-    names, only = _common(loaded, opts.include)
-    kk = top_k if top_k is not None else common_top_k(loaded, names)
-    frames, raw = {}, {}
-    every = dataclasses.replace(opts, include=None)  # the common modules are chosen already
-    for label in labels:
-        result = run(loaded[label], opts=every, modules=names[label])
-        raw[label] = result.spectra
-        frames[label] = _topk_columns(result.table, result.spectra, kk)
+    runs = _runs(updates)
+    paths = {label: ", ".join(r) for label, r in runs.items()}
+    every = {(label, j): p for label, r in runs.items() for j, p in enumerate(r)}
+    loaded_all = {f"{lb}#{j}": load(p, base, allow_modified_base=opts.allow_modified_base)
+                  for (lb, j), p in every.items()}
+    _check_shapes(loaded_all, {f"{lb}#{j}": p for (lb, j), p in every.items()})
+    names_all, only_all = _common(loaded_all, opts.include)
+    names = {label: names_all[f"{label}#0"] for label in labels}
+    only = {label: only_all[f"{label}#0"] for label in labels}
+    kk = top_k if top_k is not None else common_top_k(loaded_all, names_all)
+    frames: dict[str, pd.DataFrame] = {}
+    raw: dict[str, dict[str, Spectrum]] = {label: {} for label in labels}
+    chosen_opts = dataclasses.replace(opts, include=None)  # the common modules are chosen already
+    for (label, j), _path in every.items():
+        key = f"{label}#{j}"
+        result = run(loaded_all[key], opts=chosen_opts, modules=names_all[key])
+        raw[label] |= {spectrum_key(m, j): sp for m, sp in result.spectra.items()}
+        part = _topk_columns(result.table, result.spectra, kk).assign(run=j)
+        frames[label] = part if j == 0 else pd.concat([frames[label], part], ignore_index=True)
     k = opts.k
     metrics = _metrics(labels, frames)
     metrics.attrs["top_k"] = kk
@@ -334,8 +379,9 @@ def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *
         metrics=metrics, spectra=spectra_table(metrics, raw),
         similarity=similarity,
         grids=similarity_grids(labels, names, raw, chosen, k) if len(labels) > 1 else [],
-        module=chosen, only_in={lb: v for lb, v in only.items() if v}, raw=raw)
+        module=chosen, only_in={lb: v for lb, v in only.items() if v}, raw=raw, runs=runs)
 
 
 __all__ = ["ReportData", "SimilarityGrid", "check_labels", "collect", "common_top_k", "kind_order",
-           "parse_updates", "pick_module", "similarity_grids", "similarity_table", "spectra_table"]
+           "parse_updates", "pick_module", "similarity_grids", "similarity_table", "spectra_table",
+           "spectrum_key"]

@@ -4,6 +4,11 @@ The verdict compares the mean (over the modules common to every update) normalis
 entropy of each update, over the top K values with one K for all updates (so that a rank-r LoRA and
 a full fine-tune are compared over the same number of directions). The same comparison over all
 values (normalised by ln min(m, n)) is reported beside it.
+
+Every consecutive pair of the expected order is also compared with its uncertainty
+(:mod:`deltaspec.report.uncertainty`): the mean difference with a bootstrap interval over modules
+(and over runs, when a method is given as several seeds), an effect size and a three-way verdict
+— holds / reversed / inconclusive — and the chain gets the combined ``status``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 import pandas as pd
 
 from deltaspec.errors import UsageError
+from deltaspec.names import match_key
+from deltaspec.report import uncertainty as U
 
 ROLES = ("lora", "multilora", "full")
 ROLE_NAMES = {"lora": "LoRA", "multilora": "MultiLoRA", "full": "full FT"}
@@ -26,7 +33,7 @@ SECONDARY = "normalized_entropy"
 SUMMARY_METRICS = (PRIMARY, SECONDARY, "effective_rank_topk", "effective_rank", "stable_rank",
                    "top1_share")
 SPREAD = (PRIMARY, SECONDARY)
-SUMMARY_COLUMNS = ("label", "method", "modules",
+SUMMARY_COLUMNS = ("label", "method", "modules", "runs",
                    *(c for m in SUMMARY_METRICS for c in (m, f"{m}_std")[: 2 if m in SPREAD else 1]))
 
 
@@ -35,14 +42,16 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for label, g in metrics.groupby("label", observed=True, sort=True):
         methods = sorted(set(g["method"].dropna().astype(str)))
-        row: dict[str, Any] = {"label": str(label), "method": "+".join(methods), "modules": len(g)}
+        n_runs = int(g["run"].nunique()) if "run" in g else 1
+        row: dict[str, Any] = {"label": str(label), "method": "+".join(methods),
+                               "modules": len(g) // n_runs, "runs": n_runs}
         for m in SUMMARY_METRICS:
             row[m] = g[m].mean()
             if m in SPREAD:
                 row[f"{m}_std"] = g[m].std(ddof=0)
         rows.append(row)
     df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-    return df.astype({"label": "string", "method": "string", "modules": "int64"})
+    return df.astype({"label": "string", "method": "string", "runs": "int64", "modules": "int64"})
 
 
 def _role(text: str) -> str | None:
@@ -139,8 +148,57 @@ def _failure(order: Sequence[str], values: Mapping[str, float]) -> str:
     return "a value is undefined"
 
 
-def verdict(summary: pd.DataFrame, top_k: int, order: Sequence[str] | None = None) -> dict[str, Any]:
-    """The verdict as a dict: expected order, values, whether it holds, and a paragraph (``text``)."""
+def _runs_by_module(metrics: pd.DataFrame, label: str, metric: str) -> pd.DataFrame:
+    """(runs × module key) values of ``metric`` for ``label``."""
+    g = metrics[metrics["label"].astype(str) == label]
+    runs = g["run"] if "run" in g else pd.Series(0, index=g.index)
+    frame = pd.DataFrame({"run": runs.to_numpy(), "key": [match_key(str(m)) for m in g["module"]],
+                          "v": g[metric].astype(float).to_numpy()})
+    return frame.pivot_table(index="run", columns="key", values="v", aggfunc="mean")
+
+
+def compare_pairs(metrics: pd.DataFrame, order: Sequence[str], metric: str = PRIMARY,
+                  level: float = U.LEVEL, seed: int = U.SEED) -> list[dict[str, Any]]:
+    """Each consecutive pair (a, b) of ``order``: b − a with its interval, effect size, verdict."""
+    out = []
+    for a, b in zip(order, order[1:], strict=False):
+        ta, tb = _runs_by_module(metrics, a, metric), _runs_by_module(metrics, b, metric)
+        common = [c for c in ta.columns if c in tb.columns]
+        ta, tb = ta[common].dropna(), tb[common].dropna()
+        if not common or ta.empty or tb.empty:
+            continue
+        res = U.bootstrap_difference(ta.to_numpy(), tb.to_numpy(), level=level, seed=seed)
+        out.append({"a": a, "b": b, "metric": metric, "expected": f"{b} > {a}", **res})
+    return out
+
+
+def _pairs_text(pairs: Sequence[Mapping[str, Any]]) -> str:
+    if not pairs:
+        return ""
+    level = f"{pairs[0]['level']:.0%}"
+    parts = [f"{p['b']} − {p['a']} = {p['diff']:+.4f} [{level} CI {p['ci_low']:+.4f}, "
+             f"{p['ci_high']:+.4f}], d_z {p['effect_size']:+.2f}: {p['verdict']}" for p in pairs]
+    runs = max(max(p["n_runs"]) for p in pairs)
+    how = "modules" + (" and runs" if runs > 1 else "")
+    return (f"With uncertainty (bootstrap over {how}): " + "; ".join(parts) + ". ")
+
+
+_STATUS = {
+    "holds": "Verdict: {relation} HOLDS at the {level} level.",
+    "reversed": "Verdict: {relation} is REVERSED at the {level} level.",
+    "inconclusive": "Verdict: INCONCLUSIVE at the {level} level: the data cannot tell whether "
+                    "{relation} holds.",
+}
+
+
+def verdict(summary: pd.DataFrame, top_k: int, order: Sequence[str] | None = None,
+            metrics: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The verdict as a dict: expected order, values, whether it holds, and a paragraph (``text``).
+
+    With the per-module ``metrics``, also ``pairs`` (each consecutive pair of the expected order
+    with its difference, interval, effect size and verdict) and ``status``: holds / reversed /
+    inconclusive for the whole chain at the stated ``level``.
+    """
     labels = list(summary["label"])
     primary = dict(zip(labels, summary[PRIMARY].astype(float), strict=False))
     secondary = dict(zip(labels, summary[SECONDARY].astype(float), strict=False))
@@ -154,7 +212,7 @@ def verdict(summary: pd.DataFrame, top_k: int, order: Sequence[str] | None = Non
     out: dict[str, Any] = {
         "metric": PRIMARY, "top_k": top_k, "expected_order": expected, "order_source": how,
         "values": primary, "values_all": secondary, "ranking": ranking, "holds": None,
-        "holds_all_values": None,
+        "holds_all_values": None, "status": None, "level": U.LEVEL, "pairs": [],
     }
     if not expected:
         d = digits(list(primary.values()))
@@ -164,9 +222,15 @@ def verdict(summary: pd.DataFrame, top_k: int, order: Sequence[str] | None = Non
         return out
     out["holds"] = holds([primary[lb] for lb in expected])
     out["holds_all_values"] = holds([secondary[lb] for lb in expected])
+    if metrics is not None:
+        out["pairs"] = compare_pairs(metrics, expected)
+        out["status"] = U.combine([p["verdict"] for p in out["pairs"]])
     relation = _relation(expected)
     roles = _relation([ROLE_NAMES.get(_role(lb) or "", lb) for lb in expected])
     text = f"{intro}: {_chain(expected, primary)}. "
+    if out["status"] is not None:
+        text = (f"{_STATUS[out['status']].format(relation=relation, level=f'{U.LEVEL:.0%}')} "
+                f"{text}{_pairs_text(out['pairs'])}Point estimates alone: ")
     if out["holds"]:
         text += f"The expected ordering {relation} holds on these checkpoints"
     else:
@@ -181,4 +245,4 @@ def verdict(summary: pd.DataFrame, top_k: int, order: Sequence[str] | None = Non
     return out
 
 
-__all__ = ["expected_order", "holds", "summary_table", "verdict"]
+__all__ = ["compare_pairs", "expected_order", "holds", "summary_table", "verdict"]

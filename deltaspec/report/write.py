@@ -216,7 +216,7 @@ def save_report(data: ReportData, out_dir: str | Path, *, order: Sequence[str] |
     _check_extra(extra)
     summary = summary_table(data.metrics)
     summary.attrs["top_k"] = data.top_k
-    v = verdict(summary, data.top_k, order)
+    v = verdict(summary, data.top_k, order, data.metrics)
     figures = render_figures(data, summary, reference, svg)
     tables = {"summary": summary, "metrics": data.metrics, "spectra": data.spectra,
               "similarity": data.similarity, **extra}

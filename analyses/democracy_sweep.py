@@ -1,0 +1,223 @@
+"""The democracy sweep: is MultiLoRA's ΔW more "democratic" than LoRA's, and why?
+
+    python analyses/democracy_sweep.py --out figures/sweep            # the committed run
+    python analyses/democracy_sweep.py --out /tmp/s --quick           # seconds-scale smoke run
+    python analyses/democracy_sweep.py --out figures/sweep --tables-only   # re-render from runs
+
+On one pretrained reference base (``deltaspec.reference``; ``--model``), fine-tunes LoRA
+(rank 16), MultiLoRA with n ∈ {1, 2, 4, 8} parallel modules of rank 16/n (matched trainable
+parameters), full fine-tuning, and MultiLoRA with LoRA's initialisation (Bᵢ = 0, scalings 1)
+at n = 4 — each with several seeds (the seed sets initialisation and batch order; the base and
+the data are shared). Every run stops by patience on the held-out loss (the validation split,
+see ``deltaspec.reference.data``): evaluated every ``eval_every`` steps, stopped after
+``patience`` evaluations without improvement or at ``max_steps``, ending on the best parameters.
+
+Each finished run is appended to ``OUT/runs.jsonl`` at once (a killed sweep keeps its runs and a
+rerun skips them); the tables (``OUT/summary.csv``, ``OUT/tables.md``), ``OUT/results.json`` and
+the figures are rebuilt from that file, and so are the tables of ``analyses/democracy_sweep.md``
+(between its ``<!-- tables -->`` markers). Runs are seed-major (every method at seed 0, then at
+seed 1, …) so that a partial sweep is balanced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from sweep_stats import render_all  # noqa: E402
+
+K = 16  # the common top-K of entropy and effective rank (the adapters' rank n·r)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of the sweep: a training method and its adapter shape."""
+
+    method: str  # lora | multilora | full
+    n: int = 1
+    r: int = 16
+    init: str = "multilora"
+    extra: bool = False  # run only after every core arm has all its seeds
+    note: str = field(default="", compare=False)
+
+
+VARIANTS: dict[str, Variant] = {
+    "lora": Variant("lora", 1, 16, note="LoRA rank 16"),
+    "multilora-n1": Variant("multilora", 1, 16, note="MultiLoRA 1 × 16"),
+    "multilora-n2": Variant("multilora", 2, 8, note="MultiLoRA 2 × 8"),
+    "multilora-n4": Variant("multilora", 4, 4, note="MultiLoRA 4 × 4"),
+    "multilora-n8": Variant("multilora", 8, 2, note="MultiLoRA 8 × 2"),
+    "full": Variant("full", note="full fine-tuning"),
+    "multilora-n4-lorainit": Variant("multilora", 4, 4, "lora", note="MultiLoRA 4 × 4, LoRA init"),
+    "multilora-n1-lorainit": Variant("multilora", 1, 16, "lora", extra=True,
+                                     note="MultiLoRA 1 × 16, LoRA init"),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps and cadence of every fine-tune (the same for every arm)."""
+
+    max_steps: int = 300
+    eval_every: int = 25
+    patience: int = 3
+    seeds: int = 5
+    quick: bool = False  # the small model and its data (the reference's quick preset)
+
+
+QUICK = Budget(max_steps=30, eval_every=10, patience=2, seeds=2, quick=True)
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="results folder (runs.jsonl, tables, PNGs)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="checkpoints folder (default: OUT/../.sweep-work/<out name>; not committed)")
+    p.add_argument("--quick", action="store_true", help="small model, few steps, 2 seeds (tests)")
+    p.add_argument("--model", choices=("small", "default"), default="small",
+                   help="reference model: 'small' (64 wide, 2 layers: the quick preset) or "
+                        "'default' (128 wide, 4 layers) [default: small, what 2 shared cores allow]")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 5; quick: 2)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--variants", default=None, help=f"comma list (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (fixed: reproducible)")
+    p.add_argument("--writeup", default=str(HERE / "democracy_sweep.md"),
+                   help="write-up whose tables are regenerated ('' for none)")
+    p.add_argument("--tables-only", action="store_true", help="only re-render from runs.jsonl")
+    return p.parse_args(argv)
+
+
+def _budget(a: argparse.Namespace) -> Budget:
+    b = QUICK if a.quick else Budget()
+    over: dict[str, Any] = {k: getattr(a, k) for k in ("seeds", "max_steps", "eval_every",
+                                                       "patience") if getattr(a, k) is not None}
+    over["quick"] = a.quick or a.model == "small"
+    return Budget(**{**b.__dict__, **over})
+
+
+def _train_config(v: Variant, b: Budget, seed: int) -> Any:
+    from deltaspec.reference import TrainConfig, default_train_config
+
+    d = default_train_config(v.method, False, seed)  # the tuned learning rates
+    return TrainConfig(steps=b.max_steps, lr=d.lr, warmup_steps=max(1, b.max_steps // 10),
+                       weight_decay=d.weight_decay, seed=seed, eval_every=b.eval_every,
+                       patience=b.patience)
+
+
+def spectral_row(path: Path, base: Path) -> dict[str, Any]:
+    """Mean over modules of the democracy metrics of one checkpoint, and per-module values."""
+    import deltaspec
+    from deltaspec import metrics as M
+
+    df = deltaspec.analyze(path, base if (path / "config.json").exists() else None,
+                           keep_spectra=True, intruders=False)
+    mods = []
+    for name in df["module"]:
+        s = df.spectra[name].values
+        mods.append({"module": name,
+                     "normalized_entropy_topk": M.normalized_entropy(s[:K]),
+                     "effective_rank_topk": M.effective_rank(s[:K]),
+                     "top1_share": M.top_share(s, 1), "top8_share": M.top_share(s, 8),
+                     "normalized_entropy_all": M.normalized_entropy(s)})
+    keys = [k for k in mods[0] if k != "module"]
+    return {**{k: sum(m[k] for m in mods) / len(mods) for k in keys}, "modules": len(mods),
+            "per_module": mods}
+
+
+def run_one(name: str, seed: int, b: Budget, base: Path, work: Path, threads: int) -> dict:
+    """Fine-tune one arm at one seed, analyse its ΔW, return the run record."""
+    from deltaspec.reference import AdapterConfig, finetune
+
+    v = VARIANTS[name]
+    out = work / f"{name}-s{seed}"
+    adapter = AdapterConfig(n=v.n, r=v.r, init=v.init, match_params=False)
+    start = time.perf_counter()
+    m = finetune(v.method, base, out, adapter, _train_config(v, b, seed), seed=seed,
+                 threads=threads)
+    spec = spectral_row(out, base)
+    es = m.get("early_stopping", {})
+    return {"variant": name, "seed": seed, "method": v.method, "n": v.n, "r": v.r, "init": v.init,
+            "trainable_params": m["trainable_params"], "accuracy": m["accuracy"],
+            "accuracy_mean": m["accuracy_mean"], "tokens_per_s": m["tokens_per_s"],
+            "peak_memory_mb": m["peak_memory_mb"], "steps_run": m["steps_run"],
+            "best_step": es.get("best_step"), "best_heldout_loss": es.get("best_heldout_loss"),
+            "wall_s": time.perf_counter() - start, **spec}
+
+
+def _done(runs_file: Path) -> set[tuple[str, int]]:
+    if not runs_file.exists():
+        return set()
+    return {(r["variant"], r["seed"]) for r in map(json.loads, runs_file.read_text().splitlines())
+            if r.get("variant")}
+
+
+def _schedule(names: list[str], seeds: int) -> list[tuple[str, int]]:
+    core = [n for n in names if not VARIANTS[n].extra]
+    extra = [n for n in names if VARIANTS[n].extra]
+    return [(n, s) for group in (core, extra) for s in range(seeds) for n in group]
+
+
+def _base(work: Path, quick: bool, threads: int) -> tuple[Path, dict]:
+    from deltaspec.reference import pretrain
+
+    base = work / "base"
+    return base, pretrain(base, quick=quick, seed=0, threads=threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
+    b = _budget(a)
+    names = a.variants.split(",") if a.variants else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"unknown variant(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    a.out.mkdir(parents=True, exist_ok=True)
+    runs_file = a.out / "runs.jsonl"
+    if not a.tables_only:
+        work = a.work or a.out.resolve().parent / ".sweep-work" / a.out.name
+        base, base_metrics = _base(work, b.quick, a.threads)
+        meta = {"budget": b.__dict__, "model": "small" if b.quick else "default",
+                "threads": a.threads, "k": K, "base": base_metrics.get(
+            "accuracy_mean"), "variants": {n: VARIANTS[n].note for n in names},
+            "cpu": _cpu(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        (a.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        done = _done(runs_file)
+        for name, seed in _schedule(names, b.seeds):
+            if (name, seed) in done:
+                continue
+            rec = run_one(name, seed, b, base, work, a.threads)
+            with runs_file.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            print(f"{name} seed {seed}: acc {rec['accuracy_mean']:.3f}  "
+                  f"H{K} {rec['normalized_entropy_topk']:.4f}  steps {rec['steps_run']}  "
+                  f"{rec['wall_s']:.0f} s", flush=True)
+            render_all(runs_file, a.out, Path(a.writeup) if a.writeup else None)
+    render_all(runs_file, a.out, Path(a.writeup) if a.writeup else None)
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"unknown ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
