@@ -16,7 +16,9 @@ Each finished run is appended to ``OUT/runs.jsonl`` at once (a killed sweep keep
 rerun skips them); the tables (``OUT/summary.csv``, ``OUT/tables.md``), ``OUT/results.json`` and
 the figures are rebuilt from that file, and so are the tables of ``analyses/democracy_sweep.md``
 (between its ``<!-- tables -->`` markers). Runs are seed-major (every method at seed 0, then at
-seed 1, …) so that a partial sweep is balanced.
+seed 1, …) so that a partial sweep is balanced. Several processes may share one OUT and work
+folder (each run is claimed by a ``<run>.claim`` file): start the same command 2–3 times to use
+more cores; after a killed process, delete the claims of the runs missing from runs.jsonl.
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ class Budget:
     patience: int = 3
     seeds: int = 5
     quick: bool = False  # the small model and its data (the reference's quick preset)
+    pretrain_steps: int | None = None  # None: the reference's tuned pretraining
 
 
-QUICK = Budget(max_steps=30, eval_every=10, patience=2, seeds=2, quick=True)
+QUICK = Budget(max_steps=12, eval_every=4, patience=2, seeds=2, quick=True, pretrain_steps=20)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -163,17 +166,31 @@ def _done(runs_file: Path) -> set[tuple[str, int]]:
             if r.get("variant")}
 
 
+def _claim(work: Path, name: str, seed: int) -> bool:
+    """Take the run (name, seed) for this process: False when another process holds it."""
+    try:
+        os.close(os.open(work / f"{name}-s{seed}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def _schedule(names: list[str], seeds: int) -> list[tuple[str, int]]:
     core = [n for n in names if not VARIANTS[n].extra]
     extra = [n for n in names if VARIANTS[n].extra]
     return [(n, s) for group in (core, extra) for s in range(seeds) for n in group]
 
 
-def _base(work: Path, quick: bool, threads: int) -> tuple[Path, dict]:
-    from deltaspec.reference import pretrain
+def _base(work: Path, b: Budget, threads: int) -> tuple[Path, dict]:
+    from deltaspec.reference import TrainConfig, default_train_config, pretrain
 
     base = work / "base"
-    return base, pretrain(base, quick=quick, seed=0, threads=threads)
+    cfg = None
+    if b.pretrain_steps is not None:  # the test's smoke run: a few steps are enough
+        d = default_train_config("pretrain", b.quick)
+        cfg = TrainConfig(**{**d.__dict__, "steps": b.pretrain_steps,
+                             "warmup_steps": max(1, b.pretrain_steps // 10)})
+    return base, pretrain(base, train_config=cfg, quick=b.quick, seed=0, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,16 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     runs_file = a.out / "runs.jsonl"
     if not a.tables_only:
         work = a.work or a.out.resolve().parent / ".sweep-work" / a.out.name
-        base, base_metrics = _base(work, b.quick, a.threads)
+        base, base_metrics = _base(work, b, a.threads)
         meta = {"budget": b.__dict__, "model": "small" if b.quick else "default",
                 "threads": a.threads, "k": K, "base": base_metrics.get(
-            "accuracy_mean"), "variants": {n: VARIANTS[n].note for n in names},
+            "accuracy_mean"), "variants": {n: v.note for n, v in VARIANTS.items()},
             "cpu": _cpu(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         (a.out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        done = _done(runs_file)
         for name, seed in _schedule(names, b.seeds):
-            if (name, seed) in done:
-                continue
+            if (name, seed) in _done(runs_file) or not _claim(work, name, seed):
+                continue  # finished, or another sweep process (--jobs) is on it
             rec = run_one(name, seed, b, base, work, a.threads)
             with runs_file.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")

@@ -45,6 +45,11 @@ PAIRS = (
 )
 
 
+ORDER = ("lora", "multilora-n1", "multilora-n2", "multilora-n4", "multilora-n8", "full",
+         "multilora-n4-lorainit", "multilora-n1-lorainit")
+UNIT = ("normalized_entropy", "share", "acc")  # columns bounded by [0, 1]: intervals are clipped
+
+
 def load_runs(path: Path) -> pd.DataFrame:
     """One row per (arm, seed); per-task accuracies as ``acc_<task>`` columns."""
     rows = []
@@ -96,10 +101,14 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     cols = [*METRICS, *(f"acc_{t}" for t in TASKS), "tokens_per_s", "peak_memory_mb",
             "steps_run", "trainable_params"]
     rows = []
-    for name, g in runs.groupby("variant", sort=False):
+    names = sorted(set(runs["variant"]), key=lambda v: (ORDER.index(v) if v in ORDER else 99, v))
+    for name in names:
+        g = runs[runs["variant"] == name]
         row: dict[str, Any] = {"variant": name, "n": int(g["n"].iloc[0]), "seeds": len(g)}
         for c in cols:
-            row[c], row[f"{c}_lo"], row[f"{c}_hi"] = mean_ci(g[c].to_numpy())
+            m, lo, hi = mean_ci(g[c].to_numpy())
+            top = 1.0 if any(u in c for u in UNIT) else math.inf
+            row[c], row[f"{c}_lo"], row[f"{c}_hi"] = m, max(lo, 0.0), min(hi, top)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -147,7 +156,8 @@ def tables_md(runs: pd.DataFrame) -> str:
     s = summary(runs)
     demo_rows = [[r.variant, str(r.seeds), *(_cell(r, c, d) for c, (_, d) in METRICS.items())]
                  for _, r in s.iterrows()]
-    parts = [f"Mean over seeds [{LEVEL:.0%} t-interval]; entropy and effective rank over the top "
+    parts = [f"Mean over seeds [{LEVEL:.0%} t-interval, clipped to the quantity's range]; "
+             "entropy and effective rank over the top "
              "K = 16 singular values, energy shares over all of them; each seed's value is the "
              f"mean over its {int(runs['modules'].iloc[0])} modules.\n",
              _md(["arm", "seeds", *(h for h, _ in METRICS.values())], demo_rows)]

@@ -63,12 +63,13 @@ def training_table(results: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0,
-             cache_dir: str | Path | None = None, device: str = "cpu",
+             cache_dir: str | Path | None = None, device: str = "cpu", threads: int | None = None,
              log: Callable[[str], None] | None = None, with_reference: bool = True) -> Path:
     """Train the three methods into ``out_dir/checkpoints`` and write ``out_dir/report``.
 
     Returns the report's ``index.html``. The report folder is checked before any training, so a
-    bad ``out_dir`` fails at once.
+    bad ``out_dir`` fails at once. The shipped reference curves are drawn only beside a run at
+    the settings they were made with (default, seed 0): a ``quick`` run gets none.
     """
     from deltaspec.reference import run_all
     from deltaspec.report import write_report
@@ -80,17 +81,32 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     check_out_dir(out / "report")
     ckpt = out / "checkpoints"
-    results = run_all(ckpt, quick=quick, seed=seed, methods=METHODS, device=device, log=log,
+    results = run_all(ckpt, quick=quick, seed=seed, methods=METHODS, device=device,
+                      threads=threads, log=log,
                       cache_dir=cache_dir if cache_dir is not None else default_cache_dir())
     table = training_table(results)
     write_atomic(out / "training.json", json.dumps(_jsonable(results), indent=2) + "\n")
+    reference = _matching_reference(quick, seed, with_reference, log)
     if log:
-        log("analysing the three updates and writing the report")
-    reference = load_reference_results() if with_reference else None
+        log("analysing the three updates (SVD of every module; a progress bar per update) "
+            "and writing the report")
     return write_report({m: ckpt / m for m in METHODS}, out / "report", base=ckpt / "base",
                         extra_tables={"training": table}, reference=reference,
                         title="deltaspec demo: LoRA vs MultiLoRA vs full fine-tuning",
-                        progress=False)
+                        progress=log is not None)
+
+
+def _matching_reference(quick: bool, seed: int, wanted: bool,
+                        log: Callable[[str], None] | None) -> dict[str, pd.DataFrame] | None:
+    """The shipped reference when it was made with these settings, else None (and say why)."""
+    if not wanted:
+        return None
+    if quick or seed != 0:
+        if log:
+            log("no reference overlay: the shipped reference was made at the default settings "
+                "(seed 0), not with " + ("--quick" if quick else f"--seed {seed}"))
+        return None
+    return load_reference_results()
 
 
 def _jsonable(obj: Any) -> Any:

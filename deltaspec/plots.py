@@ -151,19 +151,22 @@ def _curve_panels(data: Any, col: str, *, ax: Any, reference: Any, kinds: Sequen
             g = df[(df["kind"].astype(str) == kind) & (df["label"].astype(str) == lb)].dropna(subset=[col])
             if g.empty:
                 continue
-            a.plot(g["i"], g[col], color=colors[lb], lw=1.6, label=lb)
-            a.fill_between(g["i"], g[f"{col}_lo"], g[f"{col}_hi"], color=colors[lb], alpha=0.18, lw=0)
+            a.plot(g["i"], g[col], color=colors[lb], lw=1.6, label=lb, zorder=3)
+            a.fill_between(g["i"], g[f"{col}_lo"], g[f"{col}_hi"], color=colors[lb], alpha=0.18, lw=0,
+                           zorder=2)
         if ref is not None:
             for lb in ref_labels:
                 g = ref[(ref["kind"].astype(str) == kind) & (ref["label"].astype(str) == lb)]
                 g = g.dropna(subset=[col])
                 if not g.empty:
-                    a.plot(g["i"], g[col], color=colors[lb], lw=1.4, ls="--", label=f"{lb} (reference)")
+                    a.plot(g["i"], g[col], color=colors[lb], lw=0.9, ls=(0, (4, 3)), alpha=0.6,
+                           label=f"{lb} (reference)", zorder=1)
         a.set_xscale("log")
         if logy:
             a.set_yscale("log")
+            _low_rank_ylim(a, df[df["kind"].astype(str) == kind], col)
         else:
-            a.set_ylim(0, 1.03)
+            a.set_ylim(0, 1)
             a.axhline(0.9, color="0.5", lw=0.8, ls=":")
         a.set_title(kind)
         a.set_xlabel("index i")
@@ -174,6 +177,22 @@ def _curve_panels(data: Any, col: str, *, ax: Any, reference: Any, kinds: Sequen
     _ylabel(axes, ylabel, own)
     _legend(fig, axes, own)
     return fig
+
+
+def _low_rank_ylim(a: Axes, df: pd.DataFrame, col: str) -> None:
+    """Bottom of a log axis: what the lowest-rank update reaches (its band), not the far tail of a
+    full-rank one, so that the low-rank curves fill the panel; the tail runs off the bottom."""
+    g = df.dropna(subset=[col])
+    if g.empty:
+        return
+    ends = g.groupby("label", observed=True)["i"].max()
+    k = int(ends.min())
+    if k >= int(ends.max()):
+        return
+    lows = g.loc[g["i"] <= k, f"{col}_lo"].astype(float)
+    lows = lows[lows > 0]
+    if not lows.empty:
+        a.set_ylim(bottom=0.5 * float(lows.min()), top=1.3)
 
 
 def plot_spectra(data: Any, *, ax: Any = None, reference: Any = None,
@@ -218,8 +237,10 @@ def plot_entropy_by_layer(data: Any, *, metric: str = "normalized_entropy_topk",
                 g = src[(src["kind"].astype(str) == kind) & (src["label"].astype(str) == lb)]
                 g = g.dropna(subset=["layer", metric]).sort_values("layer")
                 if not g.empty:
-                    a.plot(g["layer"].astype(float), g[metric].astype(float), style, marker="o", ms=4,
-                           color=colors[lb], label=lb if style == "-" else f"{lb} (reference)")
+                    ref_style = {"lw": 0.9, "alpha": 0.6, "zorder": 1, "ms": 0}
+                    a.plot(g["layer"].astype(float), g[metric].astype(float), style, marker="o",
+                           color=colors[lb], label=lb if style == "-" else f"{lb} (reference)",
+                           **({"ms": 4, "zorder": 3} if style == "-" else ref_style))
         a.set_title(kind)
         a.set_xlabel("layer")
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -267,6 +288,16 @@ def plot_similarity_heatmap(data: Any, *, ax: Any = None) -> Figure:
     return fig
 
 
+def _chance_band(a: Axes, df: pd.DataFrame, side: str) -> None:
+    """φ of random subspaces of the same size: mean (dotted) and ± 2 standard deviations (band)."""
+    col = f"chance_{side}"
+    if col not in df.columns or df[col].dropna().empty:
+        return
+    m, sd = float(df[col].mean()), float(df[f"{col}_sd"].mean())
+    a.axhspan(max(0.0, m - 2 * sd), min(1.0, m + 2 * sd), color="0.5", alpha=0.15, lw=0, zorder=0)
+    a.axhline(m, color="0.4", lw=0.8, ls=":", zorder=0, label="random subspaces (± 2 sd)")
+
+
 def plot_similarity_by_layer(data: Any, *, side: str = "left", ax: Any = None,
                              kinds: Sequence[str] | None = None) -> Figure:
     """φ(K, K) between each pair of updates per layer, one panel per module kind.
@@ -291,9 +322,10 @@ def plot_similarity_by_layer(data: Any, *, side: str = "left", ax: Any = None,
             if not g.empty:
                 a.plot(g["layer"].astype(float), g[f"phi_{side}"].astype(float), marker="o", ms=4,
                        color=colors[pair], label=pair)
+        _chance_band(a, df[df["kind"].astype(str) == kind], side)
         a.set_title(kind)
         a.set_xlabel("layer")
-        a.set_ylim(-0.02, 1.05)
+        a.set_ylim(0, 1)
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.grid(True, alpha=0.3)
     _ylabel(axes, "φ(K, K)", own)
@@ -323,7 +355,9 @@ def plot_entropy_summary(data: Any, *, ax: Any = None, reference: Any = None) ->
     handles: list[Any] = []
     for s, (col, name, hatch, alpha) in enumerate(series):
         x = [i + (s - 0.5) * width for i in range(len(labels))]
-        bars = a.bar(x, df[col].astype(float), width, yerr=df[f"{col}_std"].astype(float), capsize=3,
+        mean, sd = df[col].astype(float), df[f"{col}_std"].astype(float)
+        err = [sd.clip(upper=mean), sd.clip(upper=1 - mean)]  # the spread, inside [0, 1]
+        bars = a.bar(x, mean, width, yerr=err, capsize=3,
                      color=[colors[lb] for lb in labels], alpha=alpha, hatch=hatch, edgecolor="0.2")
         a.bar_label(bars, fmt="%.3f", label_type="center", fontsize=8,
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
@@ -339,9 +373,9 @@ def plot_entropy_summary(data: Any, *, ax: Any = None, reference: Any = None) ->
         handles.append(Line2D([], [], color="black", ls="--", label="reference (top K)"))
     a.set_xticks(range(len(labels)), labels)
     a.set_ylabel("normalised entropy (0: one direction, 1: flat)")
-    a.set_ylim(0, 1.2)
-    a.set_xlabel("update")
-    a.legend(handles=handles, loc="upper left", fontsize="small", ncols=len(handles), frameon=False)
+    a.set_ylim(0, 1)
+    a.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize="small",
+             ncols=len(handles), frameon=False)
     return fig
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -38,6 +39,35 @@ def test_demo_writes_report_with_training_table(demo_dir):
     assert abs(rows.loc["lora", "trainable_params"] - rows.loc["multilora", "trainable_params"]) \
         < 0.01 * rows.loc["lora", "trainable_params"]
     assert "training" in (report / "index.html").read_text()
+
+
+def _numbers(obj):
+    """summary.json without timestamps, durations and paths (what may differ between runs)."""
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()
+                if not re.search(r"time|date|duration|path|updates|base|_s$|per_s|rss", k)}
+    if isinstance(obj, list):
+        return [_numbers(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_summary_numbers(demo_dir, tmp_path):
+    """A second `demo --quick` (fresh base cache) reproduces every number of the first."""
+    out = tmp_path / "again"
+    res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--cache-dir",
+                                    str(tmp_path / "cache"), "-q"])
+    assert res.exit_code == 0, res.output
+    first = json.loads((demo_dir / "report" / "summary.json").read_text())
+    second = json.loads((out / "report" / "summary.json").read_text())
+    assert _numbers(first) == _numbers(second)
+    pairs = first["verdict"]["pairs"]
+    assert [(p["a"], p["b"]) for p in pairs] == [("lora", "multilora"), ("multilora", "full")]
+    for p in pairs:
+        assert p["ci_low"] <= p["diff"] <= p["ci_high"]
+        assert p["verdict"] in ("holds", "reversed", "inconclusive")
+    assert first["verdict"]["status"] in ("holds", "reversed", "inconclusive")
+    assert "show-ref" not in (out / "report" / "index.html").read_text()  # quick: no overlay
 
 
 def test_reference_results_round_trip(demo_dir, tmp_path):

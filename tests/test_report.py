@@ -213,7 +213,9 @@ def test_extra_tables_and_reference(tmp_path, data, monkeypatch):
     assert (tmp_path / "r" / "training.csv").read_text().startswith("method,tokens_per_s")
     assert (tmp_path / "r" / "spectra.svg").stat().st_size > 0
     page = index.read_text()
-    assert "tokens_per_s" in page and "Table: training" in page
+    assert "tokens_per_s" in page and "Training: held-out accuracy" in page
+    assert "208 tokens/s" in page  # formatted for people on the page; raw in the CSV
+    assert "id='show-ref'" in page and page.count("class='no-ref'") == 2  # overlay can be hidden
     doc = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert doc["extra_tables"]["training"][1] == {"method": "full", "tokens_per_s": 208.0}
     with pytest.raises(UsageError, match="extra table"):
@@ -359,3 +361,42 @@ def test_page_in_headless_chromium(report_dir, tmp_path):
     assert img.size[0] >= 1000 and max(hist) < 0.97 * sum(hist)  # not one flat colour
     dark = sum(hist[:128]) / sum(hist)
     assert dark > 0.002, dark  # text and plot lines were drawn
+
+
+FIRST_SCREEN_PROBE = textwrap.dedent("""
+    <pre id="probe">pending</pre>
+    <script>window.addEventListener('load', () => {
+      const b = id => Math.round(document.getElementById(id).getBoundingClientRect().bottom);
+      document.getElementById('probe').textContent = [b('verdict'), b('tbl-0'),
+        document.documentElement.scrollWidth].join(' ');
+    });</script>
+""")
+
+
+@pytest.mark.slow
+def test_first_screen_shows_verdict_and_training_table(tmp_path, data, fast_figures):
+    """At 1400 × 900 px the verdict (with its interval) and the training table are on the first
+    screen, nothing is wider than the window, and the numbers are formatted for people."""
+    chrome = _chromium()
+    if chrome is None:
+        pytest.skip("no chromium binary (.ci/run installs Debian's chromium)")
+    training = pd.DataFrame({"method": ["lora", "multilora", "full"],
+                             "trainable_params": [157696, 157808, 824448],
+                             "heldout_accuracy": [0.475, 0.556, 0.85],
+                             "tokens_per_s": [11000.0, 10800.0, 11400.0],
+                             "peak_memory_mb": [74.6, 74.9, 88.1]})
+    index = save_report(data, tmp_path / "r", extra_tables={"training": training})
+    page = index.read_text()
+    assert "157.7 k" in page and "11.0 k tokens/s" in page and "74.6 MiB" in page
+    assert "interval" in page and "Contents:" in page
+    probe = index.parent / "_probe.html"
+    probe.write_text(page.replace("</body>", FIRST_SCREEN_PROBE + "</body>"))
+    flags = [chrome, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+             "--window-size=1400,900"]
+    dom = subprocess.run([*flags, "--dump-dom", "--virtual-time-budget=5000", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    verdict_bottom, training_bottom, width = map(
+        int, dom.split('<pre id="probe">')[1].split("</pre>")[0].split())
+    assert verdict_bottom < training_bottom <= 900, (verdict_bottom, training_bottom)
+    assert width <= 1400, width
+

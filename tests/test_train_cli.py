@@ -18,7 +18,8 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 
-def test_train_multilora_quick(tmp_path: Path) -> None:
+def test_train_multilora_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELTASPEC_CACHE", str(tmp_path / "cache"))  # the cache demo uses too
     out = tmp_path / "ml"
     result = CliRunner().invoke(main, ["train", "--method", "multilora", "--quick", "--steps", "3",
                                        "--out", str(out)])
@@ -27,7 +28,7 @@ def test_train_multilora_quick(tmp_path: Path) -> None:
     assert "tokens/s" in result.output and "peak mem" in result.output
     cfg = json.loads((out / "multilora_config.json").read_text())
     assert (cfg["n"], cfg["r"], cfg["scaling_shape"]) == (4, 4, "n")
-    assert Path(cfg["base_model_name_or_path"]).parent == tmp_path / ".deltaspec-cache"
+    assert Path(cfg["base_model_name_or_path"]).parent == tmp_path / "cache"
     assert (out / "multilora_model.safetensors").is_file()
     assert json.loads((out / "metrics.json").read_text())["method"] == "multilora"
 
@@ -45,15 +46,24 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_train_reuses_base_dir_and_prints_json(tmp_path: Path, tiny_base: Path) -> None:
-    args = ["train", "--method", "lora", "--steps", "2", "--match-params", "--n", "2",
+    args = ["train", "--method", "lora", "--steps", "2", "--n", "2",
             "--r", "2", "--out", str(tmp_path / "lora"), "--base-dir", str(tiny_base),
-            "-q", "--format", "json"]
+            "-q", "--format", "json", "--threads", "3"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
     assert metrics["config"]["adapter"]["lora_rank"] == 4
     assert metrics["config"]["data"]["n_heldout_per_task"] == 4  # the base's own data config
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 4
+    assert metrics["environment"]["threads"] == 3  # any thread count
+    args = ["train", "--method", "lora", "--steps", "2", "--rank", "3", "--out",
+            str(tmp_path / "lora3"), "--base-dir", str(tiny_base), "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "lora (rank 3 (--rank))" in result.output
+    result = CliRunner().invoke(main, ["train", "--method", "lora", "--steps", "2", "--out",
+                                       str(tmp_path / "lora16"), "--base-dir", str(tiny_base)])
+    assert "rank 16 (n·r = 4·4, the trainable parameters of MultiLoRA 4 x 4)" in result.output
     args = ["train", "--method", "full", "--steps", "2", "--out", str(tmp_path / "full"),
             "--base-dir", str(tiny_base), "-q", "--format", "csv"]
     result = CliRunner().invoke(main, args)

@@ -15,17 +15,27 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and training.")
 @click.option("--cache-dir", default=None, metavar="DIR",
               help="Cache of the pretrained base (default $DELTASPEC_CACHE or ~/.cache/deltaspec).")
-@click.option("--no-reference", is_flag=True, help="Do not draw the shipped reference curves.")
+@click.option("--no-reference", is_flag=True,
+              help="Do not draw the shipped reference curves (a --quick run never gets them).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads, any count [default: 1]. Same seed and thread count: "
+                   "bit-identical results.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda when present), cpu, cuda or cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def demo(out: str, quick: bool, seed: int, cache_dir: str | None, no_reference: bool,
-         quiet: bool) -> None:
+         threads: int | None, device: str, quiet: bool) -> None:
     """Pretrain a tiny base, fine-tune it with LoRA, MultiLoRA and full fine-tuning on a
     synthetic multi-task mixture, then write the democracy report comparing the three updates.
 
     Runs on the CPU with nothing downloaded: about 10 minutes on 2 cores (--quick: under 2).
     """
+    from deltaspec.cli.train import resolve_device
     from deltaspec.demo import run_demo
+    from deltaspec.errors import UsageError
 
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {threads})")
     start = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -33,7 +43,7 @@ def demo(out: str, quick: bool, seed: int, cache_dir: str | None, no_reference: 
             click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
 
     index = run_demo(out, quick=quick, seed=seed, cache_dir=cache_dir, log=log,
-                     with_reference=not no_reference)
+                     device=resolve_device(device), threads=threads, with_reference=not no_reference)
     summary = json.loads((index.parent / "summary.json").read_text())
     click.echo(summary.get("verdict", {}).get("text", "") if isinstance(summary.get("verdict"), dict)
                else str(summary.get("verdict", "")))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from deltaspec.errors import DeltaspecError, UsageError
 
 def _check_options(kw: dict[str, Any]) -> None:
     """Reject option values that click's types let through, with one-line messages."""
-    for name in ("n", "r", "steps", "threads"):
+    for name in ("n", "r", "rank", "steps", "threads"):
         if kw[name] is not None and kw[name] < 1:
             raise UsageError(f"--{name} must be >= 1 (got {kw[name]})")
     for name in ("alpha", "lr"):
@@ -34,20 +33,40 @@ def _check_options(kw: dict[str, Any]) -> None:
         raise UsageError("--hf-model and --base-dir exclude each other (the HF model is the base)")
 
 
-def _default_base_dir(out: Path, key: str) -> Path:
-    """``<out's parent>/.deltaspec-cache/base-<hash>``, or ~/.cache/deltaspec when not writable."""
-    parent = out.resolve().parent
-    if os.access(parent if parent.exists() else parent.parent, os.W_OK):
-        return parent / ".deltaspec-cache" / f"base-{key}"
-    return Path.home() / ".cache" / "deltaspec" / f"base-{key}"
+def _default_base_dir(key: str) -> Path:
+    """``<cache>/base-<hash>``: the cache ``deltaspec demo`` uses too ($DELTASPEC_CACHE or
+    ~/.cache/deltaspec), so a base pretrained by one is reused by the other."""
+    from deltaspec.demo import default_cache_dir
+
+    return default_cache_dir() / f"base-{key}"
+
+
+def _adapter(kw: dict[str, Any]) -> Any:
+    """The adapter shape; for LoRA, --rank wins, else n·r with --match-params (the default)."""
+    from deltaspec import reference as ref
+
+    if kw["method"] == "lora" and kw["rank"] is not None:
+        return ref.AdapterConfig(n=1, r=kw["rank"], alpha=kw["alpha"], match_params=False)
+    return ref.AdapterConfig(n=kw["n"], r=kw["r"], alpha=kw["alpha"],
+                             scaling_shape=kw["scaling"], match_params=kw["match_params"])
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → cuda when a GPU is present, else cpu; anything else as given (checked)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    return name
 
 
 def _run(kw: dict[str, Any]) -> tuple[dict, dict | None]:
     """Pretrain (cached) or load the base, then fine-tune; return (metrics, base metrics)."""
     from deltaspec import reference as ref
 
-    adapter = ref.AdapterConfig(n=kw["n"], r=kw["r"], alpha=kw["alpha"],
-                                scaling_shape=kw["scaling"], match_params=kw["match_params"])
+    adapter = _adapter(kw)
     tcfg = ref.default_train_config(kw["method"], kw["quick"], kw["seed"])
     overrides = {k: kw[k] for k in ("steps", "lr") if kw[k] is not None}
     if overrides:
@@ -63,7 +82,7 @@ def _run(kw: dict[str, Any]) -> tuple[dict, dict | None]:
                            quick=kw["quick"], seed=kw["seed"], threads=kw["threads"], log=log), None
     base_dir, base = _base(kw, out, log)
     metrics = ref.finetune(kw["method"], base_dir, out, adapter, tcfg, seed=kw["seed"],
-                           threads=kw["threads"], log=log)
+                           device=kw["device"], threads=kw["threads"], log=log)
     return metrics, base
 
 
@@ -76,7 +95,7 @@ def _base(kw: dict[str, Any], out: Path, log: Any) -> tuple[Path, dict]:
 
     mcfg, pcfg, dcfg = resolve_base_configs(kw["quick"], kw["seed"])
     if kw["base_dir"] is None:
-        base_dir = _default_base_dir(out, pretrain_hash(mcfg, pcfg, dcfg))
+        base_dir = _default_base_dir(pretrain_hash(mcfg, pcfg, dcfg))
     else:
         base_dir = Path(kw["base_dir"])
         if (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file():
@@ -86,15 +105,19 @@ def _base(kw: dict[str, Any], out: Path, log: Any) -> tuple[Path, dict]:
             metrics_path = base_dir / "metrics.json"
             metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
             return base_dir, {**metrics, "cached": True, "path": str(base_dir)}
-    base = ref.pretrain(base_dir, mcfg, pcfg, dcfg, seed=kw["seed"], threads=kw["threads"],
-                        log=log)
+    base = ref.pretrain(base_dir, mcfg, pcfg, dcfg, seed=kw["seed"], device=kw["device"],
+                        threads=kw["threads"], log=log)
     return base_dir, base
 
 
 def _summary(m: dict, base: dict | None) -> str:
     """A short human-readable summary of one fine-tune."""
     adapter = (m.get("config") or {}).get("adapter") or {}
-    shape = {"lora": f"rank {adapter.get('lora_rank')}",
+    lora_why = ("--rank" if adapter.get("n") == 1 and not adapter.get("match_params") else
+                f"n·r = {adapter.get('n')}·{adapter.get('r')}, the trainable parameters of "
+                f"MultiLoRA {adapter.get('n')} x {adapter.get('r')}" if adapter.get("match_params")
+                else "--r, --no-match-params")
+    shape = {"lora": f"rank {adapter.get('lora_rank')} ({lora_why})",
              "multilora": f"n={adapter.get('n')} x rank {adapter.get('r')}, "
                           f"scaling {adapter.get('scaling_shape')}",
              "full": "all weights"}[m["method"]]
@@ -134,23 +157,30 @@ def _csv(m: dict) -> str:
               help="Output folder (checkpoint + metrics.json).")
 @click.option("--base-dir", type=click.Path(file_okay=False), default=None,
               help="Base folder: a reference base already there is used as it is, otherwise "
-                   "one is pretrained into it [default: <out parent>/.deltaspec-cache/"
-                   "base-<config hash>, or ~/.cache/deltaspec/…; reused when the hash matches].")
+                   "one is pretrained into it [default: $DELTASPEC_CACHE or ~/.cache/deltaspec, "
+                   "/base-<config hash>: the cache deltaspec demo shares; reused when the hash "
+                   "matches].")
 @click.option("--n", type=int, default=4, show_default=True,
               help="MultiLoRA: parallel modules per layer.")
 @click.option("--r", type=int, default=4, show_default=True,
-              help="MultiLoRA: rank of each module; LoRA: rank (n·r with --match-params).")
+              help="MultiLoRA: rank of each module; LoRA: rank n·r (16: the README's comparison) "
+                   "with --match-params, r with --no-match-params.")
+@click.option("--rank", type=int, default=None,
+              help="LoRA only: this rank, whatever --n/--r say.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha [default: the rank, scale 1].")
 @click.option("--scaling", type=click.Choice(["n", "n_out"]), default="n", show_default=True,
               help="MultiLoRA scaling factors: one per module, or one per module and output row.")
 @click.option("--steps", type=int, default=None, help="Fine-tuning steps [default: tuned].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: tuned].")
-@click.option("--match-params", is_flag=True,
+@click.option("--match-params/--no-match-params", default=True, show_default=True,
               help="LoRA gets rank n·r: the trainable parameters of MultiLoRA n x r.")
 @click.option("--quick", is_flag=True, help="Small model and few steps (a smoke test, seconds).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and training.")
-@click.option("--threads", type=click.IntRange(1, 2), default=None,
-              help="CPU threads, 1 or 2 [default: 1, fastest for this small model on a shared machine].")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads, any count [default: 1, fastest for this small model on a shared "
+                   "machine]. Same seed and thread count: bit-identical results.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (cuda when present), cpu, cuda or cuda:N.")
 @click.option("--hf-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Adapt a local Hugging Face causal LM folder instead of the reference model.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
@@ -164,6 +194,7 @@ def train(**kw: Any) -> None:
     the loss, the held-out exact-match accuracy per task, tokens/s and peak memory.
     """
     _check_options(kw)
+    kw["device"] = resolve_device(kw["device"])
     try:
         metrics, base = _run(kw)
     except DeltaspecError:

@@ -323,6 +323,7 @@ def run_all(
     pretrain_config: TrainConfig | None = None,
     finetune_configs: dict[str, TrainConfig] | None = None,
     device: str = "cpu",
+    threads: int | None = None,
     log: Log | None = None,
 ) -> dict[str, dict]:
     """Pretrain (or reuse) the base, then fine-tune every method of ``methods``.
@@ -335,7 +336,8 @@ def run_all(
     mcfg, pcfg, dcfg = resolve_base_configs(quick, seed, model_config, pretrain_config, data_config)
     key = pretrain_hash(mcfg, pcfg, dcfg)
     base_dir = Path(cache_dir) / f"base-{key}" if cache_dir else out / "base"
-    results = {"base": pretrain(base_dir, mcfg, pcfg, dcfg, seed=seed, device=device, log=log)}
+    results = {"base": pretrain(base_dir, mcfg, pcfg, dcfg, seed=seed, device=device,
+                                threads=threads, log=log)}
     if cache_dir and not cached_base(out / "base", key):
         (out / "base").mkdir(parents=True, exist_ok=True)
         for name in ("model.safetensors", "metrics.json", "config.json"):  # config last
@@ -345,5 +347,5 @@ def run_all(
     for method in methods:
         tcfg = (finetune_configs or {}).get(method) or default_train_config(method, quick, seed)
         results[method] = finetune(method, out / "base", out / method, adapter, tcfg, dcfg,
-                                   seed=seed, device=device, log=log)
+                                   seed=seed, device=device, threads=threads, log=log)
     return results

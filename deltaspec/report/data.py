@@ -23,8 +23,10 @@ No matplotlib here; the math is deltaspec.metrics'.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import itertools
+import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,6 +45,7 @@ from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
 from deltaspec.names import kind_of, layer_of, match_key
 from deltaspec.options import Options, make_options
+from deltaspec.report.uncertainty import random_subspace_phi
 
 # Architecture order of module kinds (attention, then MLP); unknown kinds follow, sorted.
 KIND_ORDER = (
@@ -269,9 +272,18 @@ def _vectors(sp: Spectrum, k: int, side: str) -> torch.Tensor:
     return mat[:, :r] if mat is not None else torch.zeros(sp.shape[0 if side == "left" else 1], 0)
 
 
+@functools.lru_cache(maxsize=256)
+def _chance(n: int, k: int) -> tuple[float, float]:
+    """φ(k, k) of random k-dimensional subspaces of ℝⁿ: (mean, sd); NaN when undefined."""
+    if k < 1 or n < k:
+        return math.nan, math.nan
+    return random_subspace_phi(n, k)
+
+
 def similarity_table(labels: list[str], names: dict[str, list[str]],
                      raw: dict[str, dict[str, Spectrum]], k: int) -> pd.DataFrame:
-    """Per pair of labels and common module: φ(K, K) of the left and right singular vectors."""
+    """Per pair of labels and common module: φ(K, K) of the left and right singular vectors, and
+    the chance level of φ for random subspaces of the same size (``chance_*``: mean, ``*_sd``)."""
     rows = []
     for a, b in itertools.combinations(labels, 2):
         by_key = {match_key(n): n for n in names[b]}
@@ -281,11 +293,13 @@ def similarity_table(labels: list[str], names: dict[str, list[str]],
                                    "module": na, "layer": layer_of(na), "kind": kind_of(na)}
             for side in ("left", "right"):
                 ua, ub = _vectors(sa, k, side), _vectors(sb, k, side)
-                row[f"k_{side}"] = min(ua.shape[1], ub.shape[1])
+                row[f"k_{side}"] = kk = min(ua.shape[1], ub.shape[1])
                 row[f"phi_{side}"] = M.subspace_similarity(ua, ub, k)
+                row[f"chance_{side}"], row[f"chance_{side}_sd"] = _chance(ua.shape[0], kk)
             rows.append(row)
     columns = ["label_a", "label_b", "pair", "module", "layer", "kind", "k_left", "phi_left",
-               "k_right", "phi_right"]
+               "k_right", "phi_right", "chance_left", "chance_left_sd", "chance_right",
+               "chance_right_sd"]
     df = pd.DataFrame(rows, columns=columns)
     df["pair"] = pd.Categorical(df["pair"], categories=list(dict.fromkeys(df["pair"])), ordered=True)
     df["kind"] = pd.Categorical(df["kind"], categories=kind_order(df["kind"]), ordered=True)

@@ -30,6 +30,9 @@ BUILTIN_TABLES = ("summary", "metrics", "spectra", "similarity")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 Plot = Callable[[ReportData, pd.DataFrame, Mapping[str, Any]], Any]
+# Extra tables shown on the first screen, under the verdict (the rest follow the figures).
+_FIRST = ("training",)
+_TITLES = {"training": "Training: held-out accuracy, throughput and memory per method"}
 
 
 def _figure_specs(data: ReportData) -> list[tuple[str, str, str, Plot]]:
@@ -55,9 +58,9 @@ def _figure_specs(data: ReportData) -> list[tuple[str, str, str, Plot]]:
          f"Normalised entropy over the top K={kk} singular values, per layer and module kind.",
          lambda d, s, r: P.plot_entropy_by_layer(d.metrics, reference=r.get("metrics"))),
         ("effective_rank_by_layer", "Effective rank per layer",
-         "exp(H) over all singular values (Roy & Vetterli): the number of directions the update "
-         "effectively uses.",
-         lambda d, s, r: P.plot_entropy_by_layer(d.metrics, metric="effective_rank",
+         f"exp(H) over the top K={kk} singular values, the same K as the entropy (Roy & "
+         "Vetterli): the number of directions the update effectively uses, at most K.",
+         lambda d, s, r: P.plot_entropy_by_layer(d.metrics, metric="effective_rank_topk",
                                                  reference=r.get("metrics"))),
     ]
     if len(data.labels) > 1:
@@ -68,10 +71,20 @@ def _figure_specs(data: ReportData) -> list[tuple[str, str, str, Plot]]:
              lambda d, s, r: P.plot_similarity_heatmap(d.grids)),
             ("similarity_by_layer", "Subspace similarity per layer",
              f"φ(K, K) of the left singular vectors, K={k} (less where an update has lower rank), "
-             "for every pair of updates.",
+             f"for every pair of updates. Grey: φ of random subspaces of the same size — mean "
+             f"{_chance_note(data)} (dotted) ± 2 sd (band); a value inside the band is no "
+             "evidence of shared directions.",
              lambda d, s, r: P.plot_similarity_by_layer(d.similarity)),
         ]
     return specs
+
+
+def _chance_note(data: ReportData) -> str:
+    sim = data.similarity
+    if sim.empty or "chance_left" not in sim:
+        return "k/n"
+    m, sd = float(sim["chance_left"].mean()), float(sim["chance_left_sd"].mean())
+    return f"≈ {m:.3f} (sd {sd:.3f})"
 
 
 def _render(fig: Any, fmt: str) -> bytes:
@@ -90,9 +103,24 @@ def render_figures(data: ReportData, summary: pd.DataFrame, reference: Mapping[s
     out = []
     for name, title, caption, plot in _figure_specs(data):
         fig = plot(data, summary, reference or {})
+        plain = _render(plot(data, summary, {}), "png") if reference and name in _OVERLAID else None
         out.append(FigureFile(name, title, caption, _render(fig, "png"),
-                              _render(fig, "svg") if svg else None))
+                              _render(fig, "svg") if svg else None, plain))
     return out
+
+
+# The figures that draw a reference overlay (the page can switch it off).
+_OVERLAID = {"entropy_summary", "spectra", "energy", "entropy_by_layer", "effective_rank_by_layer"}
+
+
+def _relative(path: str | None, target: Path) -> str | None:
+    """``path`` relative to the report folder (as given when it cannot be: another drive)."""
+    if path is None:
+        return None
+    try:
+        return os.path.relpath(Path(path).absolute(), target)
+    except ValueError:
+        return path
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -187,7 +215,7 @@ def _summary_json(data: ReportData, summary: pd.DataFrame, v: dict[str, Any],
                   extra: Mapping[str, pd.DataFrame]) -> str:
     from deltaspec import __version__
 
-    counts = data.metrics.groupby("label", observed=True).size()
+    counts = summary.set_index("label")["modules"]
     doc = {
         "generator": GENERATOR, "version": __version__, "base": data.base, "updates": data.paths,
         "methods": data.methods(), "modules": {str(k): int(n) for k, n in counts.items()},
@@ -220,14 +248,17 @@ def save_report(data: ReportData, out_dir: str | Path, *, order: Sequence[str] |
     figures = render_figures(data, summary, reference, svg)
     tables = {"summary": summary, "metrics": data.metrics, "spectra": data.spectra,
               "similarity": data.similarity, **extra}
-    shown = [(f"Table: {n}", f"{n}.csv", extra[n]) for n in extra]
+    first = [(_TITLES.get(n, f"Table: {n}"), f"{n}.csv", extra[n]) for n in extra if n in _FIRST]
+    shown = [(f"Table: {n}", f"{n}.csv", extra[n]) for n in extra if n not in _FIRST]
     shown.append(("Mean φ(K, K) per pair and module kind", "similarity.csv", _similarity_means(data)))
+    runs = data.runs or {lb: [p] for lb, p in data.paths.items()}
+    rel = {lb: ", ".join(str(_relative(p, target)) for p in ps) for lb, ps in runs.items()}
     page = render(
-        title=title or f"Democracy report: {', '.join(data.labels)}", base=data.base, paths=data.paths,
-        methods=data.methods(), modules={str(k): int(n) for k, n in
-                                         data.metrics.groupby("label", observed=True).size().items()},
+        title=title or f"Democracy report: {', '.join(data.labels)}",
+        base=_relative(data.base, target), paths=rel, methods=data.methods(),
+        modules={str(k): int(n) for k, n in summary.set_index("label")["modules"].items()},
         only_in=data.only_in, verdict=v, summary=summary, figures=figures, tables=shown,
-        csv_files=[f"{n}.csv" for n in tables], version=__version__)
+        csv_files=[f"{n}.csv" for n in tables], version=__version__, first=first)
     with atomic_dir(target) as tmp:
         for f in figures:
             (tmp / f"{f.name}.png").write_bytes(f.png)
