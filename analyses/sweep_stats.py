@@ -216,6 +216,23 @@ def _figure(runs: pd.DataFrame, path: Path) -> None:
 
 
 _MARK = re.compile(r"(<!-- tables:start -->\n).*?(<!-- tables:end -->)", re.S)
+_CLAIMS = re.compile(r"(<!-- claims:start -->\n).*?(<!-- claims:end -->)", re.S)
+_WORDS = {"holds": "**holds**", "reversed": "**reversed** (the opposite is supported)",
+          "inconclusive": "**inconclusive** (the interval contains 0)"}
+
+
+def claims_md(runs: pd.DataFrame) -> str:
+    """One line per tested claim: its verdict and the numbers behind it."""
+    lines = [f"- {c['claim']}: {_WORDS[c['verdict']]} — {c['b']} − {c['a']} on {c['metric']} = "
+             f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}], Hedges' g {c['g']:+.2f}, "
+             f"{c['seeds'][0]} and {c['seeds'][1]} seeds." for c in comparisons(runs)]
+    trend = n_trend(runs)
+    if trend:
+        verdict = three_way(trend["lo"], trend["hi"], +1)
+        lines.append(f"- Entropy grows with n (MultiLoRA init): {_WORDS[verdict]} — slope "
+                     f"{trend['slope_per_doubling']:+.4f} per doubling of n "
+                     f"[{trend['lo']:+.4f}, {trend['hi']:+.4f}] over {trend['runs']} runs.")
+    return "\n".join(lines) + "\n"
 
 
 def render_all(runs_file: Path, out: Path, writeup: Path | None) -> None:
@@ -232,5 +249,6 @@ def render_all(runs_file: Path, out: Path, writeup: Path | None) -> None:
     _figure(runs, out / "sweep.png")
     if writeup is not None and writeup.exists():
         text = writeup.read_text()
-        if _MARK.search(text):
-            writeup.write_text(_MARK.sub(lambda m: m.group(1) + md + m.group(2), text))
+        text = _MARK.sub(lambda m: m.group(1) + md + m.group(2), text)
+        claims = claims_md(runs)
+        writeup.write_text(_CLAIMS.sub(lambda m: m.group(1) + claims + m.group(2), text))

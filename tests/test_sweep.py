@@ -47,3 +47,19 @@ def test_quick_sweep_writes_incremental_results(tmp_path: Path) -> None:
     assert (out / "sweep.png").stat().st_size > 0 and "| lora | 2 |" in (out / "tables.md").read_text()
     assert S.main(args) == 0  # a rerun finds every run done and only re-renders
     assert len((out / "runs.jsonl").read_text().splitlines()) == 6
+
+
+CORE = ("lora", "multilora-n1", "multilora-n2", "multilora-n4", "multilora-n8", "full",
+        "multilora-n4-lorainit")
+
+
+def test_committed_results_and_writeup_agree() -> None:
+    """figures/sweep/runs.jsonl has >= 5 seeds for every core arm, and the tables of the
+    write-up are exactly what sweep_stats renders from it."""
+    root = ANALYSES.parent
+    runs = T.load_runs(root / "figures" / "sweep" / "runs.jsonl")
+    seeds = runs.groupby("variant")["seed"].nunique()
+    assert all(seeds.get(arm, 0) >= 5 for arm in CORE), seeds.to_dict()
+    writeup = (ANALYSES / "democracy_sweep.md").read_text()
+    assert T.tables_md(runs) in writeup
+    assert T.tables_md(runs) == (root / "figures" / "sweep" / "tables.md").read_text()

@@ -281,7 +281,8 @@ def _validation(cfg: DataConfig, facts: dict[str, str],
     for task in TASKS:
         if task == "capital":
             continue
-        taken, val = {e.prompt for e in heldout[task]}, []
+        taken = {e.prompt for e in heldout[task]}
+        val: list[Example] = []
         for _ in range(200 * max(1, cfg.n_validation_per_task)):
             if len(val) >= cfg.n_validation_per_task:
                 break
