@@ -295,7 +295,7 @@ def _chance_band(a: Axes, df: pd.DataFrame, side: str) -> None:
         return
     m, sd = float(df[col].mean()), float(df[f"{col}_sd"].mean())
     a.axhspan(max(0.0, m - 2 * sd), min(1.0, m + 2 * sd), color="0.5", alpha=0.15, lw=0, zorder=0)
-    a.axhline(m, color="0.4", lw=0.8, ls=":", zorder=0, label="random subspaces (± 2 sd)")
+    a.axhline(m, color="0.4", lw=0.8, ls=":", zorder=0)  # explained in the caption
 
 
 def plot_similarity_by_layer(data: Any, *, side: str = "left", ax: Any = None,
@@ -374,7 +374,8 @@ def plot_entropy_summary(data: Any, *, ax: Any = None, reference: Any = None) ->
     a.set_xticks(range(len(labels)), labels)
     a.set_ylabel("normalised entropy (0: one direction, 1: flat)")
     a.set_ylim(0, 1)
-    a.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize="small",
+    a.set_xlabel("update")
+    a.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize="small",
              ncols=len(handles), frameon=False)
     return fig
 
