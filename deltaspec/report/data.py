@@ -36,6 +36,7 @@ from deltaspec.analyze import run
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
+from deltaspec.loaders.live import describe
 from deltaspec.names import kind_of, layer_of, match_key
 from deltaspec.options import Options, make_options
 
@@ -293,7 +294,8 @@ def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *
     """Analyse labelled updates of one base and build the report's tables.
 
     Args:
-        updates: label → checkpoint folder (PEFT adapter, MultiLoRA folder, full checkpoint).
+        updates: label → checkpoint folder (PEFT adapter, MultiLoRA folder, full checkpoint),
+            Hub id, or live object (PeftModel, nn.Module, state dict).
         base: the base model folder: needed for full checkpoints; when given, every update must
             pair with it.
         top_k: the common K of the fair entropy; default: the smallest structural rank compared.
@@ -311,8 +313,10 @@ def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *
     if options is not None and kwargs:
         opts = dataclasses.replace(options, **kwargs)
     opts = dataclasses.replace(opts, vectors=True, keep_spectra=True)
-    paths = {label: str(p) for label, p in updates.items()}
-    loaded = {label: load(p, base, allow_modified_base=opts.allow_modified_base)
+    paths = {label: describe(p) for label, p in updates.items()}
+    loaded = {label: load(p, base, allow_modified_base=opts.allow_modified_base,
+                          discover_base=opts.discover_base, revision=opts.revision,
+                          adapter_name=opts.adapter_name)
               for label, p in updates.items()}
     _check_shapes(loaded, paths)
     names, only = _common(loaded, opts.include)
@@ -330,7 +334,7 @@ def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *
     similarity.attrs["k"] = k
     chosen = pick_module(names[labels[0]], module)
     return ReportData(
-        labels=labels, paths=paths, base=None if base is None else str(base), k=k, top_k=kk,
+        labels=labels, paths=paths, base=None if base is None else describe(base), k=k, top_k=kk,
         metrics=metrics, spectra=spectra_table(metrics, raw),
         similarity=similarity,
         grids=similarity_grids(labels, names, raw, chosen, k) if len(labels) > 1 else [],
