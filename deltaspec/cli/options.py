@@ -2,13 +2,13 @@
 :class:`deltaspec.options.Options`.
 
 Every command that analyses (analyze, compare, report, snapshot, check) takes
-:func:`analysis_options`: ``--base``, ``--no-base-discovery``, ``--revision``, ``--include``, ``--top-k``, ``--k``, ``--device``,
-``--intruders/--no-intruders``, ``--allow-modified-base``, ``-q``; a command may change a help
-text or a default (``check`` reads K and top-K from its baseline) but not a name. A command that
-writes one file takes ``-o/--output FILE``, one that writes a folder ``--out DIR``; ``--format``
-defaults to the extension of ``--output`` (.json, .csv), else ``table``. Older spellings stay as
-hidden aliases. Nothing here imports torch, numpy or pandas: ``--help`` and argument errors stay
-fast.
+:func:`analysis_options`: ``--base``, ``--no-base-discovery``, ``--revision``, ``--include``,
+``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--allow-modified-base``,
+``-q``; a command may change a help text or a default (``check`` reads K and top-K from its
+baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one that
+writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
+.csv), else ``table``. Older spellings stay as hidden aliases. Nothing here imports torch, numpy
+or pandas: ``--help`` and argument errors stay fast.
 """
 
 from __future__ import annotations
