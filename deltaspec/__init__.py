@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from deltaspec.analyze import analyze, compare, spectra
     from deltaspec.delta import Delta
     from deltaspec.engine.spectrum import Spectrum, spectrum
+    from deltaspec.inline import plot_democracy
     from deltaspec.loaders import load
     from deltaspec.options import Options
 
@@ -31,6 +32,7 @@ _LAZY = {
     "analyze": "deltaspec.analyze",
     "compare": "deltaspec.analyze",
     "load": "deltaspec.loaders",
+    "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
 }
@@ -43,6 +45,7 @@ __all__ = [
     "analyze",
     "compare",
     "load",
+    "plot_democracy",
     "spectra",
     "spectrum",
 ]

@@ -12,13 +12,13 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
 from deltaspec import columns as cols
+from deltaspec import frames
 from deltaspec import metrics as M
 from deltaspec.delta import Delta
 from deltaspec.engine import distributed, relative
@@ -27,11 +27,13 @@ from deltaspec.engine.pipeline import Solved, shard, solve_stream
 from deltaspec.engine.spectrum import Spectrum, resolve_device, route
 from deltaspec.errors import DeltaspecError, ShapeError
 from deltaspec.loaders import Deltas, detect_format, load
+from deltaspec.loaders.live import describe
 from deltaspec.names import kind_of, layer_of, match_key
 from deltaspec.options import Options, make_options
 
 INTRUDER_TOP = 10  # Shuttleworth et al. look at the top-10 singular vectors of W + ΔW
 Item = tuple[str, ...]  # one module name per side
+SIGMA = "__sigma__"  # a row's singular values (not a column: taken out before the table is made)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Analysis:
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
     with_base: bool = False
+    sigmas: dict[str, Any] = field(default_factory=dict)  # module → σ (or (σ_A, σ_B)), numpy
 
 
 def has_base(*sides: Mapping[str, Delta]) -> bool:
@@ -124,13 +127,14 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     done = _solve_rows(sides, items, opts, vectors_k, with_base, metrics)
     rows = {n: r for n, (r, _) in done.items()}
     spectra = {n: sp for n, (_, sp) in done.items() if sp is not None}
+    sigmas = {n: r.pop(SIGMA) for n, r in rows.items() if SIGMA in r}
     order = [it[0] for it in items]
     columns = (cols.analyze_columns(with_base) if b is None else cols.compare_columns(with_base)) \
         if metrics else list(cols.IDENTITY)
     skipped = list(getattr(a, "skipped", [])) + list(getattr(b, "skipped", []) if b else [])
     return Analysis(_frame([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
-                    with_base)
+                    with_base, {n: sigmas[n] for n in order if n in sigmas})
 
 
 def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Options,
@@ -155,6 +159,9 @@ def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Optio
                 row = _compare_row(s, opts, with_base) if pair else _row(s, opts, with_base)
             keep = opts.keep_spectra or not metrics
             sp = (s.spectra[0], s.spectra[1]) if pair else s.spectra[0]
+            if metrics:  # values only, fresh arrays (travel with the row): figures draw from them
+                row[SIGMA] = (frames.sigma(s.spectra[0]), frames.sigma(s.spectra[1])) if pair \
+                    else frames.sigma(s.spectra[0])
             out[s.deltas[0].name] = (row, sp if keep else None)
         return out
 
@@ -260,42 +267,51 @@ def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     return df
 
 
-def _public(result: Analysis) -> pd.DataFrame:
+def _public(result: Analysis, opts: Options) -> pd.DataFrame:
     """The table the public functions return; skipped tensors and one-sided modules in ``attrs``
-    (informational: the library itself never reads them back)."""
-    df = result.table
+    (informational: the library itself never reads them back), and the singular values the
+    figures draw (:mod:`deltaspec.frames`)."""
+    df = frames.attach(result.table, result.sigmas, opts.k)
     df.attrs["skipped"] = list(result.skipped)
     if result.only_a or result.only_b:
         df.attrs["only_a"], df.attrs["only_b"] = list(result.only_a), list(result.only_b)
     return df
 
 
-def _load(path: str | Path, base: str | Path | None, opts: Options) -> Deltas:
-    return load(path, base, allow_modified_base=opts.allow_modified_base)
+def _load(path: Any, base: Any, opts: Options, config: Any = None) -> Deltas:
+    return load(path, base, allow_modified_base=opts.allow_modified_base,
+                discover_base=opts.discover_base, revision=opts.revision, config=config,
+                adapter_name=opts.adapter_name)
 
 
-def run_paths(a: str | Path, b: str | Path | None = None, base: str | Path | None = None,
-              opts: Options | None = None) -> Analysis:
+def run_paths(a: Any, b: Any = None, base: Any = None, opts: Options | None = None, *,
+              config: Any = None) -> Analysis:
     """Load the update(s) at ``a`` (and ``b``) once and run :func:`run` on them — with
-    ``compare``'s rule: two full checkpoints and no base are the one update ΔW = b − a."""
+    ``compare``'s rule: two full checkpoints and no base are the one update ΔW = b − a. Each is a
+    folder, a Hub id or a live object (:func:`deltaspec.load`); ``config``: the adapter config of
+    an adapter state dict ``a``."""
     opts = opts or Options()
     if b is None:
-        return run(_load(a, base, opts), opts=opts)
+        return run(_load(a, base, opts, config), opts=opts)
     if base is None and detect_format(a) == detect_format(b) == "full":
         return run(_load(b, a, opts), opts=opts)
-    return run(_load(a, base, opts), _load(b, base, opts), opts, names=(str(a), str(b)))
+    return run(_load(a, base, opts), _load(b, base, opts), opts, names=(describe(a), describe(b)))
 
 
-def analyze(path: str | Path, base: str | Path | None = None, **options: Any) -> pd.DataFrame:
+def analyze(path: Any, base: Any = None, *, config: Any = None, **options: Any) -> pd.DataFrame:
     """One row of metrics per module of the update at ``path`` (options: :class:`Options`).
 
-    Columns are defined in :mod:`deltaspec.columns`: identity (module, layer, kind, method, shape,
-    rank_bound), every spectral metric, and with a base the base-relative ones.
+    ``path``: a folder, a Hub id ``org/name[@rev]``, or a live object — a PeftModel, an
+    ``nn.Module`` or state dict of a full model (with ``base``), a PEFT adapter state dict (with
+    ``config``). Columns are defined in :mod:`deltaspec.columns`: identity (module, layer, kind,
+    method, shape, rank_bound), every spectral metric, and with a base the base-relative ones.
+    The singular values travel in ``df.attrs["spectra"]`` for :mod:`deltaspec.plots`.
     """
-    return _public(run_paths(path, None, base, make_options(options, public=True)))
+    opts = make_options(options, public=True)
+    return _public(run_paths(path, None, base, opts, config=config), opts)
 
 
-def compare(a: str | Path, b: str | Path, base: str | Path | None = None,
+def compare(a: Any, b: Any, base: Any = None,
             **options: Any) -> pd.DataFrame:
     """One row per module common to updates ``a`` and ``b``: both sides' metrics (suffixes
     ``_a``/``_b``) and the pairwise ones (cosine, subspace similarity at K, principal angles).
@@ -303,10 +319,11 @@ def compare(a: str | Path, b: str | Path, base: str | Path | None = None,
     Each side is an adapter folder, or a full checkpoint (then ``base`` is required). When both
     are full checkpoints and no base is given, the update is ΔW = b − a, analysed like ``analyze``.
     """
-    return _public(run_paths(a, b, base, make_options(options, public=True)))
+    opts = make_options(options, public=True)
+    return _public(run_paths(a, b, base, opts), opts)
 
 
-def spectra(path: str | Path, base: str | Path | None = None, k: int | None = None,
+def spectra(path: Any, base: Any = None, k: int | None = None,
             vectors: bool = False, **options: Any) -> dict[str, Spectrum]:
     """Module name → :class:`Spectrum` of the update at ``path`` (values, and top-k vectors)."""
     opts = make_options(options, public=True)

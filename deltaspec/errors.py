@@ -33,3 +33,7 @@ class NumericalError(DeltaspecError):
 
 class UsageError(DeltaspecError):
     """Options or arguments that do not fit together."""
+
+
+class DeltaspecWarning(UserWarning):
+    """Something the user should know that does not stop the analysis (the CLI prints one line)."""

@@ -34,6 +34,9 @@ class Options:
     shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
     keep_spectra: bool = False  # keep every module's Spectrum in the result (core entry only)
     vectors: bool = False  # also compute the top-K singular vectors (kept with keep_spectra)
+    discover_base: bool = True  # no base given: use the one the adapter's config names
+    revision: str | None = None  # revision of Hub ids given without @revision
+    adapter_name: str | None = None  # the adapter of a live PeftModel (default: its active one)
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):

@@ -1,9 +1,11 @@
 """Figures of the democracy report: each ``plot_*(data, *, ax=None, …) -> Figure``.
 
 ``data`` is the matching table of :class:`deltaspec.report.ReportData` (``spectra``, ``metrics``,
-``similarity``, ``grids``) or the ReportData itself; filter a table first to draw fewer kinds or
-layers. Figures are built without pyplot (nothing is shown, saved or kept open by matplotlib), so
-in Jupyter a returned figure displays once, inline. Pass ``ax`` (one Axes per panel) to draw into
+``similarity``, ``grids``), the ReportData itself, or a DataFrame ``deltaspec.analyze`` /
+``deltaspec.compare`` returned (one update, or A and B; heatmaps need ``report.collect``'s
+vectors); filter a table first to draw fewer kinds or layers. Figures are built without pyplot
+(nothing is shown, saved or kept open by matplotlib), so in Jupyter a returned figure displays
+once, inline. Pass ``ax`` (one Axes per panel) to draw into
 your own figure. ``reference`` (same schema) is overlaid dashed, e.g. the shipped reference curves.
 matplotlib is imported only when a plot is made.
 """
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from deltaspec import frames
 from deltaspec.errors import UsageError
 from deltaspec.metrics.table import label as metric_label
 
@@ -32,10 +35,16 @@ BAND_NOTE = "line: median across layers, band: 10–90 %"
 
 
 def _table(data: Any, attr: str) -> Any:
-    """The ``attr`` table of a ReportData, or ``data`` itself when it already is the table."""
+    """The ``attr`` table of a ReportData, or ``data`` itself when it already is the table; a
+    frame ``analyze``/``compare`` returned is turned into the report's tables first."""
+    if frames.is_result(data):
+        data = frames.report_data(data)
     if isinstance(data, pd.DataFrame) or not hasattr(data, attr):
         return data
-    return getattr(data, attr)
+    table = getattr(data, attr)
+    if table is None:
+        raise UsageError(frames.NO_SPECTRA)
+    return table
 
 
 def _order(df: pd.DataFrame, col: str) -> list[str]:
@@ -218,6 +227,8 @@ def plot_entropy_by_layer(data: Any, *, metric: str = "normalized_entropy_topk",
     update, one panel per module kind. ``data``: ``ReportData.metrics``."""
     df = _table(data, "metrics")
     ref = _table(reference, "metrics") if reference is not None else None
+    if metric == "normalized_entropy_topk" and metric in df.columns and df[metric].isna().all():
+        metric = "normalized_entropy"  # a table without its singular values: over all values
     if metric not in df.columns:
         raise UsageError(f"metric {metric!r} is not a column of the table")
     labels = _order(df, "label")
@@ -258,6 +269,9 @@ def _grids(data: Any) -> list[Any]:
 def plot_similarity_heatmap(data: Any, *, ax: Any = None) -> Figure:
     """Heatmaps of the subspace similarity φ(i, j) of one module between two updates (one panel
     per pair). ``data``: ``ReportData.grids``, a list of grids, or one SimilarityGrid."""
+    if isinstance(data, pd.DataFrame):
+        raise UsageError("similarity heatmaps need the singular vectors, which a result table does "
+                         "not keep: use deltaspec.report.collect(...) or deltaspec.plot_democracy(...)")
     grids = _grids(data)
     if not grids:
         raise UsageError("nothing to plot: similarity needs two or more updates")
@@ -383,6 +397,8 @@ def plot_entropy_summary(data: Any, *, ax: Any = None, reference: Any = None) ->
 def _summary(data: Any) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame) and "normalized_entropy_topk_std" in data.columns:
         return data
+    if frames.is_result(data):
+        data = frames.report_data(data)
     from deltaspec.report.verdict import summary_table
 
     return summary_table(_table(data, "metrics"))

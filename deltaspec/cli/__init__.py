@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
-from deltaspec.errors import DeltaspecError
+from deltaspec.errors import DeltaspecError, DeltaspecWarning
 
 _COMMAND_MODULES = ("analyze", "report", "check", "train", "demo")
 
@@ -30,13 +31,35 @@ class _Group(click.Group):
             if not os.environ.get("DELTASPEC_DIST_VERBOSE"):  # keep every rank's stderr
                 sys.stderr = sys.stdout
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", DeltaspecWarning)
+                warnings.showwarning = _note
+                _SHOWN.clear()
+                return super().invoke(ctx)
         except DeltaspecError as exc:
             click.echo(f"deltaspec: error: {exc}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("deltaspec: interrupted", err=True)
             ctx.exit(130)
+
+
+_SHOWN: set[str] = set()
+
+
+def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+          file: Any = None, line: str | None = None) -> None:
+    """deltaspec's own warnings (``note: …``, ``warning: …``) as one line on stderr; others the
+    way Python shows them."""
+    if issubclass(category, DeltaspecWarning):
+        ctx = click.get_current_context(silent=True)
+        quiet = bool(ctx is not None and ctx.params.get("quiet"))
+        if str(message) in _SHOWN or (quiet and str(message).startswith("note:")):
+            return  # each said once; -q keeps the warnings, drops the notes
+        _SHOWN.add(str(message))
+        click.echo(f"deltaspec: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -39,7 +39,9 @@ def analyze_cmd(path: str, **kw: Any) -> None:
     """Metrics of the update at PATH, one row per module.
 
     PATH is a PEFT LoRA adapter folder, a MultiLoRA folder, or a full fine-tuned checkpoint
-    (then --base is required and ΔW = PATH − BASE).
+    (then --base is required and ΔW = PATH − BASE) — or the Hugging Face Hub id org/name[@rev]
+    of one: from the local cache, else downloading only its configs and weights (HF_HOME,
+    HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply).
     """
     writable(kw["output"])
     from deltaspec.analyze import run_paths
@@ -55,7 +57,8 @@ def analyze_cmd(path: str, **kw: Any) -> None:
 def compare_cmd(a: str, b: str, **kw: Any) -> None:
     """Compare updates A and B module by module.
 
-    Each side is an adapter folder, or a full checkpoint with --base. Rows hold both sides'
+    Each side is an adapter folder, or a full checkpoint with --base (folders or Hub ids
+    org/name[@rev]). Rows hold both sides'
     metrics (_a, _b) and the pairwise ones: cosine, subspace similarity φ at K (left and right
     singular vectors), smallest principal angle. When A and B are both full checkpoints and no
     --base is given, the update analysed is ΔW = B − A.

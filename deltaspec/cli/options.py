@@ -2,13 +2,13 @@
 :class:`deltaspec.options.Options`.
 
 Every command that analyses (analyze, compare, report, snapshot, check) takes
-:func:`analysis_options`: ``--base``, ``--include``, ``--top-k``, ``--k``, ``--device``,
-``--intruders/--no-intruders``, ``--allow-modified-base``, ``-q``; a command may change a help
-text or a default (``check`` reads K and top-K from its baseline) but not a name. A command that
-writes one file takes ``-o/--output FILE``, one that writes a folder ``--out DIR``; ``--format``
-defaults to the extension of ``--output`` (.json, .csv), else ``table``. Older spellings stay as
-hidden aliases. Nothing here imports torch, numpy or pandas: ``--help`` and argument errors stay
-fast.
+:func:`analysis_options`: ``--base``, ``--no-base-discovery``, ``--revision``, ``--include``,
+``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--allow-modified-base``,
+``-q``; a command may change a help text or a default (``check`` reads K and top-K from its
+baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one that
+writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
+.csv), else ``table``. Older spellings stay as hidden aliases. Nothing here imports torch, numpy
+or pandas: ``--help`` and argument errors stay fast.
 """
 
 from __future__ import annotations
@@ -29,9 +29,16 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 # name → (parameter declarations, click.option keyword arguments)
 ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "base": (("--base",), dict(
-        default=None, metavar="DIR",
-        help="Base model folder (needed for full checkpoints and DoRA; enables relative_norm, "
-             "amplification and, with --intruders, intruders).")),
+        default=None, metavar="DIR|ID",
+        help="Base model folder or Hub id org/name[@rev] (needed for full checkpoints and DoRA; "
+             "enables relative_norm, amplification and, with --intruders, intruders). Default: "
+             "the base_model_name_or_path of the adapter's config, when it resolves.")),
+    "no_base_discovery": (("--no-base-discovery",), dict(
+        is_flag=True, help="Without --base, do not use the base the adapter's config names.")),
+    "revision": (("--revision",), dict(
+        default=None, metavar="REV",
+        help="Revision (branch, tag or commit) of the Hub ids given without @REV (not --base: "
+             "write org/name@REV there).")),
     "include": (("--include",), dict(
         default=None, metavar="REGEX",
         help="Only modules whose name matches this regular expression.")),
@@ -128,7 +135,8 @@ def to_options(kw: dict[str, Any], **changes: Any) -> Options:
     """The parsed shared options → :class:`Options` (the one mapping)."""
     fields = dict(top_k=kw.get("top_k"), k=kw.get("k") or 8, device=kw.get("device", "auto"),
                   intruders=bool(kw.get("intruders")), include=kw.get("include"),
-                  allow_modified_base=bool(kw.get("allow_modified_base")), progress=progress(kw))
+                  allow_modified_base=bool(kw.get("allow_modified_base")), progress=progress(kw),
+                  discover_base=not kw.get("no_base_discovery"), revision=kw.get("revision"))
     return Options(**(fields | changes))
 
 

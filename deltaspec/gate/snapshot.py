@@ -225,8 +225,10 @@ def take_snapshot(path: str | Path, base: str | Path | None = None, *, sketch: i
     from deltaspec import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    return Baseline(source=str(path), modules=records_from(result, k, sketch), k=k,
-                    top_k=opts.top_k, base=None if base is None else str(base),
+    from deltaspec.loaders.live import describe
+
+    return Baseline(source=describe(path), modules=records_from(result, k, sketch), k=k,
+                    top_k=opts.top_k, base=None if base is None else describe(base),
                     include=opts.include, intruders=opts.intruders and result.with_base,
                     sketch=sketch, created=now.replace("+00:00", "Z"),
                     deltaspec_version=__version__)

@@ -29,24 +29,28 @@ from pathlib import Path
 from typing import Any
 
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
+from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError, UsageError
 from deltaspec.loaders import (
     adalora,
     boft,
+    discovery,
     fourierft,
     full,
     ia3,
+    live,
     loha,
     lokr,
     multilora,
     oft,
     peft_common,
     peft_lora,
+    sources,
     vera,
 )
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
 from deltaspec.loaders.contract import FormatModule, LoadOptions
 from deltaspec.loaders.store import read_json
+from deltaspec.names import PEFT_PREFIX
 
 
 class Deltas(dict[str, Delta]):
@@ -73,16 +77,19 @@ FORMATS: tuple[tuple[str, FormatModule], ...] = (
 )
 
 
-def resolve(path: str | Path) -> Path:
-    """The checkpoint folder for ``path`` (a folder, or a weights file inside one)."""
-    p = Path(path)
+def resolve(path: str | Path, revision: str | None = None) -> Path:
+    """The checkpoint folder for ``path``: a folder, a weights file inside one, or a Hugging Face
+    Hub id ``org/name[@revision]`` (cached or downloaded: :mod:`deltaspec.loaders.sources`)."""
+    p = sources.locate(path, revision)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     return p.parent if p.is_file() else p
 
 
 def detect_format(path: str | Path) -> str:
-    """The name of the format of the checkpoint at ``path``."""
+    """The name of the format of the checkpoint at ``path`` (or of a live object)."""
+    if live.is_live(path):
+        return _live_format(path)
     folder = resolve(path)
     for name, module in FORMATS:
         if module.detect(folder):
@@ -106,32 +113,98 @@ def supported_peft_types() -> list[str]:
     return [t for _, module in FORMATS for t in getattr(module, "PEFT_TYPES", ())]
 
 
-def load(path: str | Path, base: str | Path | None = None, *,
-         allow_modified_base: bool = False) -> Deltas:
+def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
+         discover_base: bool = True, revision: str | None = None, config: Any = None,
+         adapter_name: str | None = None) -> Deltas:
     """Load every module's ΔW from a PEFT adapter, a MultiLoRA folder or a full checkpoint.
 
     Args:
-        path: the checkpoint folder (or a weights file in it).
-        base: the base model folder: required for full checkpoints and DoRA, optional otherwise
-            (it orients GPT-2 Conv1D weights, turns modules_to_save into deltas and enables the
-            base-relative metrics).
+        path: the checkpoint folder (or a weights file in it), a Hugging Face Hub id
+            ``org/name[@revision]`` (from the local cache, else downloaded), or a live object: a
+            PeftModel, an ``nn.Module`` or state dict of a full model, a PEFT adapter state dict
+            (with ``config``) — see :mod:`deltaspec.loaders.live`.
+        base: the base model (folder, Hub id, ``nn.Module`` or state dict): required for full
+            checkpoints and DoRA, optional otherwise (it orients GPT-2 Conv1D weights, turns
+            modules_to_save into deltas and enables the base-relative metrics). Omitted, the
+            base the adapter's config names (``base_model_name_or_path``) is used when it
+            resolves, and a PeftModel's own base weights; given, a warning says when it is not
+            the named one.
         allow_modified_base: read PiSSA/OLoRA/… adapters anyway (s·B·A is then not the update).
+        discover_base: False: never look for a base that was not given.
+        revision: the revision of a Hub id ``path`` given without ``@revision``.
+        config: the adapter config (dict or PeftConfig) of an adapter state dict ``path``.
+        adapter_name: the adapter of a PeftModel (default: its active one).
 
     Returns:
         A dict (module name → Delta) with ``.format`` and ``.skipped`` (name, reason) attributes.
         Nothing is read from the weight files until a Delta's tensors are asked for.
     """
-    folder = resolve(path)
-    fmt = detect_format(folder)
-    module = next(m for name, m in FORMATS if name == fmt)
     skipped: list[tuple[str, str]] = []
     opts = LoadOptions(allow_modified_base=allow_modified_base)
-    items = module.load(folder, base_for(Path(base) if base is not None else None), opts, skipped)
+    if live.is_live(path) or config is not None:
+        fmt, where, items = _load_live(path, base, opts, skipped, config=config,
+                                       adapter_name=adapter_name, discover_base=discover_base)
+    else:
+        folder = resolve(path, revision)
+        fmt, where = detect_format(folder), str(folder)
+        module = next(m for name, m in FORMATS if name == fmt)
+        items = module.load(folder, _base(base, folder, discover_base), opts, skipped)
     if not items:
         why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
             if skipped else ""
-        raise CheckpointError(f"{folder}: no weight update found{why}")
+        raise CheckpointError(f"{where}: no weight update found{why}")
     return Deltas(dict(sorted(items.items(), key=lambda kv: _order(kv[0]))), fmt, skipped)
+
+
+def _base(base: Any, folder: Path | None, discover: bool) -> Checkpoint | None:
+    """The base checkpoint: a live object as is, else located (path, Hub id, or the one the
+    adapter at ``folder`` names)."""
+    if base is not None and live.is_live(base):
+        return live.full_checkpoint(base, "<base model>")
+    if folder is None:
+        path = sources.locate(base, what="base model") if base is not None else None
+    else:
+        path = discovery.choose_base(folder, base, discover=discover)
+    return base_for(path)
+
+
+def _peft_module(peft_type: Any, where: str) -> tuple[str, FormatModule]:
+    kind = str(peft_type).upper()
+    for name, module in FORMATS:
+        if kind in getattr(module, "PEFT_TYPES", ()):
+            return name, module
+    raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not supported (deltaspec reads "
+                           f"{', '.join(supported_peft_types())} adapters)")
+
+
+def _live_format(obj: Any) -> str:
+    if live.is_peft_model(obj):
+        name = live.active_adapter(obj, None)
+        return _peft_module(live.as_json(obj.peft_config[name]).get("peft_type"), "PeftModel")[0]
+    return "full"
+
+
+def _load_live(obj: Any, base: Any, opts: LoadOptions, skipped: list[tuple[str, str]], *,
+               config: Any, adapter_name: str | None,
+               discover_base: bool) -> tuple[str, str, dict[str, Delta]]:
+    """(format, what errors call it, deltas) of a live object (see :mod:`deltaspec.loaders.live`)."""
+    base_ck = _base(base, None, False) if base is not None else None
+    if live.is_peft_model(obj):
+        adapter, own = live.peft_model(obj, adapter_name)
+        base_ck = base_ck or (own if discover_base else None)
+    elif config is not None:
+        adapter = live.adapter_state(obj, config)
+    elif live.is_state_dict(obj) and any(k.startswith(PEFT_PREFIX) for k in obj):
+        raise UsageError("<adapter state dict>: a PEFT adapter's tensors need its config: pass "
+                         "config= (its PeftConfig, or adapter_config.json as a dict)")
+    else:
+        ft = live.full_checkpoint(obj, "<fine-tuned model>")
+        if base_ck is None:
+            raise UsageError(f"{ft.folder}: a full model gives an update only against its base: "
+                             "pass base= (a folder, a Hub id, an nn.Module or a state dict)")
+        return "full", str(ft.folder), full.load(ft, base_ck, opts, skipped)  # type: ignore[arg-type]
+    fmt, module = _peft_module(adapter.config.get("peft_type"), adapter.source)
+    return fmt, adapter.source, module.load(adapter, base_ck, opts, skipped)  # type: ignore[arg-type]
 
 
 def _order(name: str) -> tuple[Any, ...]:

@@ -34,10 +34,20 @@ class Checkpoint:
         if store is None:
             raise CheckpointError(f"{folder}: no model weights (model.safetensors, sharded "
                                   "index or pytorch_model.bin) in this folder")
+        cfg = folder / "config.json"
+        self._setup(folder, store, read_json(cfg) if cfg.is_file() else {})
+
+    @classmethod
+    def of(cls, store: TensorStore, config: dict[str, Any], folder: Path) -> Checkpoint:
+        """A checkpoint over tensors already opened (a model in memory: ``folder`` names it)."""
+        ck = cls.__new__(cls)
+        ck._setup(folder, store, config)
+        return ck
+
+    def _setup(self, folder: Path, store: TensorStore, config: dict[str, Any]) -> None:
         self.folder = folder
         self.store: TensorStore = store
-        cfg = folder / "config.json"
-        self.config: dict[str, Any] = read_json(cfg) if cfg.is_file() else {}
+        self.config: dict[str, Any] = config
         model_type = self.config.get("model_type")
         self.model_type: str | None = model_type if isinstance(model_type, str) else None
         self.model_type = self.model_type or guess_model_type(store.keys())

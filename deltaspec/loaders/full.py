@@ -30,7 +30,8 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     """Deltas of every 2-D weight that the fine-tuned checkpoint and its base share."""
     if base is None:
         raise CheckpointError(f"{folder}: a full checkpoint needs its base (--base) to give an update")
-    ft, bs = Checkpoint(folder), base
+    ft = folder if isinstance(folder, Checkpoint) else Checkpoint(folder)  # or a model in memory
+    bs = base
     model_type = ft.model_type or bs.model_type
     out: dict[str, Delta] = {}
     paired: set[str] = set()

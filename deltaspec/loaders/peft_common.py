@@ -97,6 +97,9 @@ class Ctx:
 def open_adapter(path: Path, base: Checkpoint | None,
                  skipped: Skipped) -> Ctx:
     """The adapter at ``path`` (its config read, its weights opened lazily) as a :class:`Ctx`."""
+    context = getattr(path, "context", None)
+    if callable(context):  # an adapter in memory (deltaspec.loaders.live.MemoryAdapter)
+        return context(base, skipped)
     folder = find_adapter_dir(path)
     if folder is None:
         raise CheckpointError(f"{path}: no {CONFIG} here")

@@ -9,6 +9,7 @@ the file and what is wrong.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ class TensorStore:
     @classmethod
     def from_index(cls, index: Path) -> TensorStore:
         """A store over a sharded checkpoint described by ``*.index.json`` (its ``weight_map``)."""
-        folder = index.parent.resolve()
+        # Containment on names as written: hub caches link every shard to ../../blobs/<sha>.
+        folder = Path(os.path.normpath(index.parent.absolute()))
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -50,7 +52,7 @@ class TensorStore:
             raise CheckpointError(f"{index}: 'weight_map' is not a mapping")
         where: dict[str, Path] = {}
         for key, shard in weight_map.items():
-            path = (folder / str(shard)).resolve()
+            path = Path(os.path.normpath(folder / str(shard)))
             if not path.is_relative_to(folder):
                 raise CheckpointError(f"{index}: weight_map entry {key!r} points outside the folder")
             if not path.is_file():

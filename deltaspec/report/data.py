@@ -43,6 +43,7 @@ from deltaspec.analyze import run
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
+from deltaspec.loaders.live import describe
 from deltaspec.names import kind_of, layer_of, match_key
 from deltaspec.options import Options, make_options
 from deltaspec.report.uncertainty import random_subspace_phi
@@ -126,11 +127,11 @@ def _expand(part: str) -> list[str]:
     return hits
 
 
-def _runs(updates: Mapping[str, Any]) -> dict[str, list[str]]:
-    """label → list of run folders (a single path becomes a one-element list)."""
+def _runs(updates: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """label → list of runs (folders, Hub ids or live objects; a single one becomes a list)."""
     out = {}
     for label, p in updates.items():
-        runs = [str(x) for x in p] if isinstance(p, list | tuple) else [str(p)]
+        runs = list(p) if isinstance(p, list | tuple) else [p]
         if not runs:
             raise UsageError(f"label {label!r}: no checkpoint given")
         out[str(label)] = runs
@@ -345,7 +346,8 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
 
     Args:
         updates: label → checkpoint folder (PEFT adapter, MultiLoRA folder, full checkpoint),
-            or a list of folders: several runs (seeds) of that method.
+            Hub id, or live object (PeftModel, nn.Module, state dict); or a list of them:
+            several runs (seeds) of that method.
         base: the base model folder: needed for full checkpoints; when given, every update must
             pair with it.
         top_k: the common K of the fair entropy; default: the smallest structural rank compared.
@@ -364,11 +366,13 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
         opts = dataclasses.replace(options, **kwargs)
     opts = dataclasses.replace(opts, vectors=True, keep_spectra=True)
     runs = _runs(updates)
-    paths = {label: ", ".join(r) for label, r in runs.items()}
+    paths = {label: ", ".join(describe(x) for x in r) for label, r in runs.items()}
     every = {(label, j): p for label, r in runs.items() for j, p in enumerate(r)}
-    loaded_all = {f"{lb}#{j}": load(p, base, allow_modified_base=opts.allow_modified_base)
+    loaded_all = {f"{lb}#{j}": load(p, base, allow_modified_base=opts.allow_modified_base,
+                                    discover_base=opts.discover_base, revision=opts.revision,
+                                    adapter_name=opts.adapter_name)
                   for (lb, j), p in every.items()}
-    _check_shapes(loaded_all, {f"{lb}#{j}": p for (lb, j), p in every.items()})
+    _check_shapes(loaded_all, {f"{lb}#{j}": describe(p) for (lb, j), p in every.items()})
     names_all, only_all = _common(loaded_all, opts.include)
     names = {label: names_all[f"{label}#0"] for label in labels}
     only = {label: only_all[f"{label}#0"] for label in labels}
@@ -389,7 +393,7 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
     similarity.attrs["k"] = k
     chosen = pick_module(names[labels[0]], module)
     return ReportData(
-        labels=labels, paths=paths, base=None if base is None else str(base), k=k, top_k=kk,
+        labels=labels, paths=paths, base=None if base is None else describe(base), k=k, top_k=kk,
         metrics=metrics, spectra=spectra_table(metrics, raw),
         similarity=similarity,
         grids=similarity_grids(labels, names, raw, chosen, k) if len(labels) > 1 else [],

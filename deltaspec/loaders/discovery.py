@@ -1,0 +1,120 @@
+"""The base of an adapter, from its own config: ``base_model_name_or_path``.
+
+PEFT (and deltaspec's reference trainer) record the base an adapter was trained on in
+``adapter_config.json`` / ``multilora_config.json``. When no base is given, :func:`choose_base`
+uses it if it resolves — an existing folder, or a Hub id cached or downloadable (see
+:mod:`deltaspec.loaders.sources`) — and says so; when a base is given, it warns if the base is not
+the one the adapter names (the shapes are checked later, module by module, and a mismatch there is
+an error). ``discover_base=False`` (CLI ``--no-base-discovery``) turns discovery off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from deltaspec.errors import DeltaspecError, DeltaspecWarning
+from deltaspec.loaders import sources
+
+CONFIGS = ("adapter_config.json", "multilora_config.json")
+KEY = "base_model_name_or_path"
+
+
+def named_base(folder: Path) -> tuple[str, Path] | None:
+    """(the base the adapter's config names, that config file), or None."""
+    candidates = [folder / c for c in CONFIGS]
+    if folder.is_dir():
+        candidates += sorted(p / CONFIGS[0] for p in folder.iterdir() if p.is_dir())
+    for cfg in candidates:
+        if not cfg.is_file():
+            continue
+        try:
+            name = json.loads(cfg.read_text()).get(KEY)
+        except (OSError, ValueError, AttributeError):
+            return None  # the loader reports a bad config with its own message
+        return (name, cfg) if isinstance(name, str) and name.strip() else None
+    return None
+
+
+def note(message: str, kind: str = "note") -> None:
+    """Tell the user (a :class:`DeltaspecWarning`; the CLI prints ``deltaspec: note: …``)."""
+    warnings.warn(f"{kind}: {message}", DeltaspecWarning, stacklevel=3)
+
+
+def choose_base(folder: Path, base: str | os.PathLike[str] | None, *, discover: bool = True,
+                revision: str | None = None) -> Path | None:
+    """The base folder to load ``folder`` against: ``base`` (located), else the named one, else None."""
+    named = named_base(folder)
+    if base is not None:
+        path = sources.locate(base, revision, what="base model")
+        if named is not None and not same_model(named[0], base, path):
+            note(f"base {base} is not the model {named[1].name} names ({named[0]!r}); using it "
+                 "since its shapes fit the adapter", "warning")
+        return path
+    if named is None or not discover:
+        return None
+    name, cfg = named
+    try:
+        path = _find(name, cfg)
+    except DeltaspecError as exc:
+        note(f"base {name!r} named in {cfg} is not available ({exc}); analysing without a base "
+             "(pass --base to give one)")
+        return None
+    note(f"base: {name} (from {cfg.name} {KEY}; --no-base-discovery to turn off)")
+    return path
+
+
+def _find(name: str, cfg: Path) -> Path:
+    local = Path(name).expanduser()
+    if local.exists():
+        return local
+    if sources.split_id(name, bare=True) is None:
+        raise DeltaspecError(f"{name}: no such folder")
+    repo, rev = sources.split_id(name, bare=True) or (name, None)
+    if sources.cached_folder(repo, rev) is None and not sources.offline():
+        note(f"base {name} (from {cfg.name}) is not cached: downloading its configs and weights")
+    return sources.hub_folder(repo, rev, what="base model")
+
+
+def same_model(named: str, given: str | os.PathLike[str], path: Path) -> bool:
+    """Whether base ``given`` (located at ``path``) is the model an adapter names as ``named``.
+
+    The same folder, the same Hub id (a hub-cache folder knows its id), or the same final name
+    (``org/Llama-2-7b-hf`` and ``/models/Llama-2-7b-hf``), case aside.
+
+    >>> same_model("org/tiny", "/data/Tiny", Path("/data/Tiny"))
+    True
+    >>> same_model("org/tiny", "/data/other", Path("/data/other"))
+    False
+    >>> same_model("org/tiny", "other/tiny", Path("/cache/models--other--tiny/snapshots/0"))
+    False
+    """
+    local = Path(named).expanduser()
+    if local.exists() and path.exists():
+        try:
+            return local.resolve() == path.resolve() or local.samefile(path)
+        except OSError:
+            return False
+    named_id = sources.split_id(named, bare=True)
+    given_id = _hub_id_of(path) or (sources.split_id(str(given)) or ("", None))[0].lower()
+    if named_id is not None and "/" in named_id[0] and "/" in given_id:
+        return named_id[0].lower() == given_id  # two Hub ids: the organisation counts
+    return _tail(named) in {_tail(str(given)), _tail(str(path)), _tail(given_id)}
+
+
+def _tail(text: str) -> str:
+    parts = sources.split_id(text, bare=True)
+    return (parts[0] if parts else text).rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def _hub_id_of(path: Path) -> str:
+    """``org/name`` of a folder inside a hub cache (``models--org--name/snapshots/<commit>``)."""
+    for part in reversed(Path(os.path.abspath(path)).parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/").lower()
+    return ""
+
+
+__all__ = ["choose_base", "named_base", "note", "same_model"]
