@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from deltaspec.cli.options import analysis_options, emit, format_option, output_dir_option, take, to_options
+from deltaspec.errors import one_line
 
 
 @click.command("report")
@@ -78,7 +79,7 @@ def print_summary(index: Path, fmt: str | None, quiet: bool) -> None:
 
     emit(Printable(summary, table=table, json=doc), {"fmt": fmt, "quiet": quiet})
     if not quiet:
-        click.echo(f"wrote {index}", err=True)
+        click.echo(one_line(f"wrote {index}"), err=True)
 
 
 COMMANDS = [report]

@@ -33,7 +33,7 @@ from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
 from deltaspec.loaders import full, multilora, peft_common, peft_lora
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
 from deltaspec.loaders.contract import FormatModule, LoadOptions
-from deltaspec.loaders.store import read_json
+from deltaspec.loaders.store import exists, read_json
 
 
 class Deltas(dict[str, Delta]):
@@ -55,7 +55,7 @@ FORMATS: tuple[tuple[str, FormatModule], ...] = (
 def resolve(path: str | Path) -> Path:
     """The checkpoint folder for ``path`` (a folder, or a weights file inside one)."""
     p = Path(path)
-    if not p.exists():
+    if not exists(p):
         raise CheckpointError(f"{p}: no such file or directory")
     return p.parent if p.is_file() else p
 
