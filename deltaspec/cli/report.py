@@ -67,8 +67,10 @@ def print_summary(index: Path, fmt: str | None, quiet: bool) -> None:
     """Print the written report's summary (table + verdict, JSON or CSV) and where it is."""
     import pandas as pd
 
-    from deltaspec.output import Printable, fmt_number
+    from deltaspec.output import Printable, fmt_number, this_rank_writes
 
+    if not this_rank_writes():  # torchrun: rank 0 wrote the report and prints it; it may not be there yet
+        return
     folder = index.parent
     summary = pd.read_csv(folder / "summary.csv")
     doc = json.loads((folder / "summary.json").read_text())
