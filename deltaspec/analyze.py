@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ import pandas as pd
 import torch
 
 from deltaspec import columns as cols
-from deltaspec import frames
+from deltaspec import frames, patterns
 from deltaspec import metrics as M
 from deltaspec.delta import Delta
 from deltaspec.engine import distributed, relative
@@ -95,7 +94,7 @@ def select(a: Mapping[str, Delta], b: Mapping[str, Delta] | None, opts: Options,
         only_a = sorted(set(a) - {na for na, _ in items}) if modules is None else []
         only_b = sorted(set(b) - paired) if modules is None else []
     if opts.include:
-        items = [it for it in items if re.search(opts.include, it[0])]
+        items = [it for it in items if patterns.search(opts.include, it[0], "include")]
     if opts.shard:
         mine = set(shard([it[0] for it in items], *opts.shard))
         items = [it for it in items if it[0] in mine]

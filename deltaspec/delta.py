@@ -14,15 +14,42 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deltaspec.errors import DeltaspecError, NumericalError
+from deltaspec.errors import CheckpointError, DeltaspecError, NumericalError
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 # One factor of a Kronecker delta: a dense matrix, or (B, A) with the factor = B @ A.
 KronFactor = torch.Tensor | Factors
 
 
+# Float formats torch stores but cannot compute with (isfinite, matmul): read as float32, exactly.
+_UPCAST = tuple(getattr(torch, n) for n in (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, n))
+
+
+def weights_dtype(t: torch.Tensor, what: str, *, integers: bool = False,
+                  error: type[DeltaspecError] = CheckpointError) -> torch.Tensor:
+    """The dtype gate: ``t`` as a real float tensor, or a one-line ``error`` naming ``what``.
+
+    float8 tensors are up-cast to float32 (exact); complex tensors are refused (their imaginary
+    part would be dropped silently); integer and bool tensors are refused where weights are
+    expected (``integers=True`` lets them through, exact in float64).
+    """
+    if t.dtype in _UPCAST:
+        return t.to(torch.float32)
+    if t.is_complex():
+        raise error(f"{what}: holds {str(t.dtype).removeprefix('torch.')} values; deltaspec reads "
+                    "real weights (a complex update has no real singular-value spectrum here)")
+    if not t.is_floating_point() and not integers:
+        raise error(f"{what}: holds {str(t.dtype).removeprefix('torch.')} values where weights "
+                    "(floating point) are expected")
+    return t
+
+
 def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     """Return ``t`` unchanged, or raise :class:`NumericalError` naming ``what`` if it has NaN/Inf."""
+    if t.dtype in _UPCAST:
+        t = t.to(torch.float32)
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
         raise NumericalError(f"{what}: {n_bad} NaN/Inf value(s) in a tensor of shape {tuple(t.shape)}")
@@ -74,6 +101,9 @@ class Delta:
             raise DeltaspecError(f"{self.label}: not a Kronecker delta")
         return tuple(_kron_factor(f, dtype, f"{self.label} (Kronecker factor {i + 1})")  # type: ignore[return-value]
                      for i, f in enumerate(self._kron()))
+        if 0 in self.shape:
+            raise CheckpointError(f"{self.label}: update of shape {tuple(self.shape)} has an "
+                                  "empty dimension")
 
     @property
     def is_factored(self) -> bool:
@@ -90,6 +120,8 @@ class Delta:
         if self._factors is None:
             raise DeltaspecError(f"{self.label}: a dense delta has no factors")
         b, a = self._factors()
+        b = weights_dtype(b, f"{self.label} (B factor)", integers=True)
+        a = weights_dtype(a, f"{self.label} (A factor)", integers=True)
         return (
             check_finite(b.to(dtype), f"{self.label} (B factor)"),
             check_finite(a.to(dtype), f"{self.label} (A factor)"),
@@ -104,7 +136,8 @@ class Delta:
             w1, w2 = (as_matrix(f) for f in self.kron_factors(torch.float64))
             return torch.kron(w1, w2).to(dtype)
         assert self._dense is not None
-        return check_finite(self._dense().to(dtype), self.label)
+        w = weights_dtype(self._dense(), self.label, integers=True)
+        return check_finite(w.to(dtype), self.label)
 
 def as_matrix(f: KronFactor) -> torch.Tensor:
     """A Kronecker factor as a matrix (a (B, A) pair multiplied out)."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from deltaspec.config_files import parse_json_file
 from deltaspec.errors import ConfigError, UsageError
 from deltaspec.output import write_atomic
 
@@ -130,24 +131,25 @@ def reference_from_report(report_dir: str | Path) -> dict[str, Any]:
 
 def load_reference_results(path: str | Path | None = None) -> dict[str, pd.DataFrame]:
     """The shipped reference results (or those at ``path``) as the report's overlay tables."""
-    try:
-        if path is None:
-            text = resources.files("deltaspec").joinpath("data").joinpath(REFERENCE_FILE).read_text()
-            where = f"deltaspec/data/{REFERENCE_FILE}"
-        else:
-            text, where = Path(path).read_text(), str(path)
-        data = json.loads(text)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path or REFERENCE_FILE}: cannot read reference results ({exc})") from None
+    if path is None:
+        where = f"deltaspec/data/{REFERENCE_FILE}"
+        data = json.loads(resources.files("deltaspec").joinpath("data").joinpath(REFERENCE_FILE)
+                          .read_text())
+    else:
+        where, data = str(path), parse_json_file(Path(path), "reference results")
     if data.get("format") != "deltaspec-reference-results" or data.get("version") != REFERENCE_VERSION:
         raise ConfigError(f"{where}: not reference results of version {REFERENCE_VERSION}")
     out = {}
-    for name, tab in data["tables"].items():
-        df = pd.DataFrame(tab["data"], columns=tab["columns"])
-        for col in ("label", "kind"):
-            if col in df:
-                df[col] = pd.Categorical(df[col], categories=list(dict.fromkeys(df[col])))
-        out[name] = df
+    try:
+        for name, tab in data["tables"].items():
+            df = pd.DataFrame(tab["data"], columns=tab["columns"])
+            for col in ("label", "kind"):
+                if col in df:
+                    df[col] = pd.Categorical(df[col], categories=list(dict.fromkeys(df[col])))
+            out[name] = df
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}: malformed reference results ({type(exc).__name__}: "
+                          f"{str(exc)[:100]})") from None
     return out
 
 

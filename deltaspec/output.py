@@ -1,5 +1,6 @@
 """What commands print, in one place: the renderer table (table / JSON / CSV), the one number
-formatter, the format-from-extension rule and the one atomic file writer.
+formatter, the format-from-extension rule; files are written by the one atomic writer of
+:mod:`deltaspec.atomic` (re-exported here).
 
 A new output format is one new entry of ``RENDERERS``. pandas is imported only when something is
 rendered, so that the command line's ``--help`` stays fast.
@@ -12,63 +13,22 @@ rendered, so that the command line's ``--help`` stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deltaspec.atomic import (  # the one writer (deltaspec/atomic.py)
+    atomic_path,
+    this_rank_writes,
+    write_atomic,
+)
 from deltaspec.errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-def this_rank_writes() -> bool:
-    """False on the ranks other than 0 of a ``torchrun`` job: they hold the same result as rank 0,
-    which alone writes every output (read from the launcher's environment; imports nothing).
-
-    >>> this_rank_writes()
-    True
-    """
-    env = os.environ
-    return env.get("WORLD_SIZE", "1").strip() in ("", "1") or env.get("RANK", "0").strip() in ("", "0")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
-    The file gets the user's usual permissions (umask), not mkstemp's private 0600. On a rank that
-    does not write (:func:`this_rank_writes`) the path is a throwaway one."""
-    target = Path(path)
-    if not this_rank_writes():
-        with tempfile.TemporaryDirectory() as scratch:
-            yield Path(scratch) / "out"
-        return
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{target}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def is_missing(v: Any) -> bool:
@@ -195,4 +155,4 @@ def hint(what: pd.DataFrame | Printable, fmt: str) -> str | None:
 
 __all__ = ["EXTENSIONS", "FORMATS", "RENDERERS", "Printable", "atomic_path", "fmt_number",
            "format_for", "hint", "is_missing", "render", "summary_by_kind", "to_records",
-           "write_atomic"]
+           "this_rank_writes", "write_atomic"]

@@ -15,13 +15,25 @@ from typing import Any
 
 import click
 
-from deltaspec.errors import DeltaspecError, DeltaspecWarning
+from deltaspec.errors import DeltaspecError, DeltaspecWarning, one_line
 
 _COMMAND_MODULES = ("analyze", "report", "check", "train", "demo")
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line the CLI prints for an error: a DeltaspecError's message, or an ``OSError``
+    that escaped the readers and writers as ``path: reason`` (escaped: always one line)."""
+    if isinstance(exc, OSError) and not isinstance(exc, DeltaspecError):
+        where = exc.filename if exc.filename is not None else "deltaspec"
+        text = f"{where}: {exc.strerror or type(exc).__name__}"
+    else:
+        text = str(exc)
+    return f"deltaspec: error: {one_line(text)}"
+
+
 class _Group(click.Group):
-    """A click group that turns DeltaspecError (and Ctrl-C) into a one-line message and exit 2."""
+    """A click group that turns DeltaspecError, a stray OSError (and Ctrl-C) into a one-line
+    message and exit 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from deltaspec.output import this_rank_writes
@@ -36,8 +48,8 @@ class _Group(click.Group):
                 warnings.showwarning = _note
                 _SHOWN.clear()
                 return super().invoke(ctx)
-        except DeltaspecError as exc:
-            click.echo(f"deltaspec: error: {exc}", err=True)
+        except (DeltaspecError, OSError) as exc:
+            click.echo(error_line(exc), err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("deltaspec: interrupted", err=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
+from deltaspec.atomic import check_target
 from deltaspec.cli.options import (
     analysis_options,
     emit,
@@ -24,6 +24,7 @@ from deltaspec.cli.options import (
     to_options,
     writable,
 )
+from deltaspec.errors import one_line
 from deltaspec.names import kind_of
 
 if TYPE_CHECKING:
@@ -99,6 +100,11 @@ def github_annotations(outcome: Outcome) -> list[str]:
     return lines
 
 
+def _writable(path: str | None, option: str, parents: bool = False) -> None:
+    if path:
+        check_target(path, option, parents)
+
+
 @click.command("snapshot")
 @click.argument("path")
 @output_file_option("the baseline (JSON)", required=True, alias="--out")
@@ -122,7 +128,8 @@ def snapshot_cmd(path: str, **kw: Any) -> None:
     write_baseline(b, out)
     if not kw["quiet"]:
         size = os.path.getsize(out)
-        click.echo(f"wrote {out}: {len(b.modules)} modules, k={b.k}, {size / 1e6:.2f} MB", err=True)
+        click.echo(one_line(f"wrote {out}: {len(b.modules)} modules, k={b.k}, {size / 1e6:.2f} MB"),
+                   err=True)
 
 
 _FROM_BASELINE = " [default: the baseline's]"
@@ -163,14 +170,13 @@ def check_cmd(ctx: click.Context, path: str, **kw: Any) -> None:
     Exit status: 0 all passed, 1 a regression, 2 a usage or input error.
     With GITHUB_ACTIONS=true, failures are also printed as ::error annotations.
     """
-    writable(kw["output"])
+    _writable(kw["output"], "--output")
+    _writable(kw["junit"], "--junit", parents=True)
     from deltaspec.gate.check import load_rules, read_baseline, run_check
     from deltaspec.output import format_for
 
     rules = load_rules(kw["rules"])
     baseline = read_baseline(kw["baseline"])
-    if kw["junit"]:  # like pytest --junitxml: a report folder is created when missing
-        Path(kw["junit"]).resolve().parent.mkdir(parents=True, exist_ok=True)
     opts = to_options(kw)
     given = {name for name in ("k", "top_k", "include", "intruders")
              if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
@@ -178,10 +184,10 @@ def check_cmd(ctx: click.Context, path: str, **kw: Any) -> None:
         "device": opts.device, "progress": opts.progress,
         "allow_modified_base": opts.allow_modified_base}
     outcome = run_check(path, baseline, rules, base=kw["base"], **changes)
-    if kw["junit"]:
+    if kw["junit"]:  # like pytest --junitxml: a missing folder is created, once it is written
         from deltaspec.output import write_atomic
 
-        write_atomic(kw["junit"], junit_xml(outcome))
+        write_atomic(kw["junit"], junit_xml(outcome), parents=True)
     emit(printable(outcome, kw["verbose"]), kw | {"quiet": True})
     if os.environ.get("GITHUB_ACTIONS") == "true":
         fmt = format_for(kw["fmt"], kw["output"])

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from deltaspec.errors import UsageError
+from deltaspec.errors import UsageError, one_line
 from deltaspec.options import Options
 from deltaspec.output import FORMATS
 
@@ -155,7 +155,7 @@ def emit(what: Any, kw: dict[str, Any], notes: list[str] | None = None) -> None:
         return
     for line in [*(notes or []), hint(what, fmt)]:
         if line:
-            click.echo(line, err=True)
+            click.echo(one_line(line), err=True)  # a tensor name may hold a newline
 
 
 __all__ = ["ANALYSIS", "analysis_options", "emit", "format_option", "output_dir_option",

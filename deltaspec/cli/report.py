@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from deltaspec.cli.options import analysis_options, emit, format_option, output_dir_option, take, to_options
+from deltaspec.errors import one_line
 
 
 @click.command("report")
@@ -66,8 +67,10 @@ def print_summary(index: Path, fmt: str | None, quiet: bool) -> None:
     """Print the written report's summary (table + verdict, JSON or CSV) and where it is."""
     import pandas as pd
 
-    from deltaspec.output import Printable, fmt_number
+    from deltaspec.output import Printable, fmt_number, this_rank_writes
 
+    if not this_rank_writes():  # torchrun: rank 0 wrote the report and prints it; it may not be there yet
+        return
     folder = index.parent
     summary = pd.read_csv(folder / "summary.csv")
     doc = json.loads((folder / "summary.json").read_text())
@@ -78,7 +81,7 @@ def print_summary(index: Path, fmt: str | None, quiet: bool) -> None:
 
     emit(Printable(summary, table=table, json=doc), {"fmt": fmt, "quiet": quiet})
     if not quiet:
-        click.echo(f"wrote {index}", err=True)
+        click.echo(one_line(f"wrote {index}"), err=True)
 
 
 COMMANDS = [report]

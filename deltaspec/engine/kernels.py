@@ -15,6 +15,7 @@ float64 whole unless the memory guard (:func:`block_budget`) says the device has
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -152,6 +153,25 @@ class Operand:
         s = self.step(True)
         return all(not bool(self.rows(lo, min(lo + s, self.shape[0])).any())
                    for lo in range(0, self.shape[0], s))
+
+
+TINY_GRAM = 1e-150  # a Gram diagonal below this has lost its small entries to underflow
+
+
+def rescaled(op: Operand, g: torch.Tensor) -> tuple[Operand, float]:
+    """(op, 1.0), or — when the Gram ``g`` of a tiny matrix underflowed (entries ~1e-200 square
+    to 0) — (2ᵉ·op, 2ᵉ) scaled so its largest entry is about 1: its Gram is then exact, and its
+    singular values are 2ᵉ·σ (an exact power of two: nothing is rounded)."""
+    if float(g.diagonal().max()) >= TINY_GRAM:
+        return op, 1.0
+    s = op.step(True)
+    top = max(float(op.rows(lo, min(lo + s, op.shape[0])).abs().max())
+              for lo in range(0, op.shape[0], s))
+    if top == 0.0:
+        return op, 1.0
+    f = 2.0 ** min(1000, -math.frexp(top)[1])
+    return Operand(op.shape, op.device, op.label, [(c * f, d) for c, d in op.dense],
+                   [(b.to(F64) * f, a) for b, a in op.factored]), f
 
 
 def _dense_only(op: Operand, r: slice, c: slice) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaspec.delta import Delta, KronFactor, check_finite
+from deltaspec.delta import Delta, KronFactor, check_finite, weights_dtype
 from deltaspec.engine import kernels
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.kronecker import kron_solve
@@ -137,7 +137,7 @@ def compute(x: Delta | torch.Tensor, *, vectors_k: int = 0,
         return solve_dense(operand(x, dev), vectors_k)
     if x.ndim != 2:
         raise UsageError(f"spectrum needs a 2-D matrix, got shape {tuple(x.shape)}")
-    m = check_finite(x, "matrix")
+    m = check_finite(weights_dtype(x, "matrix", integers=True, error=UsageError), "matrix")
     shape = (m.shape[0], m.shape[1])
     return solve_dense(Operand(shape, dev, "matrix", dense=[(1.0, m.to(dev))]), vectors_k)
 
@@ -166,8 +166,11 @@ def solve_dense(op: Operand, vectors_k: int,
     if pre is None and (0 in op.shape or op.is_zero()):
         op.check_finite()
         return zero_spectrum(op.shape, vectors_k)
-    res = kernels.dense_solve(op, vectors_k, pre)
-    return Spectrum(_pad(res.values, min(op.shape)), op.shape, res.route, _cpu(res.U), _cpu(res.V))
+    pre = pre if pre is not None else kernels.gram(op)
+    op, f = kernels.rescaled(op, pre[0])  # a tiny matrix's Gram underflows: scale first
+    res = kernels.dense_solve(op, vectors_k, pre if f == 1.0 else None)
+    values = res.values if f == 1.0 else res.values / f
+    return Spectrum(_pad(values, min(op.shape)), op.shape, res.route, _cpu(res.U), _cpu(res.V))
 
 
 def solve_factored(b: torch.Tensor, a: torch.Tensor, shapes: list[tuple[int, int]],

@@ -25,13 +25,14 @@ A tolerance named in ``[defaults]`` or ``[kinds.X]`` replaces the inherited one 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltaspec import patterns
+from deltaspec.config_files import parse_json_file, parse_toml_file
 from deltaspec.errors import ConfigError
 from deltaspec.metrics.table import METRICS as TABLE
 from deltaspec.metrics.table import names
@@ -103,7 +104,7 @@ class Rules:
 
     def ignored(self, name: str) -> bool:
         """True when module ``name`` matches an ``ignore`` pattern."""
-        return any(re.search(p, name) for p in self.ignore)
+        return any(patterns.search(p, name) for p in self.ignore)
 
 _TOP = ("ignore", "fail_on_new", "fail_on_rank_change", "defaults", "bounds", "subspace", "kinds")
 _BOUND = re.compile(r"^\s*(>=|<=|≥|≤)\s*([-+0-9.eE]+|nan|inf)\s*$")
@@ -225,10 +226,7 @@ def parse_rules(data: dict[str, Any], where: str = "rules") -> Rules:
     if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
         raise ConfigError(f"{where}: ignore must be a list of regular expressions")
     for p in ignore:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise ConfigError(f"{where}: ignore: invalid regular expression {p!r} ({exc})") from None
+        patterns.check(p, f"{where}: ignore")
     flags = {}
     for key in ("fail_on_new", "fail_on_rank_change"):
         if key in data and not isinstance(data[key], bool):
@@ -238,29 +236,11 @@ def parse_rules(data: dict[str, Any], where: str = "rules") -> Rules:
 
 
 def load_rules_data(path: str | Path) -> dict[str, Any]:
-    """The raw rules object of a ``.toml`` file (or ``.json``)."""
+    """The raw rules object of a ``.toml`` file (or ``.json``), read by the guarded reader."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read rules file ({exc.strerror or exc})") from None
     if p.suffix.lower() == ".json":
-        try:
-            return _table(json.loads(text), str(p))
-        except ValueError as exc:
-            raise ConfigError(f"{p}: not valid JSON ({exc})") from None
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ModuleNotFoundError:
-            raise ConfigError(f"{p}: reading TOML needs Python ≥ 3.11 or the tomli package; "
-                              "or write the rules as JSON") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+        return parse_json_file(p)
+    return parse_toml_file(p)
 
 
 def merge_rules(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

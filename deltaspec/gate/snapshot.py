@@ -42,10 +42,11 @@ import pandas as pd
 import torch
 
 from deltaspec import metrics as M
+from deltaspec import patterns
+from deltaspec.atomic import write_atomic
+from deltaspec.config_files import parse_json_file
 from deltaspec.errors import ConfigError, UsageError
-from deltaspec.loaders.store import parse_json_file
 from deltaspec.options import Options, make_options
-from deltaspec.output import write_atomic
 
 if TYPE_CHECKING:
     from deltaspec.analyze import Analysis
@@ -55,6 +56,7 @@ VERSION = 1
 ENCODING = "float16-base64-le"
 SKETCH_HASH = "splitmix64-osnap8"
 SKETCH_NNZ = 8  # non-zeros per column of the sparse sketch
+BASELINE_MAX_BYTES = 1 << 30  # unsketched vectors of a 70B model fit; sketched ones are 20× smaller
 _IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound", "route")
 
 
@@ -261,9 +263,10 @@ def write_baseline(b: Baseline, out: str | Path) -> None:
 def read_baseline(path: str | Path) -> Baseline:
     """Read a baseline file, refusing other formats and versions with a one-line error."""
     p = Path(path)
-    data = parse_json_file(p, "a JSON baseline", " (create it with `deltaspec snapshot`)")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+    data = parse_json_file(p, "a JSON baseline", " (create it with `deltaspec snapshot`)",
+                           max_bytes=BASELINE_MAX_BYTES)
+    if data.get("format") != FORMAT:
+        got = data.get("format")
         raise ConfigError(f"{p}: not a deltaspec baseline (format {got!r}, expected {FORMAT!r}); "
                           "create one with `deltaspec snapshot`")
     version = data.get("version")
@@ -282,15 +285,25 @@ def from_json(data: dict[str, Any], where: str) -> Baseline:
         sketch = int(vec["sketch"]["dim"]) if vec.get("sketch") else 0
         if sketch and vec["sketch"].get("hash") != SKETCH_HASH:
             raise ConfigError(f"{where}: unknown sketch {vec['sketch'].get('hash')!r}")
+        if sketch < 0 or sketch % SKETCH_NNZ:
+            raise ConfigError(f"{where}: sketch dimension {sketch} is not a multiple of {SKETCH_NNZ}")
         modules = {name: _record(name, m, sketch, where) for name, m in data["modules"].items()}
-        top_k = data["top_k"]
-        return Baseline(source=str(data["source"]), modules=modules, k=int(data["k"]),
+        k, top_k, include = _positive(data["k"]), data["top_k"], data.get("include")
+        if k is None or (top_k is not None and _positive(top_k) is None):
+            raise ConfigError(f"{where}: k and top_k must be positive integers")
+        if include is not None:
+            patterns.check(str(include), f"{where}: include")
+        return Baseline(source=str(data["source"]), modules=modules, k=k,
                         top_k=None if top_k is None else int(top_k), base=data.get("base"),
-                        include=data.get("include"), intruders=bool(data.get("intruders", True)),
+                        include=include, intruders=bool(data.get("intruders", True)),
                         sketch=sketch, created=str(data.get("created", "")),
                         deltaspec_version=str(data.get("deltaspec_version", "")), path=where)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"{where}: malformed baseline ({type(exc).__name__}: {exc})") from None
+
+
+def _positive(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) and x > 0 else None
 
 
 def _record(name: str, m: dict[str, Any], sketch: int, where: str) -> ModuleRecord:

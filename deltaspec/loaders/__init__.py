@@ -49,7 +49,7 @@ from deltaspec.loaders import (
 )
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
 from deltaspec.loaders.contract import FormatModule, LoadOptions
-from deltaspec.loaders.store import read_json
+from deltaspec.loaders.store import exists, read_json
 from deltaspec.names import PEFT_PREFIX
 
 
@@ -81,7 +81,7 @@ def resolve(path: str | Path, revision: str | None = None) -> Path:
     """The checkpoint folder for ``path``: a folder, a weights file inside one, or a Hugging Face
     Hub id ``org/name[@revision]`` (cached or downloaded: :mod:`deltaspec.loaders.sources`)."""
     p = sources.locate(path, revision)
-    if not p.exists():
+    if not exists(p):
         raise CheckpointError(f"{p}: no such file or directory")
     return p.parent if p.is_file() else p
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from deltaspec.errors import CheckpointError, ShapeError
-from deltaspec.loaders.store import TensorStore, open_weights, read_json
+from deltaspec.loaders.store import TensorStore, exists, open_weights, read_json
 from deltaspec.names import guess_model_type, has_conv1d, is_conv1d, match_key
 
 WEIGHT_STEMS = ("model", "pytorch_model")
@@ -139,6 +139,6 @@ def base_for(base: Path | None) -> Checkpoint | None:
     """Open a base checkpoint folder (or None)."""
     if base is None:
         return None
-    if not base.exists():
+    if not exists(base):
         raise CheckpointError(f"{base}: no such file or directory")
     return Checkpoint(base.parent if base.is_file() else base)

@@ -40,6 +40,12 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
         if len(shape) != 2:
             skipped.append((key, f"{len(shape)}-D tensor"))
             continue
+        if 0 in shape:
+            skipped.append((key, f"empty tensor of shape {shape}"))
+            continue
+        if not ft.store.holds_weights(key):
+            skipped.append((key, "integer or bool tensor (a buffer or quantised data), not a weight"))
+            continue
         base_key = bs.find(key)
         if base_key is None:
             skipped.append((key, "not in the base checkpoint"))

@@ -36,7 +36,8 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     """Every module's factored ΔW in a MultiLoRA folder."""
     config = read_json(folder / CONFIG)
     alpha, r = config.get("lora_alpha", config.get("alpha")), config.get("r")
-    if not isinstance(alpha, (int, float)) or not isinstance(r, int) or r <= 0:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not isinstance(r, int) \
+            or isinstance(r, bool) or r <= 0:
         raise ConfigError(f"{folder / CONFIG}: needs numeric 'lora_alpha' and a positive integer 'r'")
     n = config.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
@@ -85,6 +86,9 @@ def _module(store: TensorStore, mod: str, keys: dict[str, str], scale: float,
                               "stacked (n, r, in) and (n, out, r)")
     n, r, d_in = a_shape
     d_out = b_shape[1]
+    if n <= 0 or r <= 0:
+        raise CheckpointError(f"{source}: tensor {keys['A']!r} stacks n = {n} modules of rank "
+                              f"r = {r}; both must be at least 1")
     if s_shape not in ((n,), (n, d_out), (n, 1)):
         raise CheckpointError(f"{source}: {mod}: lora_scaling shape {s_shape} is neither (n,) nor "
                               "(n, out)")

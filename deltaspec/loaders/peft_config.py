@@ -10,10 +10,11 @@ The scale is α/r, or α/√r with ``use_rslora``.
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from deltaspec import patterns
 from deltaspec.errors import ConfigError, UnsupportedError
 
 # init_lora_weights values whose initialisation rewrote the base weight (W_res = W − s·B₀A₀, or a
@@ -41,33 +42,40 @@ def check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) 
         if config.get(option):
             raise UnsupportedError(f"{path}: adapters with {option}={config[option]!r} are not "
                                    "supported (their update is not s·B·A)")
-    for key in ("r", "lora_alpha"):
-        if key in config and not _is_number(config[key]):
-            raise ConfigError(f"{path}: {key!r} must be a number, not {config[key]!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        _check_patterns(path, key, config.get(key))
+    if "r" in config and not _is_rank(config["r"]):
+        raise ConfigError(f"{path}: 'r' must be a positive integer, not {config['r']!r:.80} "
+                          "(PEFT refuses it too)")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise ConfigError(f"{path}: 'lora_alpha' must be a number, not {config['lora_alpha']!r:.80}")
+    _check_patterns(path, "rank_pattern", config.get("rank_pattern"), _is_rank, "a positive integer")
+    _check_patterns(path, "alpha_pattern", config.get("alpha_pattern"), _is_number, "a number")
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_patterns(path: Path, key: str, patterns: Any) -> None:
-    if patterns in (None, {}):
+def _is_rank(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _check_patterns(path: Path, key: str, table: Any, valid: Callable[[Any], bool],
+                    kind: str) -> None:
+    if table in (None, {}):
         return
-    if not isinstance(patterns, dict):
-        raise ConfigError(f"{path}: {key!r} must be a mapping, not {patterns!r}")
-    for pattern, value in patterns.items():
-        if not _is_number(value):
-            raise ConfigError(f"{path}: {key}[{pattern!r}] must be a number, not {value!r}")
-        try:
-            re.compile(rf"(.*\.)?({pattern})$")
-        except re.error as exc:
-            raise ConfigError(f"{path}: {key} key {pattern!r} is not a valid pattern ({exc})") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {key!r} must be a mapping, not {table!r:.80}")
+    for pattern, value in table.items():
+        if not valid(value):
+            raise ConfigError(f"{path}: {key}[{pattern!r:.80}] must be {kind}, not {value!r:.80}")
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{path}: {key} keys must be strings")
+        patterns.check(rf"(.*\.)?({pattern})$", f"{path}: {key}", pattern)
 
 
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key`` + lookup: the value of the first matching key, else ``default``.
+def pattern_value(table: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key`` + lookup: the value of the first matching key, else ``default``
+    (matched in bounded time by :mod:`deltaspec.patterns`, with :mod:`re`'s result).
 
     >>> pattern_value({"q_proj": 2, "layers.0.self_attn.q_proj": 5}, "model.layers.0.self_attn.q_proj", 8)
     2
@@ -76,8 +84,8 @@ def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) ->
     >>> pattern_value({"proj": 3}, "model.layers.1.mlp.up_proj", 8)
     8
     """
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    for key, value in (table or {}).items():
+        if patterns.peft_match(key, module):
             return value
     return default
 

@@ -127,7 +127,7 @@ def _linear_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, float
             or math.prod(b_shape[2:]) != 1:
         raise CheckpointError(f"{ctx.source}: {mod.name}: lora_B shape {b_shape} does not match "
                               f"lora_A shape {a_shape}")
-    r = a_shape[0]
+    r = _rank(ctx, mod, a_shape[0], "lora_A")
     shape = (b_shape[0], math.prod(a_shape[1:]))  # conv kernels flatten to (out, in·k…)
     s = peft_config.scale(ctx.config, mod.name, r)
 
@@ -147,12 +147,21 @@ def _embedding_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, fl
         raise CheckpointError(f"{ctx.source}: {mod.name}: lora_embedding_B shape {b_shape} does "
                               f"not match lora_embedding_A shape {a_shape}")
     (r, num), dim = a_shape, b_shape[0]
+    r = _rank(ctx, mod, r, "lora_embedding_A")
     s = peft_config.scale(ctx.config, mod.name, r)
 
     def load() -> _delta.Factors:
         return ctx.get(a_key).T * s, ctx.get(b_key).T  # (num, r) @ (r, dim)
 
     return (num, dim), r, s, load
+
+
+def _rank(ctx: Ctx, mod: _Module, r: int, part: str) -> int:
+    """The rank read from the tensors' shapes; 0 is refused as PEFT refuses ``r`` ≤ 0."""
+    if r <= 0:
+        raise CheckpointError(f"{ctx.source}: tensor {mod.keys[part]!r} has rank {r} (an r = 0 "
+                              "adapter; PEFT refuses r ≤ 0)")
+    return r
 
 
 def _bias(ctx: Ctx, mod: _Module, s: float, out: int) -> Callable[[], torch.Tensor] | None:

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from deltaspec import metrics as M
+from deltaspec import patterns
 from deltaspec.analyze import run
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
@@ -184,7 +185,8 @@ def _common(loaded: dict[str, Deltas], include: str | None) -> tuple[dict[str, l
     keys = [set(map(match_key, d)) for d in loaded.values()]
     common = set.intersection(*keys)
     if include:
-        common = {k for k in common if any(re.search(include, n) for n in _names_of(loaded, k))}
+        common = {k for k in common
+                  if any(patterns.search(include, n, "include") for n in _names_of(loaded, k))}
     if not common:
         what = f" matching {include!r}" if include else ""
         raise DeltaspecError(f"updates {', '.join(loaded)} have no module{what} in common "
