@@ -50,6 +50,7 @@ class Analysis:
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
     with_base: bool = False
+    notes: list[str] = field(default_factory=list)  # the loaders' remarks (e.g. an unsaved α)
 
 
 def has_base(*sides: Mapping[str, Delta]) -> bool:
@@ -128,9 +129,10 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     columns = (cols.analyze_columns(with_base) if b is None else cols.compare_columns(with_base)) \
         if metrics else list(cols.IDENTITY)
     skipped = list(getattr(a, "skipped", [])) + list(getattr(b, "skipped", []) if b else [])
+    notes = list(dict.fromkeys([*getattr(a, "notes", []), *(getattr(b, "notes", []) if b else [])]))
     return Analysis(_frame([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
-                    with_base)
+                    with_base, notes)
 
 
 def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Options,
@@ -264,13 +266,15 @@ def _public(result: Analysis) -> pd.DataFrame:
     (informational: the library itself never reads them back)."""
     df = result.table
     df.attrs["skipped"] = list(result.skipped)
+    df.attrs["notes"] = list(result.notes)
     if result.only_a or result.only_b:
         df.attrs["only_a"], df.attrs["only_b"] = list(result.only_a), list(result.only_b)
     return df
 
 
 def _load(path: str | Path, base: str | Path | None, opts: Options) -> Deltas:
-    return load(path, base, allow_modified_base=opts.allow_modified_base)
+    return load(path, base, allow_modified_base=opts.allow_modified_base,
+                lora_alpha=opts.lora_alpha, mtl_temperature=opts.mtl_temperature)
 
 
 def run_paths(a: str | Path, b: str | Path | None = None, base: str | Path | None = None,

@@ -30,24 +30,38 @@ from typing import Any
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
-from deltaspec.loaders import full, multilora, peft_common, peft_lora
+from deltaspec.loaders import (
+    full,
+    lora_moe,
+    mixlora,
+    mtl_lora,
+    multilora,
+    peft_common,
+    peft_lora,
+)
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
 from deltaspec.loaders.contract import FormatModule, LoadOptions
 from deltaspec.loaders.store import read_json
 
 
 class Deltas(dict[str, Delta]):
-    """Module name → Delta, plus what was skipped and why (``.skipped``) and the ``.format``."""
+    """Module name → Delta, plus what was skipped and why (``.skipped``), the ``.format`` and
+    ``.notes`` (one-line remarks on how the deltas were read, e.g. an unsaved α)."""
 
-    def __init__(self, items: dict[str, Delta], fmt: str, skipped: list[tuple[str, str]]) -> None:
+    def __init__(self, items: dict[str, Delta], fmt: str, skipped: list[tuple[str, str]],
+                 notes: list[str] | None = None) -> None:
         super().__init__(items)
         self.format = fmt
         self.skipped = skipped
+        self.notes = list(notes or [])
 
 
 FORMATS: tuple[tuple[str, FormatModule], ...] = (
+    ("lora-moe", lora_moe),  # before peft-lora: a PEFT fork whose peft_type is still "LORA"
+    ("mixlora", mixlora),
     ("peft-lora", peft_lora),
     ("multilora", multilora),
+    ("mtl-lora", mtl_lora),
     ("full", full),
 )
 
@@ -77,7 +91,7 @@ def detect_format(path: str | Path) -> str:
         raise ConfigError(f"{folder / peft_common.CONFIG}: missing (needed to read {orphan}: it "
                           "gives lora_alpha and the other settings of the adapter)")
     raise CheckpointError(f"{folder}: not a checkpoint deltaspec knows (no adapter_config.json, "
-                          "multilora_config.json or model weights)")
+                          "multilora_config.json, final_checkpoint.pt or model weights)")
 
 
 def supported_peft_types() -> list[str]:
@@ -86,7 +100,8 @@ def supported_peft_types() -> list[str]:
 
 
 def load(path: str | Path, base: str | Path | None = None, *,
-         allow_modified_base: bool = False) -> Deltas:
+         allow_modified_base: bool = False, lora_alpha: float | None = None,
+         mtl_temperature: float | None = None) -> Deltas:
     """Load every module's ΔW from a PEFT adapter, a MultiLoRA folder or a full checkpoint.
 
     Args:
@@ -95,22 +110,28 @@ def load(path: str | Path, base: str | Path | None = None, *,
             (it orients GPT-2 Conv1D weights, turns modules_to_save into deltas and enables the
             base-relative metrics).
         allow_modified_base: read PiSSA/OLoRA/… adapters anyway (s·B·A is then not the update).
+        lora_alpha: α for checkpoints that do not save it (the MTL-LoRA code base's); without
+            it their norms are reported with α/r = 1 (said in ``.notes``).
+        mtl_temperature: MTL-LoRA's softmax temperature (not saved; default 1.0, the code
+            base's default).
 
     Returns:
-        A dict (module name → Delta) with ``.format`` and ``.skipped`` (name, reason) attributes.
+        A dict (module name → Delta) with ``.format``, ``.skipped`` (name, reason) and ``.notes``.
         Nothing is read from the weight files until a Delta's tensors are asked for.
     """
     folder = resolve(path)
     fmt = detect_format(folder)
     module = next(m for name, m in FORMATS if name == fmt)
     skipped: list[tuple[str, str]] = []
-    opts = LoadOptions(allow_modified_base=allow_modified_base)
+    opts = LoadOptions(allow_modified_base=allow_modified_base, lora_alpha=lora_alpha,
+                       mtl_temperature=mtl_temperature)
     items = module.load(folder, base_for(Path(base) if base is not None else None), opts, skipped)
     if not items:
         why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
             if skipped else ""
         raise CheckpointError(f"{folder}: no weight update found{why}")
-    return Deltas(dict(sorted(items.items(), key=lambda kv: _order(kv[0]))), fmt, skipped)
+    return Deltas(dict(sorted(items.items(), key=lambda kv: _order(kv[0]))), fmt, skipped,
+                  getattr(items, "notes", []))
 
 
 def _order(name: str) -> tuple[Any, ...]:

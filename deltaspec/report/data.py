@@ -312,7 +312,8 @@ def collect(updates: Mapping[str, str | Path], base: str | Path | None = None, *
         opts = dataclasses.replace(options, **kwargs)
     opts = dataclasses.replace(opts, vectors=True, keep_spectra=True)
     paths = {label: str(p) for label, p in updates.items()}
-    loaded = {label: load(p, base, allow_modified_base=opts.allow_modified_base)
+    loaded = {label: load(p, base, allow_modified_base=opts.allow_modified_base,
+                         lora_alpha=opts.lora_alpha, mtl_temperature=opts.mtl_temperature)
               for label, p in updates.items()}
     _check_shapes(loaded, paths)
     names, only = _common(loaded, opts.include)
