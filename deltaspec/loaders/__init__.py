@@ -58,8 +58,8 @@ class Deltas(dict[str, Delta]):
 
 FORMATS: tuple[tuple[str, FormatModule], ...] = (
     ("lora-moe", lora_moe),  # before peft-lora: a PEFT fork whose peft_type is still "LORA"
-    ("mixlora", mixlora),
     ("peft-lora", peft_lora),
+    ("mixlora", mixlora),
     ("multilora", multilora),
     ("mtl-lora", mtl_lora),
     ("full", full),
