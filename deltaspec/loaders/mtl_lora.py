@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,11 +34,11 @@ from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
 from deltaspec.loaders import mtl_tasks, multilora
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Noted, Skipped
+from deltaspec.loaders.mtl_tasks import DEFAULT_TEMPERATURE, Ctx
 from deltaspec.loaders.store import TensorStore
 from deltaspec.names import indexed, strip_peft_prefix
 
 WEIGHTS = "final_checkpoint.pt"
-DEFAULT_TEMPERATURE = 1.0  # mlora_finetune.py's --temperature default (its scripts pass 0.1)
 _PREFIXES = ("module.",)  # DeepSpeed/DDP wrappers (the code base strips "module." on load)
 
 
@@ -55,50 +54,6 @@ def find_weights(folder: Path) -> Path | None:
 def detect(folder: Path) -> bool:
     """True for a folder holding the code base's ``final_checkpoint.pt`` (or one ``.pt`` file)."""
     return find_weights(folder) is not None
-
-
-@dataclass
-class Ctx:
-    """What every variant builder needs; ``uses`` collects the unsaved settings the rows rely on."""
-
-    store: TensorStore
-    source: str
-    base: Checkpoint | None
-    alpha: float | None
-    temperature: float | None
-    uses: set[str] = field(default_factory=set)
-
-    def scale(self, r: int) -> float:
-        """α/r, or 1 when α was not given (noted)."""
-        if self.alpha is None:
-            self.uses.add("alpha")
-            return 1.0
-        return self.alpha / r
-
-    def tau(self) -> float:
-        """The MTL-LoRA softmax temperature (the code base's default when not given; noted)."""
-        if self.temperature is None:
-            self.uses.add("temperature")
-            return DEFAULT_TEMPERATURE
-        return self.temperature
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor as float32."""
-        return self.store.get(key).to(torch.float32)
-
-    def shape(self, keys: dict[str, str], part: str, ndim: int, mod: str) -> tuple[int, ...]:
-        """The shape of ``<mod>.<part>``, which must exist and have ``ndim`` dimensions."""
-        if part not in keys:
-            raise CheckpointError(f"{self.source}: module {mod!r} has no {part} tensor")
-        shape = self.store.shape(keys[part])
-        if len(shape) != ndim:
-            raise CheckpointError(f"{self.source}: tensor {keys[part]!r} has shape {shape}; "
-                                  f"expected {ndim} dimensions")
-        return shape
-
-    def base_weight(self, mod: str, shape: tuple[int, int]) -> Callable[[], torch.Tensor] | None:
-        """The base weight of ``mod`` as (out, in), when a base was given."""
-        return self.base.oriented(mod, shape) if self.base is not None else None
 
 
 def _multilora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:

@@ -1,4 +1,4 @@
-"""Per-task deltas of the MTL-LoRA code base: a read-once cache and MoELoRA.
+"""What the MTL-LoRA code base's variants share (the context, a read-once cache) and MoELoRA.
 
 MoELoRA (``MMOELoraLinear``) keys of module ``<m>``, E experts of rank r/E each::
 
@@ -15,21 +15,66 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
+from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.loaders.store import TensorStore
 from deltaspec.names import indexed
-
-if TYPE_CHECKING:
-    from deltaspec.loaders.mtl_lora import Ctx
 
 T = TypeVar("T")
 _EXPERT = re.compile(r"^lora_(?P<side>A|B)\.lora(?P=side)\.(?P<i>\d+)\.(?P<mlp>mlp\.)?weight$")
 GATE, EMBEDDING = "lora_gate.GateL.weight", "lora_task_embedding.weight"
+DEFAULT_TEMPERATURE = 1.0  # mlora_finetune.py's --temperature default (its scripts pass 0.1)
+
+
+@dataclass
+class Ctx:
+    """What every variant builder needs; ``uses`` collects the unsaved settings the rows rely on."""
+
+    store: TensorStore
+    source: str
+    base: Checkpoint | None
+    alpha: float | None
+    temperature: float | None
+    uses: set[str] = field(default_factory=set)
+
+    def scale(self, r: int) -> float:
+        """α/r, or 1 when α was not given (noted)."""
+        if self.alpha is None:
+            self.uses.add("alpha")
+            return 1.0
+        return self.alpha / r
+
+    def tau(self) -> float:
+        """The MTL-LoRA softmax temperature (the code base's default when not given; noted)."""
+        if self.temperature is None:
+            self.uses.add("temperature")
+            return DEFAULT_TEMPERATURE
+        return self.temperature
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor as float32."""
+        return self.store.get(key).to(torch.float32)
+
+    def shape(self, keys: dict[str, str], part: str, ndim: int, mod: str) -> tuple[int, ...]:
+        """The shape of ``<mod>.<part>``, which must exist and have ``ndim`` dimensions."""
+        if part not in keys:
+            raise CheckpointError(f"{self.source}: module {mod!r} has no {part} tensor")
+        shape = self.store.shape(keys[part])
+        if len(shape) != ndim:
+            raise CheckpointError(f"{self.source}: tensor {keys[part]!r} has shape {shape}; "
+                                  f"expected {ndim} dimensions")
+        return shape
+
+    def base_weight(self, mod: str, shape: tuple[int, int]) -> Callable[[], torch.Tensor] | None:
+        """The base weight of ``mod`` as (out, in), when a base was given."""
+        return self.base.oriented(mod, shape) if self.base is not None else None
 
 
 class Once(Generic[T]):
