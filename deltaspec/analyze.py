@@ -52,6 +52,7 @@ class Analysis:
     only_b: list[str] = field(default_factory=list)
     with_base: bool = False
     sigmas: dict[str, Any] = field(default_factory=dict)  # module → σ (or (σ_A, σ_B)), numpy
+    notes: list[str] = field(default_factory=list)  # the loaders' remarks (e.g. an unsaved α)
 
 
 def has_base(*sides: Mapping[str, Delta]) -> bool:
@@ -131,9 +132,10 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     columns = (cols.analyze_columns(with_base) if b is None else cols.compare_columns(with_base)) \
         if metrics else list(cols.IDENTITY)
     skipped = list(getattr(a, "skipped", [])) + list(getattr(b, "skipped", []) if b else [])
+    notes = list(dict.fromkeys([*getattr(a, "notes", []), *(getattr(b, "notes", []) if b else [])]))
     return Analysis(_frame([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
-                    with_base, {n: sigmas[n] for n in order if n in sigmas})
+                    with_base, {n: sigmas[n] for n in order if n in sigmas}, notes)
 
 
 def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Options,
@@ -272,6 +274,7 @@ def _public(result: Analysis, opts: Options) -> pd.DataFrame:
     figures draw (:mod:`deltaspec.frames`)."""
     df = frames.attach(result.table, result.sigmas, opts.k)
     df.attrs["skipped"] = list(result.skipped)
+    df.attrs["notes"] = list(result.notes)
     if result.only_a or result.only_b:
         df.attrs["only_a"], df.attrs["only_b"] = list(result.only_a), list(result.only_b)
     return df
@@ -279,7 +282,8 @@ def _public(result: Analysis, opts: Options) -> pd.DataFrame:
 
 def _load(path: Any, base: Any, opts: Options, config: Any = None) -> Deltas:
     return load(path, base, allow_modified_base=opts.allow_modified_base,
-                discover_base=opts.discover_base, revision=opts.revision, config=config,
+                discover_base=opts.discover_base, lora_alpha=opts.lora_alpha,
+                mtl_temperature=opts.mtl_temperature, revision=opts.revision, config=config,
                 adapter_name=opts.adapter_name)
 
 

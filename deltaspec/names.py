@@ -63,6 +63,20 @@ def kind_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def indexed(module: str, group: str, index: int) -> str:
+    """The row name of one of several updates of ``module`` (one per task, one per expert):
+    ``<parent>.<group>.<index>.<kind>``, so that :func:`layer_of` and :func:`kind_of` still give
+    the module's layer and kind.
+
+    >>> indexed("model.layers.3.self_attn.q_proj", "tasks", 1)
+    'model.layers.3.self_attn.tasks.1.q_proj'
+    >>> layer_of(indexed("model.layers.3.mlp.up_proj", "experts", 7)), kind_of("x.experts.7.up_proj")
+    (3, 'up_proj')
+    """
+    parent, _, kind = module.rpartition(".")
+    return f"{parent}.{group}.{index}.{kind}" if parent else f"{group}.{index}.{kind}"
+
+
 def is_conv1d(model_type: str | None, name: str) -> bool:
     """True when ``name`` is a GPT-2-style Conv1D module (stored (in, out)) of ``model_type``.
 

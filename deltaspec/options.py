@@ -13,6 +13,7 @@ Imports nothing heavy (no torch, numpy or pandas), so that the command line can 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ class Options:
     include: str | None = None  # regex: only modules whose name matches (re.search)
     progress: bool = False  # a tqdm progress bar on stderr
     allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway
+    lora_alpha: float | None = None  # α of checkpoints that do not save it (MTL-LoRA code base)
+    mtl_temperature: float | None = None  # MTL-LoRA's softmax temperature (not saved; default 1)
     shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
     keep_spectra: bool = False  # keep every module's Spectrum in the result (core entry only)
     vectors: bool = False  # also compute the top-K singular vectors (kept with keep_spectra)
@@ -49,6 +52,11 @@ class Options:
             except re.error as exc:
                 raise UsageError(f"include: invalid regular expression {self.include!r} "
                                  f"({exc})") from None
+        for name in ("lora_alpha", "mtl_temperature"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float))
+                                          and not isinstance(value, bool) and 0 < value < math.inf):
+                raise UsageError(f"{name} must be a positive number, not {value!r}")
         if self.shard is not None:
             rank, world = self.shard
             if not 0 <= rank < world:

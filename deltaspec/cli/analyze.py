@@ -16,9 +16,10 @@ from deltaspec.cli.options import (
 )
 
 
-def result_notes(skipped: list[tuple[str, str]], only_a: list[str], only_b: list[str]) -> list[str]:
-    """The stderr notes of a result: skipped tensors, modules of one side only."""
-    notes = []
+def result_notes(skipped: list[tuple[str, str]], only_a: list[str], only_b: list[str],
+                 loader_notes: list[str] | None = None) -> list[str]:
+    """The stderr notes of a result: the loaders' remarks, skipped tensors, one-sided modules."""
+    notes = [f"note: {n}" for n in loader_notes or []]
     if skipped:
         notes.append(f"note: {len(skipped)} tensor(s) skipped, e.g. {skipped[0][0]} "
                      f"({skipped[0][1]})")
@@ -47,7 +48,7 @@ def analyze_cmd(path: str, **kw: Any) -> None:
     from deltaspec.analyze import run_paths
 
     result = run_paths(path, None, kw["base"], to_options(kw))
-    emit(result.table, kw, result_notes(result.skipped, [], []))
+    emit(result.table, kw, result_notes(result.skipped, [], [], result.notes))
 
 
 @click.command("compare")
@@ -67,7 +68,8 @@ def compare_cmd(a: str, b: str, **kw: Any) -> None:
     from deltaspec.analyze import run_paths
 
     result = run_paths(a, b, kw["base"], to_options(kw))
-    emit(result.table, kw, result_notes(result.skipped, result.only_a, result.only_b))
+    emit(result.table, kw, result_notes(result.skipped, result.only_a, result.only_b,
+                                          result.notes))
 
 
 COMMANDS = [analyze_cmd, compare_cmd]

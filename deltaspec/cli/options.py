@@ -4,6 +4,7 @@
 Every command that analyses (analyze, compare, report, snapshot, check) takes
 :func:`analysis_options`: ``--base``, ``--no-base-discovery``, ``--revision``, ``--include``,
 ``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--allow-modified-base``,
+``--lora-alpha``, ``--mtl-temperature``,
 ``-q``; a command may change a help text or a default (``check`` reads K and top-K from its
 baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one that
 writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
@@ -56,6 +57,14 @@ ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
              "matrix: slow on large models, hence off by default.")),
     "allow_modified_base": (("--allow-modified-base",), dict(
         is_flag=True, help="Read PiSSA/OLoRA/LoftQ/… adapters although s·B·A is not their update.")),
+    "lora_alpha": (("--lora-alpha",), dict(
+        type=click.FloatRange(min=0, min_open=True), default=None, metavar="A",
+        help="LoRA α of checkpoints that do not save it (the MTL-LoRA code base's "
+             "final_checkpoint.pt); without it their norms are reported with α/r = 1.")),
+    "mtl_temperature": (("--mtl-temperature",), dict(
+        type=click.FloatRange(min=0, min_open=True), default=None, metavar="T",
+        help="MTL-LoRA's softmax temperature over its lora_B heads (not saved; default 1.0, "
+             "the code base's default).")),
     "quiet": (("-q", "--quiet"), dict(is_flag=True, help="No progress bar or notes on stderr.")),
 }
 
@@ -136,7 +145,8 @@ def to_options(kw: dict[str, Any], **changes: Any) -> Options:
     fields = dict(top_k=kw.get("top_k"), k=kw.get("k") or 8, device=kw.get("device", "auto"),
                   intruders=bool(kw.get("intruders")), include=kw.get("include"),
                   allow_modified_base=bool(kw.get("allow_modified_base")), progress=progress(kw),
-                  discover_base=not kw.get("no_base_discovery"), revision=kw.get("revision"))
+                  discover_base=not kw.get("no_base_discovery"), revision=kw.get("revision"),
+                  lora_alpha=kw.get("lora_alpha"), mtl_temperature=kw.get("mtl_temperature"))
     return Options(**(fields | changes))
 
 

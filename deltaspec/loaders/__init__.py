@@ -40,6 +40,9 @@ from deltaspec.loaders import (
     live,
     loha,
     lokr,
+    lora_moe,
+    mixlora,
+    mtl_lora,
     multilora,
     oft,
     peft_common,
@@ -54,15 +57,19 @@ from deltaspec.names import PEFT_PREFIX
 
 
 class Deltas(dict[str, Delta]):
-    """Module name → Delta, plus what was skipped and why (``.skipped``) and the ``.format``."""
+    """Module name → Delta, plus what was skipped and why (``.skipped``), the ``.format`` and
+    ``.notes`` (one-line remarks on how the deltas were read, e.g. an unsaved α)."""
 
-    def __init__(self, items: dict[str, Delta], fmt: str, skipped: list[tuple[str, str]]) -> None:
+    def __init__(self, items: dict[str, Delta], fmt: str, skipped: list[tuple[str, str]],
+                 notes: list[str] | None = None) -> None:
         super().__init__(items)
         self.format = fmt
         self.skipped = skipped
+        self.notes = list(notes or [])
 
 
 FORMATS: tuple[tuple[str, FormatModule], ...] = (
+    ("lora-moe", lora_moe),  # before peft-lora: a PEFT fork whose peft_type is still "LORA"
     ("peft-lora", peft_lora),
     ("peft-adalora", adalora),
     ("peft-vera", vera),
@@ -72,7 +79,9 @@ FORMATS: tuple[tuple[str, FormatModule], ...] = (
     ("peft-oft", oft),
     ("peft-boft", boft),
     ("peft-fourierft", fourierft),
+    ("mixlora", mixlora),
     ("multilora", multilora),
+    ("mtl-lora", mtl_lora),
     ("full", full),
 )
 
@@ -105,7 +114,7 @@ def detect_format(path: str | Path) -> str:
         raise ConfigError(f"{folder / peft_common.CONFIG}: missing (needed to read {orphan}: it "
                           "gives lora_alpha and the other settings of the adapter)")
     raise CheckpointError(f"{folder}: not a checkpoint deltaspec knows (no adapter_config.json, "
-                          "multilora_config.json or model weights)")
+                          "multilora_config.json, final_checkpoint.pt or model weights)")
 
 
 def supported_peft_types() -> list[str]:
@@ -115,7 +124,8 @@ def supported_peft_types() -> list[str]:
 
 def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
          discover_base: bool = True, revision: str | None = None, config: Any = None,
-         adapter_name: str | None = None) -> Deltas:
+         adapter_name: str | None = None, lora_alpha: float | None = None,
+         mtl_temperature: float | None = None) -> Deltas:
     """Load every module's ΔW from a PEFT adapter, a MultiLoRA folder or a full checkpoint.
 
     Args:
@@ -134,13 +144,18 @@ def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
         revision: the revision of a Hub id ``path`` given without ``@revision``.
         config: the adapter config (dict or PeftConfig) of an adapter state dict ``path``.
         adapter_name: the adapter of a PeftModel (default: its active one).
+        lora_alpha: α for checkpoints that do not save it (the MTL-LoRA code base's); without
+            it their norms are reported with α/r = 1 (said in ``.notes``).
+        mtl_temperature: MTL-LoRA's softmax temperature (not saved; default 1.0, the code
+            base's default).
 
     Returns:
-        A dict (module name → Delta) with ``.format`` and ``.skipped`` (name, reason) attributes.
+        A dict (module name → Delta) with ``.format``, ``.skipped`` (name, reason) and ``.notes``.
         Nothing is read from the weight files until a Delta's tensors are asked for.
     """
     skipped: list[tuple[str, str]] = []
-    opts = LoadOptions(allow_modified_base=allow_modified_base)
+    opts = LoadOptions(allow_modified_base=allow_modified_base, lora_alpha=lora_alpha,
+                       mtl_temperature=mtl_temperature)
     if live.is_live(path) or config is not None:
         fmt, where, items = _load_live(path, base, opts, skipped, config=config,
                                        adapter_name=adapter_name, discover_base=discover_base)
@@ -153,7 +168,8 @@ def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
         why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
             if skipped else ""
         raise CheckpointError(f"{where}: no weight update found{why}")
-    return Deltas(dict(sorted(items.items(), key=lambda kv: _order(kv[0]))), fmt, skipped)
+    return Deltas(dict(sorted(items.items(), key=lambda kv: _order(kv[0]))), fmt, skipped,
+                  getattr(items, "notes", []))
 
 
 def _base(base: Any, folder: Path | None, discover: bool) -> Checkpoint | None:

@@ -8,7 +8,8 @@ A format module exposes exactly two functions::
 
 ``detect`` is cheap (file names, at most a small JSON config) and claims only its own format;
 ``load`` returns module name → :class:`~deltaspec.delta.Delta` (lazy: no weight is read yet) and
-appends (tensor, reason) to ``skipped`` for every tensor it does not turn into a delta. ``base`` is
+appends (tensor, reason) to ``skipped`` for every tensor it does not turn into a delta; it may
+return a :class:`Noted` dict to say something about how it read them. ``base`` is
 the opened base checkpoint (``--base``) or None; a format that cannot work without it raises a
 one-line error saying so.
 """
@@ -30,6 +31,17 @@ class LoadOptions:
     """Options a loader may need (every field has the default of ``deltaspec.load``)."""
 
     allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway (s·B·A is not ΔW)
+    lora_alpha: float | None = None  # α for checkpoints that do not save it (MTL-LoRA code base)
+    mtl_temperature: float | None = None  # MTL-LoRA's softmax temperature (not saved)
+
+
+class Noted(dict[str, Delta]):
+    """A loader's result with remarks on how it was read (``.notes``, one line each, e.g. "α is
+    not saved"): ``deltaspec.load`` keeps them as ``Deltas.notes`` and the CLI prints them."""
+
+    def __init__(self, items: dict[str, Delta], notes: list[str]) -> None:
+        super().__init__(items)
+        self.notes = list(notes)
 
 
 class FormatModule(Protocol):

@@ -56,7 +56,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
         parts.setdefault(m["mod"], {})[m["part"]] = key
     out = {}
     for mod, keys in parts.items():
-        d = _module(store, mod, keys, alpha / r, base)  # checks that lora_A/B/scaling are there
+        d = stacked_delta(store, mod, keys, alpha / r, base)  # checks that lora_A/B/scaling are there
         stacked_n, stacked_r = _stacked(store, keys)
         if stacked_r != r or (n is not None and stacked_n != n):
             raise ConfigError(f"{folder / CONFIG}: n={n}, r={r} but {mod}.lora_A is stacked as "
@@ -73,8 +73,10 @@ def _stacked(store: TensorStore, keys: dict[str, str]) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def _module(store: TensorStore, mod: str, keys: dict[str, str], scale: float,
+def stacked_delta(store: TensorStore, mod: str, keys: dict[str, str], scale: float,
             base: Checkpoint | None) -> Delta:
+    """The factored ΔW = [s₁B₁|…|sₙBₙ]·[A₁;…;Aₙ]·scale of one module's stacked tensors
+    (``keys``: part ``A``/``B``/``scaling`` → stored key)."""
     source = str(store.file_of(next(iter(keys.values()))))
     for part in ("A", "B", "scaling"):
         if part not in keys:

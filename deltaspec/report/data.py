@@ -372,7 +372,8 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
     every = {(label, j): p for label, r in runs.items() for j, p in enumerate(r)}
     loaded_all = {f"{lb}#{j}": load(p, base, allow_modified_base=opts.allow_modified_base,
                                     discover_base=opts.discover_base, revision=opts.revision,
-                                    adapter_name=opts.adapter_name)
+                                    adapter_name=opts.adapter_name, lora_alpha=opts.lora_alpha,
+                                    mtl_temperature=opts.mtl_temperature)
                   for (lb, j), p in every.items()}
     _check_shapes(loaded_all, {f"{lb}#{j}": describe(p) for (lb, j), p in every.items()})
     names_all, only_all = _common(loaded_all, opts.include)

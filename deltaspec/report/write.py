@@ -278,7 +278,7 @@ def _similarity_means(data: ReportData) -> pd.DataFrame:
             .mean().reset_index())
 
 
-def write_report(updates: Mapping[str, str | Path], out_dir: str | Path,
+def write_report(updates: Mapping[str, Any], out_dir: str | Path,
                  base: str | Path | None = None, *, order: Sequence[str] | None = None,
                  extra_tables: Mapping[str, pd.DataFrame] | None = None,
                  reference: Mapping[str, Any] | None = None, svg: bool = False,

@@ -1,0 +1,82 @@
+"""Mixture-of-LoRA-experts adapters: one static ΔW per expert; the router is not folded in.
+
+Shared helpers of the two formats :mod:`deltaspec.loaders.mixlora` and
+:mod:`deltaspec.loaders.lora_moe`.
+
+A router weighs the experts per token (input-dependent), so no single ΔW is the update: each
+expert's own ΔW is reported as a row ``<parent>.experts.<e>.<kind>``, and router tensors are listed
+as skipped. Two layouts, each with an ``adapter_config.json`` (lora_alpha, r) beside the weights
+(``adapter_model.bin`` or ``.safetensors``):
+
+- **MixLoRA** (TUDB-Labs, ``"peft_type": "MIXLORA"``): attention LoRA
+  ``mixlora.layers.{L}.self_attn.{proj}.lora_A/B.weight`` (ΔW = B·A·α/r, α/√r with rsLoRA; row
+  ``model.layers.{L}.self_attn.{proj}``) and FFN experts
+  ``mixlora.layers.{L}.experts.{e}.{proj}.lora_A/B.weight`` (the same formula with the
+  ``expert_lora`` overrides; row ``model.layers.{L}.mlp.experts.{e}.{proj}``, base
+  ``model.layers.{L}.mlp.{proj}``); router ``mixlora.layers.{L}.gate.weight``.
+- **HydraLoRA / LoRAMoE** (PEFT forks with ``lora_nums``): ``<m>.lora_A.weight`` shared
+  (HydraLoRA) or ``<m>.lora_A{i}.weight`` per expert (LoRAMoE), heads ``<m>.lora_B{i}.weight``,
+  router ``<m>.lora_route.weight``; expert i: ΔW_i = B_i·A(_i)·α/r.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaspec import delta as _delta
+from deltaspec.delta import Delta
+from deltaspec.errors import CheckpointError, ConfigError
+from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.loaders.store import TensorStore, read_json
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+ROUTER = "router: input-dependent, not folded into ΔW"
+
+
+def config_of(folder: Path) -> dict[str, Any] | None:
+    """The folder's adapter_config.json, or None when it has none (or an unreadable one)."""
+    try:
+        return read_json(folder / CONFIG) if (folder / CONFIG).is_file() else None
+    except (ConfigError, CheckpointError):
+        return None
+
+
+def open_store(folder: Path) -> tuple[TensorStore, str]:
+    """The adapter's weights (safetensors or a torch.save'd .bin) and the file's name."""
+    weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin "
+                              f"next to {CONFIG}")
+    return TensorStore.from_files([weights]), str(weights)
+
+
+def lora_scale(config: dict[str, Any], r: int, where: Path) -> float:
+    """α/r, or α/√r with ``use_rslora``."""
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise ConfigError(f"{where}: needs a numeric 'lora_alpha', not {alpha!r}")
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def expert_delta(store: TensorStore, source: str, name: str, a_key: str, b_key: str, scale_of: Any,
+          method: str, base: Checkpoint | None, base_name: str) -> Delta:
+    """The factored ΔW = B·A·s of one expert (``scale_of(r)`` gives s)."""
+    a_shape, b_shape = store.shape(a_key), store.shape(b_key)
+    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
+        raise CheckpointError(f"{source}: tensor {b_key!r} has shape {b_shape}, which does not "
+                              f"match {a_key!r} of shape {a_shape} ((out, r) and (r, in))")
+    r, shape = a_shape[0], (b_shape[0], a_shape[1])
+    s = scale_of(r)
+
+    def load() -> _delta.Factors:
+        return store.get(b_key).to(torch.float32) * s, store.get(a_key).to(torch.float32)
+
+    return _delta.factored(name, shape, load, method=method, source=source, rank=r,
+                           base=base.oriented(base_name, shape) if base is not None else None)
+
+
