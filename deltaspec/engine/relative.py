@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaspec.engine.kernels import F64, VECTOR_RTOL, Operand, eigh_desc, gram, svd_fallback
+from deltaspec.engine.dense import VECTOR_RTOL, svd_fallback, top_eigenpairs
+from deltaspec.engine.kernels import F64, Operand, eigh_desc, gram
 from deltaspec.engine.subspace import top_eigvecs
 
 
@@ -114,7 +115,7 @@ def _tuned_top(tuned: Operand, t: int, start: torch.Tensor) -> tuple[torch.Tenso
     g, _ = gram(tuned)
     q = min(g.shape[0], start.shape[1] + 8)
     got = top_eigvecs(g, t, q, max_iters=64, start=start) if q < g.shape[0] else None
-    if got is None:
-        lam, vec = eigh_desc(g)
-        return lam[:t], vec[:, :t]
+    if got is None:  # one reduction for the values and the t vectors (solvers' policy)
+        lam, vec, _ = top_eigenpairs(g, t)
+        return lam[:t], vec
     return got
