@@ -16,8 +16,9 @@ of accuracy:
   fast, else one more reduction (``fallback``: ``tridiag`` or ``eigh``, whichever measured faster).
 
 The choice (:class:`Policy`) is made once per machine by :func:`calibrate` on a 1024² Gram with
-a flat spectrum (≈ 2–4 s, the first time a dense module of ≥ ``CALIBRATE_MIN`` columns is solved
-on the CPU) and cached as JSON in the user cache dir (``$DELTASPEC_CACHE_DIR``, else
+a flat spectrum (best of 3 interleaved rounds, ≈ 3 s on 2 idle cores; the first time a dense
+module of ≥ ``CALIBRATE_MIN`` columns is solved on the CPU; a crowded machine measures slower
+but all candidates alike) and cached as JSON in the user cache dir (``$DELTASPEC_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/deltaspec``, else ``~/.cache/deltaspec``), keyed by CPU model, thread count and
 library versions. ``DELTASPEC_SOLVER`` overrides it: ``rule`` (the documented :data:`RULE`, no
 measuring) or e.g. ``values=evd,vectors=tridiag``. Smaller matrices always use :data:`RULE`.
@@ -153,7 +154,7 @@ def _best(times: dict[str, float], names: tuple[str, ...]) -> str:
     return min(names, key=lambda n: times[n])
 
 
-def calibrate(n: int = CALIBRATE_N, repeat: int = 2) -> tuple[Policy, dict[str, float]]:
+def calibrate(n: int = CALIBRATE_N, repeat: int = 3) -> tuple[Policy, dict[str, float]]:
     """Time each candidate on an n² flat-spectrum problem (best of ``repeat``) and choose.
 
     Values: the fastest of ``evd``, ``tridiag`` and ``svd`` (the SVD priced against the Gram
@@ -172,14 +173,12 @@ def calibrate(n: int = CALIBRATE_N, repeat: int = 2) -> tuple[Policy, dict[str, 
         "tridiag8": lambda: tridiag.eig_top(g, 8, threads=torch.get_num_threads()),
         "eigh": lambda: torch.linalg.eigh(g),
     }
-    times = {}
-    for name, fn in runs.items():
-        best = float("inf")
-        for _ in range(repeat):
+    times = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeat):  # interleaved rounds: a change of load hits every candidate alike
+        for name, fn in runs.items():
             t0 = time.perf_counter()
             fn()
-            best = min(best, time.perf_counter() - t0)
-        times[name] = best
+            times[name] = min(times[name], time.perf_counter() - t0)
     gram_values = {"evd": times["gram"] + times["evd"], "tridiag": times["gram"] + times["tridiag"],
                    "svd": times["svd"]}
     values = _best(gram_values, VALUES)
