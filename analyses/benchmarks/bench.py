@@ -348,6 +348,16 @@ def solver_policy() -> str:
     return f"values={pol.values}, vectors={pol.vectors}, fallback={pol.fallback} ({pol.source})"
 
 
+def _policy_in_worker() -> str:
+    """:func:`solver_policy` in a process like the tools' (OMP_WAIT_POLICY=PASSIVE: spinning
+    OpenMP threads make LAPACK on a shared CPU many times slower)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    code = "import bench; print(bench.solver_policy())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=HERE)
+    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else "unknown"
+
+
 def _row_errors(r: dict, refs: dict[str, dict]) -> tuple[float, float]:
     ref = refs.get(r["workload"])
     return errors(r["values"], ref) if ref and r.get("values") else (float("nan"), float("nan"))
@@ -462,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         slice7b.build_full(a.root / f"rss-{a.rss_layers}", a.rss_layers)
     cache = a.root / "runs"
     cache.mkdir(exist_ok=True)
-    a.policy = solver_policy()  # a first calibration happens here, before anything is timed
+    a.policy = _policy_in_worker()  # a first calibration happens here, before anything is timed
     print(f"deltaspec's CPU routes: {a.policy}", flush=True)
     refs = {}
     for w in ("matrix", "lora", "full"):

@@ -46,19 +46,28 @@ def wants_gram(op: Operand) -> bool:
     return policy_for(op).values != "svd"
 
 
-def _tridiag_values(g: torch.Tensor) -> torch.Tensor:
+def _threads(pol: solvers.Policy) -> int:
+    """OpenBLAS threads for a ``tridiag`` call (inside :func:`lapack_threads`)."""
+    return torch.get_num_threads() if pol.blas_threads == 0 else 1
+
+
+def _tridiag_values(g: torch.Tensor, pol: solvers.Policy) -> torch.Tensor:
     with lapack_threads():
-        return tridiag.eigvals(g, overwrite=True, threads=torch.get_num_threads())
+        return tridiag.eigvals(g, overwrite=True, threads=_threads(pol))
 
 
-GRAM_VALUES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "evd": eigvalsh_desc, "tridiag": _tridiag_values, "svd": eigvalsh_desc,  # svd: Gram given
+def _evd_values(g: torch.Tensor, pol: solvers.Policy) -> torch.Tensor:
+    return eigvalsh_desc(g)
+
+
+GRAM_VALUES: dict[str, Callable[[torch.Tensor, solvers.Policy], torch.Tensor]] = {
+    "evd": _evd_values, "tridiag": _tridiag_values, "svd": _evd_values,  # svd: Gram given
 }
 
 
 def _one_tridiag(g: torch.Tensor, k: int, pol: solvers.Policy) -> Pairs:
     with lapack_threads():
-        lam, vec = tridiag.eig_top(g, k, overwrite=True, threads=torch.get_num_threads())
+        lam, vec = tridiag.eig_top(g, k, overwrite=True, threads=_threads(pol))
     return lam.to(g.device), vec.to(g.device), "gram+tridiag"
 
 
@@ -104,7 +113,7 @@ def dense_solve(op: Operand, vectors_k: int,
         return DenseResult(torch.linalg.svdvals(op.rows(0, op.shape[0])), "svd")
     g, tall = pre if pre is not None else gram(op)
     if not kk:
-        return DenseResult(GRAM_VALUES[pol.values](g).clamp_min(0).sqrt(), "gram")
+        return DenseResult(GRAM_VALUES[pol.values](g, pol).clamp_min(0).sqrt(), "gram")
     lam, w, route = top_eigenpairs(g, kk, pol)
     del g
     s = lam.clamp_min(0).sqrt()

@@ -6,7 +6,9 @@ of accuracy:
 
 - values (all eigenvalues of the float64 Gram):
   ``evd``: ``torch.linalg.eigvalsh`` (LAPACK syevd; MKL in torch's x86 wheels);
-  ``tridiag``: scipy's ``dsytrd`` + ``dsterf`` (scipy's own LAPACK, OpenBLAS in its wheels);
+  ``tridiag``: scipy's ``dsytrd`` + ``dsterf`` (scipy's own LAPACK, OpenBLAS in its wheels; on
+  one thread unless all of torch's measured faster: OpenBLAS's spinning pool collapses on a
+  crowded CPU);
   ``svd``: a float64 bidiagonal SVD of the matrix itself (``torch.linalg.svdvals``), no Gram.
 - values + top-k vectors:
   ``tridiag``: one ``dsytrd``, all values by ``dsterf``, k vectors by inverse iteration and a
@@ -39,6 +41,7 @@ from deltaspec.errors import UsageError
 
 CALIBRATE_MIN = 512  # Gram side below which the route does not matter (and nothing is measured)
 CALIBRATE_N = 1024
+CALIBRATE_BUDGET_S = 10.0  # no further rounds once this much was spent
 VALUES = ("evd", "tridiag", "svd")
 VECTORS = ("tridiag", "evd", "eigh")
 FALLBACKS = ("tridiag", "eigh")
@@ -56,6 +59,7 @@ class Policy:
     vectors: str = "tridiag"
     fallback: str = "tridiag"
     source: str = "rule"
+    blas_threads: int = 1  # scipy's OpenBLAS threads for ``tridiag`` (0: as many as torch's)
 
 
 RULE = Policy()  # MKL's syevd for values; one tridiagonal reduction for values + vectors
@@ -66,7 +70,7 @@ GPU_RULE = Policy("evd", "eigh", "eigh", source="gpu-rule")
 
 def _machine_key() -> str:
     import numpy
-    import scipy
+    import scipy  # type: ignore[import-untyped]
 
     model = platform.processor() or platform.machine()
     try:
@@ -94,7 +98,7 @@ def parse(text: str) -> Policy:
     >>> parse("values=svd,vectors=evd").values
     'svd'
     """
-    fields = asdict(RULE) | {"source": "DELTASPEC_SOLVER"}
+    fields: dict[str, object] = asdict(RULE) | {"source": "DELTASPEC_SOLVER"}
     allowed = {"values": VALUES, "vectors": VECTORS, "fallback": FALLBACKS}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, val = part.partition("=")
@@ -102,7 +106,7 @@ def parse(text: str) -> Policy:
             raise UsageError(f"DELTASPEC_SOLVER: {part!r} is not one of "
                              + "; ".join(f"{k}={'|'.join(v)}" for k, v in allowed.items()))
         fields[key] = val
-    return Policy(**fields)
+    return Policy(**fields)  # type: ignore[arg-type]
 
 
 _CURRENT: dict[str, Policy] = {}
@@ -127,7 +131,8 @@ def policy(size: int, device_type: str = "cpu") -> Policy:
 def _cached(key: str) -> Policy | None:
     try:
         entry = json.loads(cache_file().read_text()).get(key)
-        return Policy(**{f: entry[f] for f in ("values", "vectors", "fallback")}, source="cache")
+        return Policy(**{f: entry[f] for f in ("values", "vectors", "fallback")}, source="cache",
+                      blas_threads=int(entry.get("blas_threads", 1)))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
@@ -165,20 +170,31 @@ def calibrate(n: int = CALIBRATE_N, repeat: int = 3) -> tuple[Policy, dict[str, 
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(n, n, dtype=torch.float64, generator=gen)
     g = m.T @ m
+    every = torch.get_num_threads()
     runs = {
         "gram": lambda: m.T @ m,
         "evd": lambda: torch.linalg.eigvalsh(g),
-        "tridiag": lambda: tridiag.eigvals(g, threads=torch.get_num_threads()),
+        "tridiag": lambda: tridiag.eigvals(g, threads=1),
+        "tridiag_all": lambda: tridiag.eigvals(g, threads=every),
         "svd": lambda: torch.linalg.svdvals(m),
-        "tridiag8": lambda: tridiag.eig_top(g, 8, threads=torch.get_num_threads()),
+        "tridiag8": lambda: tridiag.eig_top(g, 8, threads=1),
         "eigh": lambda: torch.linalg.eigh(g),
     }
+    if every == 1:
+        del runs["tridiag_all"]
     times = dict.fromkeys(runs, float("inf"))
+    start = time.perf_counter()
     for _ in range(repeat):  # interleaved rounds: a change of load hits every candidate alike
         for name, fn in runs.items():
             t0 = time.perf_counter()
             fn()
             times[name] = min(times[name], time.perf_counter() - t0)
+        if time.perf_counter() - start > CALIBRATE_BUDGET_S:  # a crowded machine: one round will do
+            break
+    threads = 0 if times.get("tridiag_all", float("inf")) < times["tridiag"] else 1
+    if threads == 0:  # OpenBLAS's pool helps here: price the 8-vector solve alike
+        scale = times["tridiag_all"] / max(times["tridiag"], 1e-12)
+        times["tridiag"], times["tridiag8"] = times["tridiag_all"], times["tridiag8"] * scale
     gram_values = {"evd": times["gram"] + times["evd"], "tridiag": times["gram"] + times["tridiag"],
                    "svd": times["svd"]}
     values = _best(gram_values, VALUES)
@@ -186,4 +202,4 @@ def calibrate(n: int = CALIBRATE_N, repeat: int = 3) -> tuple[Policy, dict[str, 
     one = {"tridiag": times["tridiag8"], "eigh": times["eigh"],
            "evd": times["evd"] + FLAT_SHARE * min(times["tridiag8"], times["eigh"])}
     vectors = _best(one, VECTORS)
-    return Policy(values, vectors, fallback, source="measured"), times
+    return Policy(values, vectors, fallback, "measured", threads), times
