@@ -70,7 +70,7 @@ GPU_RULE = Policy("evd", "eigh", "eigh", source="gpu-rule")
 
 def _machine_key() -> str:
     import numpy
-    import scipy  # type: ignore[import-untyped]
+    import scipy
 
     model = platform.processor() or platform.machine()
     try:

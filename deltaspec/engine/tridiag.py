@@ -32,7 +32,7 @@ BLOCK = 64  # dsytrd's panel width (its workspace is n·BLOCK)
 @cache
 def _openblas() -> Any:
     """scipy's OpenBLAS as loaded in this process (None when scipy uses another LAPACK)."""
-    import scipy.linalg.lapack  # type: ignore[import-untyped]  # noqa: F401  (loads the library)
+    import scipy.linalg.lapack  # noqa: F401  (loads the library)
 
     try:
         with open("/proc/self/maps") as fh:
@@ -79,7 +79,7 @@ def reduce(g: torch.Tensor, overwrite: bool = False) -> tuple[np.ndarray, np.nda
                                                                 np.ndarray]:
     """``dsytrd`` of the symmetric ``g``: (reflectors c, diagonal d, off-diagonal e, tau).
     With ``overwrite`` g's memory holds the reflectors afterwards."""
-    from scipy.linalg import lapack  # type: ignore[import-untyped]
+    from scipy.linalg import lapack
 
     a = _as_fortran(g, overwrite)
     n = a.shape[0]
@@ -91,7 +91,7 @@ def reduce(g: torch.Tensor, overwrite: bool = False) -> tuple[np.ndarray, np.nda
 
 def values(d: np.ndarray, e: np.ndarray) -> np.ndarray:
     """All eigenvalues of the tridiagonal (d, e), descending (``dsterf``)."""
-    from scipy.linalg import lapack  # type: ignore[import-untyped]
+    from scipy.linalg import lapack
 
     w, info = lapack.dsterf(d.copy(), e.copy())
     if info != 0:
@@ -102,7 +102,7 @@ def values(d: np.ndarray, e: np.ndarray) -> np.ndarray:
 def tridiagonal_top(d: np.ndarray, e: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top-k eigenpairs of the tridiagonal (d, e), descending: bisection + inverse iteration
     (``dstebz`` + ``dstein``), or MRRR (``dstemr``) when inverse iteration fails."""
-    from scipy.linalg import lapack  # type: ignore[import-untyped]
+    from scipy.linalg import lapack
 
     n = d.size
     m, w, iblock, isplit, info = lapack.dstebz(d, e, 3, 0.0, 0.0, n - k + 1, n, 0.0, b"B")
@@ -121,7 +121,7 @@ def back_transform(c: np.ndarray, tau: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Q·z for the Q of ``dsytrd`` (lower): Q = H₀…H_{n−2}, Hᵢ's vector 1 at row i+1 and
     c[i+2:, i] below. The reflectors are read in place as an (n, n−1) array with leading
     dimension n that starts one element into c, which is how ``dormqr`` wants them."""
-    from scipy.linalg import lapack  # type: ignore[import-untyped]
+    from scipy.linalg import lapack
 
     n, k = z.shape
     out = np.array(z, dtype=np.float64, order="F")
