@@ -63,12 +63,23 @@ def test_dense_values_and_all_vectors_match_cpu(shape):
             _same_vectors(g, c)
 
 
-def test_randomized_top_k_matches_cpu():
+def test_randomized_top_k_matches_cpu(monkeypatch):
+    monkeypatch.setenv("DELTASPEC_SOLVER", "vectors=evd")  # values, then subspace iteration
     m = _matrix((600, 400), seed=1, decay=0.8)
     g, c = spectrum(m, k=5, vectors=True, device=CUDA), spectrum(m, k=5, vectors=True, device="cpu")
     assert g.route == c.route == "gram+randomized"
     _same_values(g, c)
     _same_vectors(g, c)
+
+
+@pytest.mark.parametrize("shape", [(600, 400), (400, 600)])
+def test_top_k_from_one_reduction_matches_cpu(shape):
+    m = _matrix(shape, seed=4)  # a flat spectrum: one eigh on CUDA, one dsytrd on the CPU
+    g, c = spectrum(m, k=8, vectors=True, device=CUDA), spectrum(m, k=8, vectors=True, device="cpu")
+    assert (g.route, c.route) == ("gram", "gram+tridiag")
+    _same_values(g, c)
+    _same_vectors(g, c)
+    assert float((m @ g.V - g.U * g.values).norm(dim=0).max()) <= 1e-10 * float(g.values[0])
 
 
 def test_ill_conditioned_vectors_match_cpu():

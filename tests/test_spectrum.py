@@ -144,12 +144,16 @@ def test_factored_vectors():
     _check_vectors(sp, b.to(F64) @ a.to(F64), 4)
 
 
-def test_randomized_top_k_spans_the_right_subspace():
+@pytest.mark.parametrize(("solver", "route"), [("vectors=evd", "gram+randomized"),
+                                               ("vectors=tridiag", "gram+tridiag"),
+                                               ("vectors=eigh", "gram")])
+def test_top_k_spans_the_right_subspace(monkeypatch, solver, route):
+    monkeypatch.setenv("DELTASPEC_SOLVER", solver)
     sigma = 0.7 ** np.arange(160)  # a decaying spectrum
     m = with_spectrum((300, 160), sigma, seed=5)
     k = 6
     sp = spectrum(m, k=k, vectors=True, device="cpu")
-    assert sp.route == "gram+randomized"
+    assert sp.route == route
     u_ref, _, vt_ref = torch.linalg.svd(m)  # LAPACK gesdd, float64
     for got, ref in ((sp.U, u_ref[:, :k]), (sp.V, vt_ref[:k].T)):
         proj = got @ got.T - ref @ ref.T  # ‖P − P_ref‖₂: 0 when the spans agree
@@ -157,10 +161,13 @@ def test_randomized_top_k_spans_the_right_subspace():
     _check_vectors(sp, m, k)
 
 
-def test_flat_spectrum_top_k_falls_back_to_eigh():
+@pytest.mark.parametrize(("solver", "route"), [("vectors=evd,fallback=eigh", "gram"),
+                                               ("vectors=evd,fallback=tridiag", "gram+tridiag")])
+def test_flat_spectrum_top_k_takes_a_second_reduction(monkeypatch, solver, route):
+    monkeypatch.setenv("DELTASPEC_SOLVER", solver)
     m = with_spectrum((120, 100), np.ones(100) + 1e-3 * np.arange(100)[::-1], seed=2)
     sp = spectrum(m, k=3, vectors=True, device="cpu")
-    assert sp.route == "gram"
+    assert sp.route == route
     _check_vectors(sp, m, 3)
 
 

@@ -1,6 +1,9 @@
-"""deltaspec against numpy, torch and WeightWatcher on a 7B-shaped slice: one command, one table.
+"""deltaspec against its peers (modeldelta, torch's float32 svdvals, numpy, WeightWatcher) on a
+7B-shaped slice, every tool in the same run on the same files: one command, two tables (the runs,
+and deltaspec/peer ratios per workload with the issue's targets), also written to a file.
 
     python analyses/benchmarks/bench.py                       # CPU: 1 layer + the 224-module LoRA
+    python analyses/benchmarks/bench.py --quick               # sanity run: ¼-scale shapes, ~minutes
     python analyses/benchmarks/bench.py --layers 2 --tools deltaspec,numpy --device cuda
 
 Checkpoints (built once under --root by slice7b.py, bf16 on disk, Llama-7B shapes):
@@ -8,9 +11,11 @@ Checkpoints (built once under --root by slice7b.py, bf16 on disk, Llama-7B shape
   lora      the first --layers layers of a PEFT LoRA r=16 adapter (7 modules per layer)
   full      a --layers full fine-tune against its base (sharded safetensors)
   lora224   the whole 224-module adapter (deltaspec analyze end to end, and WeightWatcher)
-  rss       deltaspec analyze of a --rss-layers full fine-tune: peak RSS against 1 GB + 3 of its
-            largest matrices (bf16 bytes)
-Tools: deltaspec (values: spectra()/spectrum()), deltaspec-analyze (every metric), numpy's
+  rss       deltaspec analyze --intruders of a --rss-layers full fine-tune with its base: peak RSS
+            against 1 GiB + 3 of its largest matrices
+Tools: deltaspec (values: spectra()/spectrum()), deltaspec-analyze (every default column),
+deltaspec-cli (the CLI end to end, process start included), modeldelta (pip install modeldelta:
+its compare_models() on base and fine-tune, torch float32 svdvals per module), numpy's
 svd(compute_uv=False) in float64 and float32, torch's default svdvals (float32), WeightWatcher.
 Tools run one per process (``OMP_WAIT_POLICY=PASSIVE`` for all, so torch's OpenMP threads do not
 spin against BLAS threads on a shared CPU). Wall time: from opening the files to the last σ
@@ -40,11 +45,24 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 import slice7b  # noqa: E402
 
-TOOLS = ("deltaspec", "deltaspec-analyze", "numpy", "numpy-f32", "torch", "weightwatcher")
+TOOLS = ("deltaspec", "deltaspec-analyze", "deltaspec-cli", "modeldelta", "numpy", "numpy-f32",
+         "torch", "weightwatcher")
 SLICE_TOOLS = ("deltaspec", "deltaspec-analyze", "numpy", "torch", "weightwatcher")
 WORKLOADS = {"matrix": ("deltaspec", "numpy", "numpy-f32", "torch"), "lora": SLICE_TOOLS,
-             "full": SLICE_TOOLS,
-             "lora224": ("deltaspec-analyze", "weightwatcher"), "rss": ("deltaspec-analyze",)}
+             "full": (*SLICE_TOOLS, "modeldelta"),
+             "lora224": ("deltaspec-analyze", "deltaspec-cli", "weightwatcher"),
+             "rss": ("deltaspec-analyze",)}
+OPTIONAL = {"weightwatcher": "weightwatcher", "modeldelta": "modeldelta"}  # tool → module
+# (workload, deltaspec's tool, peer, target on deltaspec/peer wall time or None)
+RATIOS = [("matrix", "deltaspec", "torch", 1.2), ("matrix", "deltaspec", "numpy", None),
+          ("lora", "deltaspec-analyze", "weightwatcher", None),
+          ("lora", "deltaspec-analyze", "torch", None),
+          ("full", "deltaspec-analyze", "modeldelta", 0.8),
+          ("full", "deltaspec-analyze", "torch", None),
+          ("full", "deltaspec-analyze", "numpy", None),
+          ("full", "deltaspec-analyze", "weightwatcher", None),
+          ("lora224", "deltaspec-analyze", "weightwatcher", 0.01),
+          ("lora224", "deltaspec-cli", "weightwatcher", None)]
 MATRIX = "model.layers.0.self_attn.q_proj"  # the 'matrix' workload: one dense 4096² ΔW
 
 
@@ -145,7 +163,8 @@ def _paths(workload: str, a: argparse.Namespace) -> tuple[Path, Path | None]:
     """(update, base) folders of a workload."""
     if workload in ("lora", "lora224"):
         return a.root / f"lora-{32 if workload == 'lora224' else a.layers}", None
-    root = a.root / f"rss-{a.rss_layers}" if workload == "rss" else a.root
+    root = a.root / f"rss-{a.rss_layers}" if workload == "rss" and a.rss_layers != a.layers \
+        else a.root
     return root / "full", root / "base"
 
 
@@ -163,14 +182,45 @@ def tool_deltaspec(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray
 
 
 def tool_deltaspec_analyze(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
-    """Every metric (with a base: relative_norm and amplification; intruders off, see notes)."""
+    """Every default column (with a base: relative_norm and amplification; intruders only with
+    --intruders, and always for the rss workload)."""
     import deltaspec
 
     path, base = _paths(workload, a)
     from deltaspec.analyze import run_paths
 
-    opts = deltaspec.Options(device=a.device, keep_spectra=True, intruders=a.intruders)
+    intruders = a.intruders or workload == "rss"  # rss: the memory bound with --intruders
+    opts = deltaspec.Options(device=a.device, keep_spectra=True, intruders=intruders)
     return {n: s.values.numpy() for n, s in run_paths(path, None, base, opts).spectra.items()}
+
+
+def tool_deltaspec_cli(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    """``deltaspec analyze PATH [--base B] --format csv`` as a user runs it: the wall time of the
+    whole process (interpreter start and imports included)."""
+    import csv
+    import io
+
+    path, base = _paths(workload, a)
+    cmd = [sys.executable, "-m", "deltaspec", "analyze", str(path), "--format", "csv",
+           "--device", a.device] + (["--base", str(base)] if base else [])
+    a.t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    a.walls = [time.perf_counter() - a.t0]
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    return {r["module"]: np.array([float(r.get("fro_norm") or "nan")]) for r in rows}
+
+
+def tool_modeldelta(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
+    """modeldelta's compare_models() (pip install modeldelta) on the base and the fine-tune: per
+    module a float32 ``torch.linalg.svdvals`` of ΔW (and norms, cosine, sparsity); it keeps the
+    top-20 σ, which are compared."""
+    from modeldelta.core.weight_diff import compare_models
+    from modeldelta.utils.model_loader import get_tensor_map
+
+    path, base = _paths(workload, a)
+    results, _ = compare_models(get_tensor_map(str(base)), get_tensor_map(str(path)))
+    return {r["name"].removesuffix(".weight"): np.array(r["top_singular_values"])
+            for r in results if r.get("has_svd")}
 
 
 def tool_weightwatcher(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -228,8 +278,9 @@ def _worker(tool: str, workload: str, a: argparse.Namespace, out: Path) -> None:
 # ---------------------------------------------------------------- driver
 def run(tool: str, workload: str, a: argparse.Namespace, cache: Path) -> dict:
     """Run one tool on one workload in a fresh process; returns its timing and values."""
-    if tool == "weightwatcher" and importlib.util.find_spec("weightwatcher") is None:
-        return {"tool": tool, "workload": workload, "error": "not installed (pip install weightwatcher)"}
+    module = OPTIONAL.get(tool)
+    if module and importlib.util.find_spec(module) is None:
+        return {"tool": tool, "workload": workload, "error": f"not installed (pip install {module})"}
     npz = cache / f"{tool}-{workload}-{a.layers}-{a.device.replace(':', '')}.npz"
     done = npz.with_suffix(".json")
     if npz.is_file() and (tool == "reference" or (a.resume and done.is_file())):
@@ -271,31 +322,57 @@ def errors(values: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> tuple[f
 
 
 def machine() -> str:
-    """CPU model and core count, and the GPU when one is used."""
-    model = platform.processor() or "unknown CPU"
+    """CPU model, its vector flags, cores and load, and the solver routes deltaspec chose."""
+    model, flags = platform.processor() or "unknown CPU", set()
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    text = f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    text = (f"{model} ({' '.join(wanted) or 'no AVX flags read'}), {os.cpu_count()} cores, "
+            f"load average {os.getloadavg()[0]:.1f}")
     if os.environ.get("OPENBLAS_CORETYPE"):
         text += f", OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
     return text
 
 
+def solver_policy() -> str:
+    """The CPU routes deltaspec uses here (measured once per machine, see engine/solvers.py)."""
+    from deltaspec.engine import solvers
+
+    pol = solvers.policy(4096)
+    return f"values={pol.values}, vectors={pol.vectors}, fallback={pol.fallback} ({pol.source})"
+
+
+def _policy_in_worker() -> str:
+    """:func:`solver_policy` in a process like the tools' (OMP_WAIT_POLICY=PASSIVE: spinning
+    OpenMP threads make LAPACK on a shared CPU many times slower)."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    code = "import bench; print(bench.solver_policy())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=HERE)
+    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else "unknown"
+
+
+def _row_errors(r: dict, refs: dict[str, dict]) -> tuple[float, float]:
+    ref = refs.get(r["workload"])
+    return errors(r["values"], ref) if ref and r.get("values") else (float("nan"), float("nan"))
+
+
 def table(rows: list[dict], refs: dict[str, dict], a: argparse.Namespace) -> str:
-    """The results as a markdown table."""
-    largest = max(m * n for m, n in slice7b.MODULES.values()) * 2 / 2**20  # MB, bf16
+    """The results as markdown: every run, then deltaspec/peer ratios against the targets."""
+    largest = max(m * n for m, n in slice7b.MODULES.values())
     lines = ["| workload | tool | modules | wall s | s/module | peak RSS MB | max err σ/σ₁ | max ΔH |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['workload']} | {r['tool']} | – | failed: {r['error']} | | | | |")
             continue
-        ref = refs.get(r["workload"])
-        err, dh = errors(r["values"], ref) if ref else (float("nan"), float("nan"))
+        err, dh = _row_errors(r, refs)
         n = r["modules"]
         lines.append(f"| {r['workload']} | {r['tool']} | {n} | {r['wall']:.2f} | {r['wall'] / n:.3f} "
                      f"| {r['rss_mb']:.0f} | {err:.1e} | {dh:.1e} |")
@@ -303,10 +380,44 @@ def table(rows: list[dict], refs: dict[str, dict], a: argparse.Namespace) -> str
               if r.get("workload") == "matrix" and len(r.get("walls", [])) > 1]
     if spread:
         lines.append(f"\nmatrix: median of {a.repeat} solves; range (s): " + ", ".join(spread))
-    lines.append(f"\nRSS target for the rss workload: 1024 + 3 × {largest:.0f} = "
-                 f"{1024 + 3 * largest:.0f} MB (bf16 matrices); machine: {machine()}; "
-                 f"device: {a.device}")
+    lines += ["", ratio_table(rows, refs, largest)]
+    lines.append(f"\nMachine: {machine()}; device: {a.device}; deltaspec's CPU routes: "
+                 f"{a.policy}; shapes: {_scale(a)}")
     return "\n".join(lines)
+
+
+def _scale(a: argparse.Namespace) -> str:
+    return "64/96 (--tiny)" if a.tiny else "quarter scale (--quick)" if a.quick else "Llama-7B"
+
+
+def ratio_table(rows: list[dict], refs: dict[str, dict], largest: int) -> str:
+    """deltaspec/peer wall-time ratios of the same run (and accuracy: peer error / deltaspec's)."""
+    by = {(r["workload"], r["tool"]): r for r in rows if "error" not in r}
+    out = ["| workload | deltaspec tool | peer | deltaspec s | peer s | deltaspec/peer | "
+           "error peer/deltaspec | target | met |", "|---|---|---|---:|---:|---:|---:|---|---|"]
+    for workload, ours, peer, target in RATIOS:
+        mine, theirs = by.get((workload, ours)), by.get((workload, peer))
+        if mine is None or theirs is None:
+            continue
+        ratio = mine["wall"] / theirs["wall"]
+        e_mine, e_theirs = _row_errors(mine, refs)[0], _row_errors(theirs, refs)[0]
+        acc = e_theirs / e_mine if e_mine > 0 else float("inf") if e_theirs > 0 else float("nan")
+        met = "" if target is None else ("yes" if ratio <= target else "no")
+        goal = "" if target is None else f"≤ {target:g}"
+        out.append(f"| {workload} | {ours} | {peer} | {mine['wall']:.2f} | {theirs['wall']:.2f} | "
+                   f"{ratio:.3f} | {acc:.1e} | {goal} | {met} |")
+    cli = by.get(("lora224", "deltaspec-cli"))
+    if cli is not None:
+        out.append(f"| lora224 | deltaspec-cli | (absolute) | {cli['wall']:.2f} | | | | ≤ 2 s | "
+                   f"{'yes' if cli['wall'] <= 2 else 'no'} |")
+    rss = by.get(("rss", "deltaspec-analyze"))
+    if rss is not None:
+        for label, nbytes in (("bf16", 2), ("float32", 4)):
+            bound = 1024 + 3 * largest * nbytes / 2**20
+            out.append(f"| rss (--intruders, {rss['modules']} modules) | deltaspec-analyze | "
+                       f"(peak RSS MB) | {rss['rss_mb']:.0f} | | | | ≤ {bound:.0f} (1 GiB + 3 "
+                       f"largest in {label}) | {'yes' if rss['rss_mb'] <= bound else 'no'} |")
+    return "\n".join(out)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -322,12 +433,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=3, help="solves of the 'matrix' workload (median)")
     ap.add_argument("--resume", action="store_true", help="reuse the runs already made under --root")
     ap.add_argument("--tiny", action="store_true", help="64/96-wide stand-in shapes (a dry run)")
+    ap.add_argument("--quick", action="store_true",
+                    help="sanity run: quarter-scale shapes (1024/2752), one solve, 1-layer rss")
+    ap.add_argument("--report", type=Path, help="also write the tables here (default: under --root)")
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "WORKLOAD"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.passthrough = ["--root", str(a.root), "--layers", str(a.layers), "--rss-layers",
                      str(a.rss_layers), "--device", a.device, "--repeat", str(a.repeat)]
     a.passthrough += ["--intruders"] if a.intruders else []
+    if a.quick and not a.worker:
+        a.repeat, a.rss_layers = 1, 1
+        a.root = a.root.with_name(a.root.name + "-quick")
+        a.passthrough = ["--root", str(a.root), "--layers", str(a.layers), "--rss-layers", "1",
+                         "--device", a.device, "--repeat", "1"] + a.passthrough[10:]
+    if a.quick:
+        slice7b.shrink(1024, 2752)
+        a.passthrough.append("--quick")
     if a.tiny:
         slice7b.shrink()
         a.passthrough.append("--tiny")
@@ -346,10 +468,12 @@ def main(argv: list[str] | None = None) -> None:
     slice7b.build_lora(a.root, a.layers)
     if "lora224" in workloads:
         slice7b.build_lora(a.root, 32)
-    if "rss" in workloads:
+    if "rss" in workloads and a.rss_layers != a.layers:
         slice7b.build_full(a.root / f"rss-{a.rss_layers}", a.rss_layers)
     cache = a.root / "runs"
     cache.mkdir(exist_ok=True)
+    a.policy = _policy_in_worker()  # a first calibration happens here, before anything is timed
+    print(f"deltaspec's CPU routes: {a.policy}", flush=True)
     refs = {}
     for w in ("matrix", "lora", "full"):
         if w in workloads:
@@ -364,7 +488,9 @@ def main(argv: list[str] | None = None) -> None:
                                                 else rows[-1]["error"]), flush=True)
     text = table(rows, refs, a)
     print(text)
-    (a.root / f"results-{a.device.replace(':', '')}.md").write_text(text + "\n")
+    report = a.report or a.root / f"results-{a.device.replace(':', '')}.md"
+    report.write_text(text + "\n")
+    print(f"\n(written to {report})")
 
 
 if __name__ == "__main__":

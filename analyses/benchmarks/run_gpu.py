@@ -4,7 +4,8 @@
 
 1. builds a 32-layer (224-module) 7B-shaped full fine-tune and LoRA r=16 adapter, bf16 on disk;
 2. per matrix (4096², 11008×4096): deltaspec's values (float64 Gram + eigvalsh) against torch's
-   default ``svdvals`` (float32) — median times — each checked against CPU float64 LAPACK;
+   default ``svdvals`` (float32) — median times — each checked against CPU float64 LAPACK; and
+   σ + top-8 vectors by the GPU rule (one eigh) against eigvalsh + subspace iteration;
 3. end to end: ``compare(base, full)`` over 224 modules (intruders off) and ``analyze`` of the
    224-module adapter, from the files to the DataFrame; intruders' cost on one layer;
 4. every CUDA result checked against the CPU in the same run: the per-matrix σ against numpy's
@@ -33,6 +34,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 import slice7b  # noqa: E402
 
 from deltaspec import analyze, compare, spectrum  # noqa: E402
+from deltaspec.engine.spectrum import compute  # noqa: E402
 
 
 def _timed(fn, reps: int) -> tuple[float, object]:
@@ -64,12 +66,30 @@ def per_matrix(root: Path, reps: int) -> list[dict]:
             gpu = dw64.float().cuda()
             t_ds, sp = _timed(lambda g=gpu: spectrum(g, device="cuda").values, reps)
             t_tv, tv = _timed(lambda g=gpu: torch.linalg.svdvals(g), max(1, reps // 2))
+            t_v1, sv1 = _timed(lambda g=gpu: _top8(g, ""), max(1, reps // 2))
+            t_v2, sv2 = _timed(lambda g=gpu: _top8(g, "vectors=evd"), max(1, reps // 2))
             shape = "×".join(map(str, dw64.shape))
-            for tool, t, vals in (("deltaspec", t_ds, sp), ("torch.svdvals f32", t_tv, tv)):
+            for tool, t, vals in (("deltaspec", t_ds, sp), ("torch.svdvals f32", t_tv, tv),
+                                  ("deltaspec σ + top-8 vectors, one eigh (default)", t_v1, sv1),
+                                  ("deltaspec σ + top-8, eigvalsh + subspace iteration", t_v2, sv2)):
                 v = vals.double().cpu().numpy()
                 rows.append({"matrix": shape, "tool": tool, "ms": 1e3 * t,
                              "err": float(np.abs(v - ref).max() / ref[0]), "cpu_f64_s": cpu_s})
     return rows
+
+
+def _top8(g: torch.Tensor, solver: str) -> torch.Tensor:
+    """σ and the top-8 vectors on CUDA with the DELTASPEC_SOLVER ``solver`` ('' = the GPU rule);
+    returns σ (the vectors' residuals are checked in tests/test_gpu.py)."""
+    before = os.environ.pop("DELTASPEC_SOLVER", None)
+    if solver:
+        os.environ["DELTASPEC_SOLVER"] = solver
+    try:
+        return compute(g, vectors_k=8, device="cuda").values  # every σ and the top-8 U, V
+    finally:
+        os.environ.pop("DELTASPEC_SOLVER", None)
+        if before is not None:
+            os.environ["DELTASPEC_SOLVER"] = before
 
 
 def _columns_agree(a, b) -> tuple[bool, float]:
@@ -115,7 +135,8 @@ def end_to_end(root: Path) -> list[dict]:
     rows.append({"run": "  CPU check: the adapter, every column", "s": time.perf_counter() - t0,
                  "modules": len(lc), "agree": ok, "worst_rel": worst})
     t0 = time.perf_counter()
-    intr = analyze(root / "full", root / "base", device="cuda", include=r"layers\.1\.")
+    intr = analyze(root / "full", root / "base", device="cuda", include=r"layers\.1\.",
+                   intruders=True)
     rows.append({"run": "analyze(full, base) one layer with intruders", "s": time.perf_counter() - t0,
                  "modules": len(intr)})
     return rows

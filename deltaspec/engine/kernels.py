@@ -8,8 +8,7 @@ float64 whole unless the memory guard (:func:`block_budget`) says the device has
 - :func:`gram`: the float64 Gram matrix of the smaller side, accumulated block by block.
 - :func:`eigvalsh_desc` / :func:`eigh_desc`: symmetric eigenproblems, descending, with a fallback
   to the CPU when the device runs out of memory.
-- top-k eigenvectors of a PSD Gram matrix by subspace iteration (:mod:`deltaspec.engine.subspace`),
-  falling back to the exact ``eigh`` when it would not converge fast.
+- dense solves (values, top-k vectors) live in :mod:`deltaspec.engine.dense`.
 - :func:`factored_batch`: exact σ (and vectors) of N factored updates of one shape in single calls.
 """
 
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 import torch
 
 from deltaspec.delta import check_finite
-from deltaspec.engine.subspace import plan_block, top_eigvecs
 from deltaspec.errors import NumericalError
 
 F64 = torch.float64
@@ -299,58 +297,6 @@ def eigh_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with lapack_threads():
         lam, vec = torch.linalg.eigh(g)
     return lam.flip(0).to(dev), vec.flip(1).to(dev)
-
-
-@dataclass
-class DenseResult:
-    """σ (descending, length min(m, n), on the device) and the top vectors, with the route."""
-
-    values: torch.Tensor
-    route: str
-    U: torch.Tensor | None = None
-    V: torch.Tensor | None = None
-
-
-VECTOR_RTOL = 1e-5  # σ_k ≤ this·σ₁ makes U = M·V/σ inaccurate: such vectors come from an SVD
-
-
-def dense_solve(op: Operand, vectors_k: int,
-                pre: tuple[torch.Tensor, bool] | None = None) -> DenseResult:
-    """All singular values of ``op`` (Gram + ``eigvalsh`` in float64) and, for ``vectors_k`` ≠ 0,
-    the top ``vectors_k`` vectors (-1: all): by subspace iteration when few are wanted and that
-    converges fast, else by ``eigh`` of the same Gram; an SVD where σ_k is too small.
-    ``pre``: the Gram matrix already computed (by the pipeline's worker)."""
-    g, tall = pre if pre is not None else gram(op)
-    kmin = min(op.shape)
-    kk = kmin if vectors_k < 0 else min(vectors_k, kmin)
-    if not kk:
-        return DenseResult(eigvalsh_desc(g).clamp_min(0).sqrt(), "gram")
-    lam = eigvalsh_desc(g)
-    s = lam.clamp_min(0).sqrt()
-    if float(s[kk - 1]) <= float(s[0]) * VECTOR_RTOL:
-        return svd_fallback(op, kk)
-    plan = plan_block(lam, kk, kmin // 2) if kk * 4 <= kmin else None
-    got = top_eigvecs(g, kk, plan[0], plan[1] + 8, lam=lam) if plan else None
-    route = "gram+randomized"
-    if got is None:
-        route = "gram"
-        _, vec = eigh_desc(g)
-        w = vec[:, :kk]
-    else:
-        w = got[1]
-    del g
-    other = op.mm(w) if tall else op.rmm(w)
-    other = other / s[:kk].to(other.device)  # M·V/σ (or Mᵀ·U/σ)
-    u, v = (other, w) if tall else (w, other)
-    return DenseResult(s, route, u, v)
-
-
-def svd_fallback(op: Operand, kk: int) -> DenseResult:
-    """Float64 SVD (gesvd on CUDA), for vectors where the Gram route is ill-conditioned."""
-    m64 = op.rows(0, op.shape[0])
-    driver = "gesvd" if m64.is_cuda else None
-    u, s, vh = torch.linalg.svd(m64, full_matrices=False, driver=driver)
-    return DenseResult(s, "svd", u[:, :kk], vh[:kk].T)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from deltaspec.delta import Delta
-from deltaspec.engine import kernels
+from deltaspec.engine import dense, kernels, solvers
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.memory import Releaser, read_ahead
 from deltaspec.engine.spectrum import (
@@ -253,6 +253,7 @@ def stage(stager: Stager, sides: Sequence[Mapping[str, Delta]], job: Job, with_b
         st = Staged(job, deltas, [ops], [bases], dev)
         if not stager.cuda:  # CPU: the worker's half of the cores forms the Gram matrix too
             st.grams = [None if _factored_single(op) or route(d) == "kronecker" or op.is_zero()
+                        or not dense.wants_gram(op)
                         else kernels.gram(op) for d, op in zip(deltas[0], ops, strict=True)]
     st.event = stager.fence()
     if releaser is not None and not job.batched:
@@ -315,12 +316,23 @@ def _solve_one(d: Delta, op: Operand, vectors_k: int,
     return solve_dense(op, vectors_k, pre)
 
 
+def _choose_solver(sides: Sequence[Mapping[str, Delta]], items: Sequence[tuple[str, ...]],
+                   device: torch.device) -> None:
+    """Settle the CPU solver policy here, on every thread and before the worker starts: a first
+    calibration (:func:`deltaspec.engine.solvers.calibrate`) must not share the cores."""
+    sizes = [min(side[n].shape) for names in items for side, n in zip(sides, names, strict=True)
+             if not is_factored_route(side[n])]
+    if device.type == "cpu" and sizes:
+        solvers.policy(max(sizes))
+
+
 def solve_stream(sides: Sequence[Mapping[str, Delta]], items: Sequence[tuple[str, ...]],
                  device: torch.device, vectors_k: int, with_base: bool,
                  depth: int | None = None) -> Iterator[Solved]:
     """Solved modules, one per item (one name per side), in job order (batched factored jobs
     first reach their first item's place). ``vectors_k``: top vectors per side (0: none)."""
     jobs = plan(sides, items, with_base)
+    _choose_solver(sides, items, device)
     stager = Stager(device)
     depth = depth if depth is not None else (2 if device.type == "cuda" else 1)
     worker_rel, main_rel = (Releaser(), None) if stager.cuda else (None, Releaser())

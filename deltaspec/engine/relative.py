@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaspec.engine.kernels import F64, VECTOR_RTOL, Operand, eigh_desc, gram, svd_fallback
+from deltaspec.engine.dense import VECTOR_RTOL, svd_fallback, top_eigenpairs
+from deltaspec.engine.kernels import F64, Operand, eigh_desc, gram, lapack_threads
 from deltaspec.engine.subspace import top_eigvecs
 
 
@@ -36,18 +37,29 @@ def projection(w: Operand, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BaseEig:
-    """W's float64 Gram eigenpairs (descending) and orientation: the costly part of the intruder
-    count, computed once per base matrix and reused for every update of it."""
+    """W's float64 Gram eigenpairs and orientation: the costly part of the intruder count,
+    computed once per base matrix and reused for every update of it. ``s`` and ``vec`` are in
+    LAPACK's ascending order (``vec`` is n² floats: flipping it would copy it)."""
 
-    s: torch.Tensor  # singular values of W
+    s: torch.Tensor  # singular values of W, ascending
     vec: torch.Tensor  # eigenvectors of the Gram: right vectors of W when tall, left ones when wide
     tall: bool
 
+    def top(self, t: int) -> torch.Tensor:
+        """The eigenvectors of the t largest eigenvalues, descending (a copy of t columns)."""
+        return self.vec[:, self.vec.shape[1] - min(t, self.vec.shape[1]):].flip(1)
+
 
 def base_eig(w: Operand) -> BaseEig:
-    """Eigen-decompose W's Gram matrix (see :class:`BaseEig`)."""
+    """Eigen-decompose W's Gram matrix (see :class:`BaseEig`). Peak memory: the Gram, the
+    vectors and syevd's 2n² workspace; the Gram is freed before this returns."""
     gw, tall = gram(w)
-    lam, vec = eigh_desc(gw)
+    if gw.is_cuda:
+        lam, vec = eigh_desc(gw)
+        return BaseEig(lam.flip(0).clamp_min(0).sqrt(), vec.flip(1), tall)
+    with lapack_threads():
+        lam, vec = torch.linalg.eigh(gw)
+    del gw
     return BaseEig(lam.clamp_min(0).sqrt(), vec, tall)
 
 
@@ -62,9 +74,11 @@ def same_matrix(a: Operand, b: Operand) -> bool:
 
 
 class BaseEigs:
-    """:class:`BaseEig` by base matrix, so that the two sides of a compare share W's."""
+    """:class:`BaseEig` of the last ``keep`` base matrices, so that the two sides of a compare
+    share W's (modules come in order: older ones are dropped, memory stays flat)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
         self._known: list[tuple[Operand, BaseEig]] = []
 
     def of(self, w: Operand) -> BaseEig:
@@ -73,7 +87,7 @@ class BaseEigs:
             if same_matrix(known, w):
                 return eig
         eig = base_eig(w)
-        self._known.append((w, eig))
+        self._known = [*self._known[-(self.keep - 1):], (w, eig)] if self.keep > 1 else [(w, eig)]
         return eig
 
 
@@ -91,7 +105,7 @@ def intruder_cosines(w: Operand, tuned: Operand, top: int,
     eig = eig if eig is not None else base_eig(w)
     s, vec, tall = eig.s, eig.vec, eig.tall
     t = min(top, min(w.shape))
-    start = [vec[:, : t + 8]]  # the Gram's side: right vectors when tall, left ones when wide
+    start = [eig.top(t + 8)]  # the Gram's side: right vectors when tall, left ones when wide
     side = hint[1] if tall else hint[0]
     if side is not None and side.shape[1]:
         start.append(side.to(vec.device, F64))
@@ -102,7 +116,7 @@ def intruder_cosines(w: Operand, tuned: Operand, top: int,
     u_t = tuned.mm(x) / theta.sqrt().to(tuned.device) if tall else x  # (m, t) left vectors of W+ΔW
     if not tall:
         return (vec.T @ u_t.to(vec.device)).abs()
-    if float(s[-1]) <= float(s[0]) * VECTOR_RTOL:
+    if float(s.min()) <= float(s.max()) * VECTOR_RTOL:
         u_w = svd_fallback(w, min(w.shape)).U
         assert u_w is not None
         return (u_w.T @ u_t.to(u_w.device)).abs()
@@ -114,7 +128,7 @@ def _tuned_top(tuned: Operand, t: int, start: torch.Tensor) -> tuple[torch.Tenso
     g, _ = gram(tuned)
     q = min(g.shape[0], start.shape[1] + 8)
     got = top_eigvecs(g, t, q, max_iters=64, start=start) if q < g.shape[0] else None
-    if got is None:
-        lam, vec = eigh_desc(g)
-        return lam[:t], vec[:, :t]
+    if got is None:  # one reduction for the values and the t vectors (solvers' policy)
+        lam, vec, _ = top_eigenpairs(g, t)
+        return lam[:t], vec
     return got

@@ -6,11 +6,16 @@ Routes:
   R_B·R_Aᵀ, batched over modules of one shape. Exact σ; U = Q_B·U_c, V = Q_A·V_c. ΔW is never
   materialised.
 - **gram** (dense values): the Gram matrix of the smaller side in float64 (block by block, from the
-  stored dtype), float64 ``eigvalsh``, σ = √max(λ, 0). A float32 Gram loses the small values.
-- **gram** (dense vectors): ``eigh`` of the same Gram gives V (or U); the other side is ΔW·V/σ.
-  Where a wanted σ is below 1e-5·σ₁ that is inaccurate, and a float64 SVD (gesvd) is used instead.
-- **gram+randomized** (top-k vectors of a large dense matrix): subspace iteration on the Gram from
-  a seeded random block, its length chosen from the exact eigenvalues and its Ritz residuals
+  stored dtype), a float64 symmetric eigensolver, σ = √max(λ, 0). A float32 Gram loses the small
+  values. Which exact eigensolver (or a float64 bidiagonal SVD, route **svd**) is measured per
+  machine (:mod:`deltaspec.engine.solvers`); the solves live in :mod:`deltaspec.engine.dense`.
+- **gram+tridiag** (values and top-k vectors, CPU): one tridiagonal reduction of the Gram gives all
+  values and, by inverse iteration and a back-transform of k vectors, the top-k vectors of that
+  side; the other side is ΔW·V/σ. Where a wanted σ is below 1e-5·σ₁ that is inaccurate, and a
+  float64 SVD (gesvd, route **svd**) is used instead.
+- **gram** (all vectors, or top-k on CUDA): one ``eigh`` of the same Gram.
+- **gram+randomized** (top-k vectors where the policy says ``evd``): subspace iteration on the Gram
+  from a seeded random block, its length chosen from the exact eigenvalues and its Ritz residuals
   checked; σ stay exact (from ``eigvalsh``).
 - **kronecker** (ΔW = W₁ ⊗ W₂, LoKr): σ are the pairwise products σᵢ(W₁)·σⱼ(W₂) of the factors'
   float64 SVDs; top vectors are u₁ᵢ ⊗ u₂ⱼ, v₁ᵢ ⊗ v₂ⱼ. Exact; ΔW is never materialised for it.
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from deltaspec.delta import Delta, KronFactor, check_finite, weights_dtype
-from deltaspec.engine import kernels
+from deltaspec.engine import dense, kernels
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.kronecker import kron_solve
 from deltaspec.errors import UsageError
@@ -166,9 +171,13 @@ def solve_dense(op: Operand, vectors_k: int,
     if pre is None and (0 in op.shape or op.is_zero()):
         op.check_finite()
         return zero_spectrum(op.shape, vectors_k)
+    if pre is None and not dense.wants_gram(op):  # a bidiagonal route: no Gram to underflow
+        res = dense.dense_solve(op, vectors_k, None)
+        return Spectrum(_pad(res.values, min(op.shape)), op.shape, res.route, _cpu(res.U),
+                        _cpu(res.V))
     pre = pre if pre is not None else kernels.gram(op)
     op, f = kernels.rescaled(op, pre[0])  # a tiny matrix's Gram underflows: scale first
-    res = kernels.dense_solve(op, vectors_k, pre if f == 1.0 else None)
+    res = dense.dense_solve(op, vectors_k, pre if f == 1.0 else None)
     values = res.values if f == 1.0 else res.values / f
     return Spectrum(_pad(values, min(op.shape)), op.shape, res.route, _cpu(res.U), _cpu(res.V))
 
