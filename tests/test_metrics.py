@@ -182,3 +182,19 @@ def test_tiny_and_huge_spectra_neither_underflow_nor_overflow():
         assert m["fro_norm"] == pytest.approx(5.0 * scale, rel=1e-12)
         assert m["stable_rank"] == pytest.approx(25 / 16)
         assert m["top1_share"] == pytest.approx(0.64) and m["rank"] == 2
+
+
+def test_the_gates_documented_defaults_are_the_metric_tables():
+    from deltaspec.gate import check
+    from deltaspec.gate.rules import DEFAULT_TOLERANCES
+
+    words = {"down": "drop", "up": "rise", "both": "both"}
+    documented = {}
+    for line in (check.__doc__ or "").splitlines():  # the rows of the defaults table
+        m = re.match(r"(\w+)\s+(–|[\d.]+)\s+([\d.]+) %\s+(drop|rise|both)\s", line)
+        if m:
+            abs_, rel = m.group(2), m.group(3)
+            documented[m.group(1)] = (0.0 if abs_ == "–" else float(abs_), float(rel) / 100, m.group(4))
+    assert documented == {name: (t.abs, t.rel, words[t.direction])
+                          for name, t in DEFAULT_TOLERANCES.items()}
+    assert set(DEFAULT_TOLERANCES) == {m.name for m in METRICS.values() if m.gate is not None}
