@@ -189,3 +189,15 @@ def test_lazy_until_asked(llama, llama_full, store_reads):
     assert calls == [] and len(deltas) == 16
     deltas["model.layers.1.mlp.up_proj"].dense()
     assert calls == ["model.layers.1.mlp.up_proj.weight"] * 2
+
+
+def test_a_base_of_another_model_is_refused(llama_full, gpt2):
+    """A Llama fine-tune against a GPT-2 base pairs almost nothing: an error naming the base,
+    not a one-row analysis of whatever happens to share a name and shape."""
+    import pytest
+
+    from deltaspec import load
+    from deltaspec.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="counterpart in this base"):
+        load(llama_full, base=gpt2[1])

@@ -89,11 +89,12 @@ def analysis_options(**overrides: dict[str, Any]) -> Decorator:
     return deco
 
 
-def format_option(what: str = "the results") -> Decorator:
-    """``--format``: default from ``--output``'s extension, else table."""
+def format_option(what: str = "the results", from_output: bool = True) -> Decorator:
+    """``--format``: default from ``--output``'s extension, else table (``from_output=False``:
+    a command that writes a folder, not one file — table)."""
+    default = "from the extension of --output (.json, .csv), else table" if from_output else "table"
     return click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-                        help=f"How to print {what} [default: from the extension of --output "
-                             "(.json, .csv), else table].")
+                        help=f"How to print {what} [default: {default}].")
 
 
 def output_file_option(what: str = "the results", required: bool = False,

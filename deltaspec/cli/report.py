@@ -36,7 +36,8 @@ from deltaspec.errors import one_line
               help="Draw these reference results instead (made by deltaspec.demo.write_reference_results).")
 @click.option("--svg", is_flag=True, help="Also write every figure as SVG.")
 @click.option("--title", default=None, help="Title of the page.")
-@format_option("the summary: table (with the verdict), json (summary.json) or csv")
+@format_option("the summary: table (with the verdict), json (summary.json) or csv",
+               from_output=False)
 def report(updates: tuple[str, ...], **kw: Any) -> None:
     """Democracy report of several updates of one base, e.g.
 

@@ -35,6 +35,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     model_type = ft.model_type or bs.model_type
     out: dict[str, Delta] = {}
     paired: set[str] = set()
+    unpaired = 0
     for key in ft.store:
         shape = ft.store.shape(key)
         if len(shape) != 2:
@@ -49,6 +50,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
         base_key = bs.find(key)
         if base_key is None:
             skipped.append((key, "not in the base checkpoint"))
+            unpaired += 1
             continue
         base_shape = bs.store.shape(base_key)
         if base_shape != shape:
@@ -57,6 +59,10 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
         paired.add(base_key)
         name = key.removesuffix(".weight")
         out[name] = _full_delta(ft, bs, key, base_key, name, is_conv1d(model_type, name))
+    if unpaired > len(out):  # most weights have no counterpart: another model, not this one's base
+        raise CheckpointError(f"{bs.folder}: only {len(out)} of {len(out) + unpaired} weight "
+                              f"matrices of {getattr(folder, 'folder', folder)} have a counterpart "
+                              "in this base: is --base the model it was fine-tuned from?")
     _tied_head(ft, bs, out, paired, skipped)
     return out
 
