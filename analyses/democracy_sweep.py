@@ -124,11 +124,10 @@ def spectral_row(path: Path, base: Path) -> dict[str, Any]:
     import deltaspec
     from deltaspec import metrics as M
 
-    df = deltaspec.analyze(path, base if (path / "config.json").exists() else None,
-                           keep_spectra=True, intruders=False)
+    spectra = deltaspec.spectra(path, base if (path / "config.json").exists() else None)
     mods = []
-    for name in df["module"]:
-        s = df.spectra[name].values
+    for name, sp in spectra.items():
+        s = sp.values
         mods.append({"module": name,
                      "normalized_entropy_topk": M.normalized_entropy(s[:K]),
                      "effective_rank_topk": M.effective_rank(s[:K]),

@@ -89,6 +89,9 @@ class Delta:
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self._factors, self._dense, self._kron)) != 1:
             raise ValueError("a Delta is exactly one of factored, Kronecker or dense")
+        if 0 in self.shape:
+            raise CheckpointError(f"{self.label}: update of shape {tuple(self.shape)} has an "
+                                  "empty dimension")
 
     @property
     def is_kronecker(self) -> bool:
@@ -101,9 +104,6 @@ class Delta:
             raise DeltaspecError(f"{self.label}: not a Kronecker delta")
         return tuple(_kron_factor(f, dtype, f"{self.label} (Kronecker factor {i + 1})")  # type: ignore[return-value]
                      for i, f in enumerate(self._kron()))
-        if 0 in self.shape:
-            raise CheckpointError(f"{self.label}: update of shape {tuple(self.shape)} has an "
-                                  "empty dimension")
 
     @property
     def is_factored(self) -> bool:

@@ -94,6 +94,8 @@ def _side(df: pd.DataFrame, suffix: str) -> pd.DataFrame:
 
 def _with_topk(side: pd.DataFrame, sigmas: dict[str, np.ndarray] | None, k: int) -> pd.DataFrame:
     side = side.copy()
+    if "run" not in side:
+        side["run"] = 0  # one run of each update (the report's tables carry a run column)
     if sigmas is None:
         side["normalized_entropy_topk"] = math.nan
         side["effective_rank_topk"] = math.nan

@@ -151,7 +151,7 @@ def _missing_base(tmp: Path, ctx: dict) -> tuple[list[str], str]:
 
 def _unrelated_base(tmp: Path, ctx: dict) -> tuple[list[str], str]:
     base = F.save_state_dict(F.tiny_conv(), tmp / "conv")
-    return [str(ctx["full"]), "--base", str(base)], "not in the base checkpoint"
+    return [str(ctx["full"]), "--base", str(base)], "counterpart in this base"
 
 
 # case → (builder, the DeltaspecError subclass the API raises)

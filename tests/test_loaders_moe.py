@@ -159,7 +159,7 @@ def test_bad_moe_inputs(tmp_path):
         deltaspec.load(folder)["model.layers.0.mlp.experts.1.up_proj"]
     cfg = json.loads((folder / "adapter_config.json").read_text()) | {"use_dora": True}
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    res = CliRunner().invoke(main, ["analyze", str(folder)])
+    res = CliRunner().invoke(main, ["analyze", str(folder), "--no-base-discovery"])  # base "x"
     assert res.exit_code == 2 and "use_dora" in res.stderr and len(res.stderr.splitlines()) == 1
     with pytest.raises(UnsupportedError):
         deltaspec.load(folder)

@@ -61,8 +61,9 @@ _SHOWN: set[str] = set()
 
 def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int,
           file: Any = None, line: str | None = None) -> None:
-    """deltaspec's own warnings (``note: …``, ``warning: …``) as one line on stderr; others the
-    way Python shows them."""
+    """deltaspec's own warnings (``note: …``, ``warning: …``) as one line on stderr; the
+    libraries' own (torch's pickle-protocol notice, …) only with ``DELTASPEC_SHOW_WARNINGS=1``,
+    so that an error stays one line."""
     if issubclass(category, DeltaspecWarning):
         ctx = click.get_current_context(silent=True)
         quiet = bool(ctx is not None and ctx.params.get("quiet"))
@@ -70,7 +71,7 @@ def _note(message: Warning | str, category: type[Warning], filename: str, lineno
             return  # each said once; -q keeps the warnings, drops the notes
         _SHOWN.add(str(message))
         click.echo(f"deltaspec: {message}", err=True)
-    else:
+    elif os.environ.get("DELTASPEC_SHOW_WARNINGS"):
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 

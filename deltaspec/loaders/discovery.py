@@ -10,11 +10,11 @@ an error). ``discover_base=False`` (CLI ``--no-base-discovery``) turns discovery
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 
+from deltaspec.config_files import parse_json_file
 from deltaspec.errors import DeltaspecError, DeltaspecWarning
 from deltaspec.loaders import sources
 
@@ -31,7 +31,7 @@ def named_base(folder: Path) -> tuple[str, Path] | None:
         if not cfg.is_file():
             continue
         try:
-            name = json.loads(cfg.read_text()).get(KEY)
+            name = parse_json_file(cfg, "an adapter config").get(KEY)
         except (OSError, ValueError, AttributeError):
             return None  # the loader reports a bad config with its own message
         return (name, cfg) if isinstance(name, str) and name.strip() else None
