@@ -70,15 +70,20 @@ VARIANTS: dict[str, Variant] = {
 class Budget:
     """Steps and cadence of every fine-tune (the same for every arm)."""
 
-    max_steps: int = 300
-    eval_every: int = 25
+    max_steps: int = 8000  # a safety cap, not the schedule's length: runs stop by patience
+    eval_every: int = 100
     patience: int = 3
+    min_delta: float = 0.002  # an improvement smaller than this (nats) does not reset patience
+    lr_drops: int = 2  # on a plateau the learning rate drops (x0.2), twice, then the run stops
+    warmup_steps: int = 50
+    min_lr_ratio: float = 1.0  # 1.0: constant learning rate after warm-up (no decay to a cap)
     seeds: int = 5
     quick: bool = False  # the small model and its data (the reference's quick preset)
     pretrain_steps: int | None = None  # None: the reference's tuned pretraining
 
 
-QUICK = Budget(max_steps=12, eval_every=4, patience=2, seeds=2, quick=True, pretrain_steps=20)
+QUICK = Budget(max_steps=12, eval_every=4, patience=2, min_delta=0.0, lr_drops=0, warmup_steps=2,
+               seeds=2, quick=True, pretrain_steps=20)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,6 +99,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--min-delta", type=float, default=None)
     p.add_argument("--variants", default=None, help=f"comma list (default all: {', '.join(VARIANTS)})")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (fixed: reproducible)")
     p.add_argument("--writeup", default=str(HERE / "democracy_sweep.md"),
@@ -105,7 +111,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def _budget(a: argparse.Namespace) -> Budget:
     b = QUICK if a.quick else Budget()
     over: dict[str, Any] = {k: getattr(a, k) for k in ("seeds", "max_steps", "eval_every",
-                                                       "patience") if getattr(a, k) is not None}
+                                                       "patience", "min_delta") if getattr(a, k) is not None}
     over["quick"] = a.quick or a.model == "small"
     return Budget(**{**b.__dict__, **over})
 
@@ -114,9 +120,10 @@ def _train_config(v: Variant, b: Budget, seed: int) -> Any:
     from deltaspec.reference import TrainConfig, default_train_config
 
     d = default_train_config(v.method, False, seed)  # the tuned learning rates
-    return TrainConfig(steps=b.max_steps, lr=d.lr, warmup_steps=max(1, b.max_steps // 10),
-                       weight_decay=d.weight_decay, seed=seed, eval_every=b.eval_every,
-                       patience=b.patience)
+    return TrainConfig(steps=b.max_steps, lr=d.lr, warmup_steps=b.warmup_steps,
+                       min_lr_ratio=b.min_lr_ratio, weight_decay=d.weight_decay, seed=seed,
+                       eval_every=b.eval_every, patience=b.patience, min_delta=b.min_delta,
+                       lr_drops=b.lr_drops)
 
 
 def spectral_row(path: Path, base: Path) -> dict[str, Any]:
@@ -155,6 +162,7 @@ def run_one(name: str, seed: int, b: Budget, base: Path, work: Path, threads: in
             "accuracy_mean": m["accuracy_mean"], "tokens_per_s": m["tokens_per_s"],
             "peak_memory_mb": m["peak_memory_mb"], "steps_run": m["steps_run"],
             "best_step": es.get("best_step"), "best_heldout_loss": es.get("best_heldout_loss"),
+            "lr_drops_at": es.get("lr_drops_at"),
             "wall_s": time.perf_counter() - start, **spec}
 
 

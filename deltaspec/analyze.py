@@ -23,7 +23,7 @@ from deltaspec.delta import Delta
 from deltaspec.engine import distributed, relative
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.pipeline import Solved, shard, solve_stream
-from deltaspec.engine.spectrum import Spectrum, resolve_device, route
+from deltaspec.engine.spectrum import Spectrum, completed, resolve_device, route
 from deltaspec.errors import DeltaspecError, ShapeError
 from deltaspec.loaders import Deltas, detect_format, load
 from deltaspec.loaders.live import describe
@@ -336,7 +336,8 @@ def spectra(path: Any, base: Any = None, k: int | None = None,
         vectors and k is None) else None).spectra
     if k is None:
         return out
-    return {n: Spectrum(sp.values[:k], sp.shape, sp.route, sp.U, sp.V) for n, sp in out.items()}
+    return {n: completed(Spectrum(sp.values[:k], sp.shape, sp.route, sp.U, sp.V))
+            for n, sp in out.items()}
 
 
 __all__ = ["Analysis", "Options", "analyze", "compare", "has_base", "run", "run_paths", "select",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 PEFT_PREFIX = "base_model.model."
 # Prefixes that differ between a bare model and the same model with a head (LlamaModel vs
@@ -105,3 +106,18 @@ def guess_model_type(keys: list[str]) -> str | None:
         if any(pattern.search(k) for k in keys):
             return model_type
     return None
+
+
+# Architecture order of module kinds (attention, then MLP); unknown kinds follow, sorted.
+KIND_ORDER = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "query", "key", "value",
+    "c_attn", "q_attn", "out_proj", "dense", "attn.c_proj", "gate_proj", "up_proj", "down_proj",
+    "gate_up_proj", "w1", "w3", "w2", "fc1", "fc2", "c_fc", "c_proj", "dense_h_to_4h",
+    "dense_4h_to_h", "embed_tokens", "wte", "lm_head",
+)
+
+
+def kind_order(kinds: Iterable[str]) -> list[str]:
+    """``kinds`` in architecture order (q, k, v, o, gate, up, down, …), unknown ones sorted after."""
+    rank = {k: i for i, k in enumerate(KIND_ORDER)}
+    return sorted(set(kinds), key=lambda k: (rank.get(k, len(rank)), k))

@@ -66,9 +66,7 @@ def summary_by_kind(df: pd.DataFrame) -> pd.DataFrame:
     """Mean of the table's numeric columns per module kind."""
     import pandas as pd
 
-    from deltaspec import columns as cols
-
-    numeric = [c for c in cols.table_columns(list(df.columns))
+    numeric = [c for c in table_columns(df)
                if c not in ("module", "shape") and pd.api.types.is_numeric_dtype(df[c])]
     if df.empty or not numeric:
         return pd.DataFrame()
@@ -90,20 +88,24 @@ class Printable:
         """How many of the frame's columns the table format leaves out."""
         if self.table is not None or self.frame.empty:
             return 0
-        from deltaspec import columns as cols
+        return len(self.frame.columns) - len(table_columns(self.frame))
 
-        return len(self.frame.columns) - len(cols.table_columns(list(self.frame.columns)))
+
+def table_columns(df: pd.DataFrame) -> list[str]:
+    """The columns the table format shows: the table's own, less those with no value at all
+    (intruders when they were not counted, base-relative ones without a base)."""
+    from deltaspec import columns as cols
+
+    return [c for c in cols.table_columns(list(df.columns)) if not df[c].isna().all()]
 
 
 def _table(p: Printable) -> str:
     if p.table is not None:
         return p.table()
-    from deltaspec import columns as cols
-
     df = p.frame
     if df.empty:
         return "(no modules)\n"
-    shown = df[cols.table_columns(list(df.columns))]
+    shown = df[table_columns(df)]
     text = shown.to_string(index=False, formatters={c: fmt_number for c in shown.columns})
     summary = summary_by_kind(df)
     if not summary.empty:

@@ -114,6 +114,7 @@ def test_regressed_adapter_fails_naming_modules_and_metrics(snap, regressed, lla
     r = cli("check", regressed, "--baseline", baseline, "-q")
     assert r.exit_code == 1, r.output
     assert r.stdout.startswith("deltaspec check: FAILED")
+    assert r.stdout.splitlines()[-1].startswith("FAILED: ")  # the last line is a verdict too
     assert "model.layers.0.self_attn.q_proj" in r.stdout and "model.layers.1.self_attn.q_proj" in r.stdout
     assert "normalized_entropy" in r.stdout and "top1_share" in r.stdout
     assert "k_proj" not in r.stdout  # only the boosted modules fail

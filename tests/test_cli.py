@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from deltaspec.cli import main
@@ -61,3 +62,32 @@ def test_help_explains_commands():
     assert res.exit_code == 0 and "analyze" in res.output and "compare" in res.output
     res = run("compare", "--help")
     assert "--format" in res.output and "B − A" in res.output
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--bogus"], "No such option '--bogus' (see 'deltaspec --help')"),
+    (["nocmd"], "No such command 'nocmd'"),
+    (["analyze"], "Missing argument 'PATH' (see 'deltaspec analyze --help')"),
+    (["analyze", "x", "--device", "gpu0"], "'gpu0' is not a device: use auto, cpu, cuda or cuda:N"),
+    (["train", "--out", "x"], "Choose from: lora, multilora, full"),
+    (["demo", "--device", "tpu"], "'tpu' is not a device"),
+])
+def test_usage_errors_are_one_line(args, says, tmp_path):
+    """Click's usage errors come out as the one line every other error is, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "deltaspec", *args], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deltaspec: error: ") and says in lines[0]
+
+
+def test_table_leaves_out_columns_with_no_value(llama, llama_lora):
+    """Without --intruders the table has no intruders column of <NA>s; CSV keeps every column."""
+    (adapter, _), (_, base) = llama_lora, llama
+    res = run("analyze", adapter, "--base", base, "-q")
+    assert res.exit_code == 0, res.output
+    header = res.stdout.splitlines()[0].split()
+    assert "intruders" not in header and "<NA>" not in res.stdout and "nan" not in res.stdout
+    csv = pd.read_csv(io.StringIO(run("analyze", adapter, "--base", base, "-q", "--format",
+                                      "csv").stdout))
+    assert "intruders" in csv.columns and csv["intruders"].isna().all()

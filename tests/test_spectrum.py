@@ -180,8 +180,10 @@ def test_top_eigvecs_reports_non_convergence():
 def test_zero_matrix(vectors):
     sp = spectrum(torch.zeros(5, 3), vectors=vectors, device="cpu")
     assert sp.route == "zero" and sp.values.tolist() == [0.0, 0.0, 0.0]
-    if vectors:
-        assert sp.U.shape == (5, 0) and sp.V.shape == (3, 0)
+    if vectors:  # one orthonormal column per (zero) value, as an SVD gives
+        assert sp.U.shape == (5, 3) and sp.V.shape == (3, 3)
+        assert torch.allclose(sp.U.T @ sp.U, torch.eye(3, dtype=sp.U.dtype))
+        assert compute(torch.zeros(5, 3), vectors_k=-1, device="cpu").U.shape == (5, 0)
     zb = factored("z", (6, 5), lambda: (torch.zeros(6, 2), torch.ones(2, 5)), method="lora",
                   source="t", rank=2)
     assert compute(zb, device="cpu").route == "zero"
@@ -290,3 +292,20 @@ def test_kronecker_route_matches_numpy(low_rank):
     assert np.abs(sp.values.numpy() - want).max() <= 1e-12 * want[0]
     zero = kronecker("z", (12, 30), lambda: (w1 * 0, w2), method="lokr", source="t", rank=6)
     assert spectrum(zero, device="cpu").route == "zero"
+
+
+@pytest.mark.parametrize("k", [6, 9])
+def test_vectors_complete_below_k(k):
+    """A rank-3 factored update asked for k > 3 vectors: one orthonormal column per value,
+    and U·diag(σ)·Vᵀ is still ΔW."""
+    g = torch.Generator().manual_seed(3)
+    b, a = torch.randn(12, 3, generator=g), torch.randn(3, 9, generator=g)
+    d = factored("f", (12, 9), lambda: (b, a), method="lora", source="t", rank=3)
+    sp = spectrum(d, k=k, vectors=True, device="cpu")
+    n = min(k, 9)
+    assert sp.values.shape == (n,) and sp.U.shape == (12, n) and sp.V.shape == (9, n)
+    eye = torch.eye(n, dtype=sp.U.dtype)
+    assert torch.allclose(sp.U.T @ sp.U, eye, atol=1e-12)
+    assert torch.allclose(sp.V.T @ sp.V, eye, atol=1e-12)
+    rebuilt = sp.U @ torch.diag(sp.values.to(sp.U.dtype)) @ sp.V.T
+    assert torch.allclose(rebuilt, (b @ a).double(), atol=1e-5)

@@ -31,9 +31,25 @@ def error_line(exc: BaseException) -> str:
     return f"deltaspec: error: {one_line(text)}"
 
 
+def usage_line(exc: click.UsageError) -> str:
+    """A click usage error (unknown option, bad value, missing argument) as one line, with the
+    command's ``--help`` named instead of the usage block click prints."""
+    where = exc.ctx.command_path if exc.ctx is not None else "deltaspec"
+    text = " ".join(exc.format_message().split()).rstrip(".")  # click's choice lists span lines
+    return f"deltaspec: error: {one_line(text)} (see '{where} --help')"
+
+
 class _Group(click.Group):
-    """A click group that turns DeltaspecError, a stray OSError (and Ctrl-C) into a one-line
-    message and exit 2."""
+    """A click group that turns DeltaspecError, a stray OSError, a usage error (and Ctrl-C) into
+    a one-line message and exit 2."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:  # the group's own options: `deltaspec --bogus`
+            click.echo(usage_line(exc), err=True)
+            sys.exit(2)
 
     def invoke(self, ctx: click.Context) -> Any:
         from deltaspec.output import this_rank_writes
@@ -50,6 +66,9 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except (DeltaspecError, OSError) as exc:
             click.echo(error_line(exc), err=True)
+            ctx.exit(2)
+        except click.UsageError as exc:  # a command's options and arguments
+            click.echo(usage_line(exc), err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("deltaspec: interrupted", err=True)

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from deltaspec.cli.options import DEVICE
+
 
 @click.command("demo")
 @click.option("--out", "out", default="deltaspec-demo", show_default=True, metavar="DIR",
@@ -20,7 +22,7 @@ import click
 @click.option("--threads", type=int, default=None,
               help="CPU threads, any count [default: 1]. Same seed and thread count: "
                    "bit-identical results.")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="auto (cuda when present), cpu, cuda or cuda:N.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def demo(out: str, quick: bool, seed: int, cache_dir: str | None, no_reference: bool,

@@ -27,6 +27,23 @@ from deltaspec.output import FORMATS
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
+
+class DeviceType(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked by spelling (no torch import: an
+    argument error stays fast); whether CUDA is there is checked when the device is used."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        kind, _, index = text.partition(":")
+        if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+            return text
+        self.fail(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N", param, ctx)
+
+
+DEVICE = DeviceType()
+
 # name → (parameter declarations, click.option keyword arguments)
 ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "base": (("--base",), dict(
@@ -50,7 +67,8 @@ ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         type=click.IntRange(min=1), default=8, show_default=True,
         help="Subspace dimension K for similarity and amplification.")),
     "device": (("--device",), dict(
-        default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")),
+        type=DEVICE, default="auto", show_default=True,
+        help="auto (CUDA when present), cpu, cuda or cuda:N.")),
     "intruders": (("--intruders/--no-intruders",), dict(
         default=False, show_default=True,
         help="Count intruder dimensions (with --base). Costs a full decomposition of every base "

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from deltaspec.cli.options import DEVICE
 from deltaspec.errors import DeltaspecError, UsageError
 
 
@@ -52,14 +53,11 @@ def _adapter(kw: dict[str, Any]) -> Any:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` → cuda when a GPU is present, else cpu; anything else as given (checked)."""
-    import torch
+    """``auto`` → cuda when a GPU is present, else cpu; anything else checked against this
+    machine (the analysis engine's one device rule)."""
+    from deltaspec.engine.spectrum import resolve_device as engine_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
-    return name
+    return str(engine_device(name))
 
 
 def _run(kw: dict[str, Any]) -> tuple[dict, dict | None]:
@@ -179,7 +177,7 @@ def _csv(m: dict) -> str:
 @click.option("--threads", type=int, default=None,
               help="CPU threads, any count [default: 1, fastest for this small model on a shared "
                    "machine]. Same seed and thread count: bit-identical results.")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", type=DEVICE, default="auto", show_default=True,
               help="auto (cuda when present), cpu, cuda or cuda:N.")
 @click.option("--hf-model", type=click.Path(exists=True, file_okay=False), default=None,
               help="Adapt a local Hugging Face causal LM folder instead of the reference model.")

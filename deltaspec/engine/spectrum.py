@@ -88,7 +88,38 @@ def spectrum(x: Delta | torch.Tensor, k: int | None = None, vectors: bool = Fals
     if k is not None and k < 1:
         raise UsageError(f"k must be a positive integer, not {k}")
     sp = compute(x, vectors_k=(k if k is not None else -1) if vectors else 0, device=device)
-    return truncate(sp, k) if k is not None else sp
+    return completed(truncate(sp, k) if k is not None else sp)
+
+
+def completed(sp: Spectrum) -> Spectrum:
+    """``sp`` with one U and V column per value: when the rank is below k (a rank-4 LoRA asked
+    for k = 8), the zero singular values get orthonormal columns orthogonal to the others, as an
+    SVD's do."""
+    if sp.U is None or sp.V is None or sp.U.shape[1] >= sp.values.numel():
+        return sp
+    n = sp.values.numel()
+    return Spectrum(sp.values, sp.shape, sp.route, complete_basis(sp.U, n),
+                    complete_basis(sp.V, n))
+
+
+def complete_basis(q: torch.Tensor, k: int) -> torch.Tensor:
+    """``q`` (m, r) with orthonormal columns, extended to (m, k) by orthonormal columns
+    orthogonal to it (Householder reflectors of q: no m × m matrix is formed).
+
+    >>> import torch
+    >>> q = complete_basis(torch.eye(4, 1, dtype=torch.float64), 3)
+    >>> torch.allclose(q.T @ q, torch.eye(3, dtype=torch.float64))
+    True
+    """
+    m, r = q.shape
+    if r >= k:
+        return q[:, :k]
+    if r == 0:
+        return torch.eye(m, k, dtype=q.dtype)
+    reflectors, tau = torch.geqrf(q)  # (m, r), (r,)
+    padded = torch.cat([reflectors, torch.zeros(m, k - r, dtype=q.dtype)], dim=1)  # (m, k)
+    rest = torch.linalg.householder_product(padded, tau)[:, r:]  # Q's columns r..k-1: ⟂ q
+    return torch.cat([q, rest], dim=1)
 
 
 def truncate(sp: Spectrum, k: int) -> Spectrum:

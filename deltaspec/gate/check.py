@@ -312,9 +312,9 @@ def describe(outcome: Outcome, verbose: bool = False) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(6)]
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                   for r in rows]
-    if fails:
-        lines.append(f"passed: {len(outcome.checks) - len(fails)} checks; "
-                     f"{nmod - len(bad)} of {nmod} modules passed every check")
+    if fails:  # the last line is the verdict, as the first one is
+        lines.append(f"FAILED: {len(fails)} checks failed on {len(bad)} of {nmod} modules "
+                     f"({len(outcome.checks) - len(fails)} checks passed)")
     unchecked = [n for n in outcome.new if n not in outcome.modules]
     if unchecked:
         lines.append(f"warning: {len(unchecked)} module(s) not in the baseline, not checked: "

@@ -31,11 +31,8 @@ NEEDS_BASE = "a BOFT update rotates and scales the base weight (ΔW = W·Mᵀ �
 def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT BOFT adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    bs = peft_common.require_base(ctx, NEEDS_BASE)
-    groups = peft_common.group(ctx, PARTS)
-    out = {name: _module(ctx, bs, name, keys) for name, keys in groups.modules.items()}
-    return peft_extras.finish(ctx, out, groups, "BOFT")
+    return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="BOFT",
+                                    module=_module, needs_base=NEEDS_BASE)
 
 
 def butterfly_perm(n: int, blocks: int, r: int, factors: int) -> torch.Tensor:
@@ -72,7 +69,8 @@ def rotate(w: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _module(ctx: Ctx, bs: Checkpoint, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+    assert bs is not None  # NEEDS_BASE
     for part in PARTS:
         if part not in keys:
             raise CheckpointError(f"{ctx.source}: module {name!r} has no {part} tensor")

@@ -34,11 +34,8 @@ NEEDS_BASE = "an IA3 update rescales the base weight (ΔW = W·(diag(l) − I) o
 def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT IA³ adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    bs = peft_common.require_base(ctx, NEEDS_BASE)
-    groups = peft_common.group(ctx, PARTS)
-    out = {name: _module(ctx, bs, name, keys["ia3_l"]) for name, keys in groups.modules.items()}
-    return peft_extras.finish(ctx, out, groups, "IA3")
+    return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="IA3",
+                                    module=_module, needs_base=NEEDS_BASE)
 
 
 def is_feedforward(ctx: Ctx, name: str) -> bool:
@@ -53,7 +50,9 @@ def is_feedforward(ctx: Ctx, name: str) -> bool:
     return any(name.endswith(str(k)) for k in spec)
 
 
-def _module(ctx: Ctx, bs: Checkpoint, name: str, key: str) -> Delta:
+def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+    assert bs is not None  # NEEDS_BASE
+    key = keys["ia3_l"]
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
     shape = bs.canonical_shape(name, fan_in_fan_out)
     stored = ctx.shape(key)

@@ -31,10 +31,8 @@ PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2
 def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT LoHa adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    groups = peft_common.group(ctx, PARTS)
-    out = {name: _module(ctx, name, keys) for name, keys in groups.modules.items()}
-    return peft_extras.finish(ctx, out, groups, "LoHa")
+    return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoHa",
+                                    module=_module)
 
 
 def lycoris_scale(ctx: Ctx, name: str) -> tuple[int, float]:
@@ -74,7 +72,7 @@ def factor_value(ctx: Ctx, a: str, b: str, t: str | None) -> _delta.Factors:
     return wa.T, core.reshape(core.shape[0], -1)
 
 
-def _module(ctx: Ctx, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Ctx, _base: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     tucker = "hada_t1" in keys or "hada_t2" in keys
     needed = PARTS if tucker else PARTS[:4]
     for part in needed:

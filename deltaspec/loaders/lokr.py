@@ -30,10 +30,8 @@ PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's Kronecker ΔW in a PEFT LoKr adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    groups = peft_common.group(ctx, PARTS)
-    out = {name: _module(ctx, name, keys) for name, keys in groups.modules.items()}
-    return peft_extras.finish(ctx, out, groups, "LoKr")
+    return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoKr",
+                                    module=_module)
 
 
 Side = tuple[str, str | None, str | None]  # (full key | a key, b key, Tucker core key)
@@ -72,7 +70,7 @@ def _value(ctx: Ctx, side: Side, scale: float) -> KronFactor:
     return bf * scale, af
 
 
-def _module(ctx: Ctx, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Ctx, _base: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     (side1, (a, c), r1), (side2, (b, d), r2) = (_side(ctx, name, keys, i) for i in (1, 2))
     if len(ctx.shape(side1[0])) != 2:
         raise CheckpointError(f"{ctx.source}: {name}: the first Kronecker factor must be a matrix")

@@ -33,16 +33,8 @@ NEEDS_BASE = "an OFT update rotates the base weight (ΔW = W·(Rᵀ − I))"
 def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT OFT adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    bs = peft_common.require_base(ctx, NEEDS_BASE)
-    groups = peft_common.group(ctx, PARTS)
-    out = {}
-    for name, keys in groups.modules.items():
-        if "oft_embedding_R" in keys:
-            raise UnsupportedError(f"{ctx.source}: {keys['oft_embedding_R']}: OFT on "
-                                   "embedding layers is not supported")
-        out[name] = _module(ctx, bs, name, keys["oft_R"])
-    return peft_extras.finish(ctx, out, groups, "OFT")
+    return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="OFT",
+                                    module=_module, needs_base=NEEDS_BASE)
 
 
 def skew(vec: torch.Tensor, b: int) -> torch.Tensor:
@@ -95,7 +87,12 @@ def rotation_blocks(ctx: Ctx, key: str, n_blocks: int) -> torch.Tensor:
     return blocks.expand(n_blocks, b, b) if rows == 1 else blocks
 
 
-def _module(ctx: Ctx, bs: Checkpoint, name: str, key: str) -> Delta:
+def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+    assert bs is not None  # NEEDS_BASE
+    if "oft_embedding_R" in keys:
+        raise UnsupportedError(f"{ctx.source}: {keys['oft_embedding_R']}: OFT on "
+                               "embedding layers is not supported")
+    key = keys["oft_R"]
     shape = bs.canonical_shape(name, None)
     rows, b = block_size(ctx, key)
     n_blocks = shape[1] // b

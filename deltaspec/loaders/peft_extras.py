@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
-from deltaspec.loaders import peft_config
+from deltaspec.loaders import peft_common, peft_config
+from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx, Grouped
 from deltaspec.names import has_conv1d, is_conv1d, match_key
 
@@ -126,6 +129,21 @@ def _tokens_delta(ctx: Ctx, name: str, key: str, base_key: str, idx: list[int],
 
     return _delta.dense(name, shape, load, method="trainable_tokens", source=ctx.source,
                         base=lambda: base.tensor(base_key))
+
+
+ModuleFn = Callable[[Ctx, Checkpoint | None, str, dict[str, str]], Delta]
+
+
+def load_modules(folder: Path, base: Checkpoint | None, skipped: Skipped, *, parts: tuple[str, ...],
+                 what: str, module: ModuleFn, needs_base: str | None = None) -> dict[str, Delta]:
+    """The body every simple PEFT loader shares: open the adapter, require the base (when
+    ``needs_base`` says why), group the keys by ``parts``, one ``module(ctx, base, name, keys)``
+    per adapted module, then :func:`finish`."""
+    ctx = peft_common.open_adapter(folder, base, skipped)
+    bs = peft_common.require_base(ctx, needs_base) if needs_base else None
+    groups = peft_common.group(ctx, parts)
+    out = {name: module(ctx, bs, name, keys) for name, keys in groups.modules.items()}
+    return finish(ctx, out, groups, what)
 
 
 def finish(ctx: Ctx, out: dict[str, Delta], groups: Grouped, what: str) -> dict[str, Delta]:

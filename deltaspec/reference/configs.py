@@ -46,6 +46,12 @@ class TrainConfig:
     eval_every: int = 0
     patience: int = 0
     min_delta: float = 0.0
+    # Reduce on plateau: when patience runs out, multiply the learning rate by ``lr_drop_factor``
+    # and go on, up to ``lr_drops`` times, before stopping (0 = stop at the first plateau). With
+    # a constant schedule (min_lr_ratio = 1) this trains until the loss stops improving at the
+    # lowest rate, without a cosine horizon that decides the end by itself.
+    lr_drops: int = 0
+    lr_drop_factor: float = 0.2
 
 
 @dataclass(frozen=True)

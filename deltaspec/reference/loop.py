@@ -87,8 +87,9 @@ def _loss_summary(losses: list[float], points: int = 40) -> dict:
 
 class EarlyStop:
     """Patience on a held-out loss: evaluate every ``cfg.eval_every`` steps, keep the best
-    trainable parameters, stop after ``cfg.patience`` evaluations without an improvement of more
-    than ``cfg.min_delta``, and restore the best parameters at the end."""
+    trainable parameters; after ``cfg.patience`` evaluations without an improvement of more than
+    ``cfg.min_delta``, scale the learning rate by ``cfg.lr_drop_factor`` (``cfg.lr_drops`` times
+    at most), then stop; restore the best parameters at the end."""
 
     def __init__(self, params: list[nn.Parameter], cfg: TrainConfig,
                  evaluate: Callable[[], float] | None) -> None:
@@ -97,6 +98,8 @@ class EarlyStop:
         self.best, self.best_step, self.bad = math.inf, 0, 0
         self.curve: list[list[float]] = []
         self.saved: list[torch.Tensor] = []
+        self.lr_scale = 1.0  # the plateau factor (read by the schedule)
+        self.drops_at: list[int] = []  # the steps at which the learning rate dropped
 
     def check(self, step: int, model: nn.Module) -> bool:
         """After ``step`` steps: evaluate when due; True when training should stop."""
@@ -111,7 +114,14 @@ class EarlyStop:
             self.saved = [p.detach().clone() for p in self.params]
         else:
             self.bad += 1
-        return self.cfg.patience > 0 and self.bad >= self.cfg.patience
+        if self.cfg.patience <= 0 or self.bad < self.cfg.patience:
+            return False
+        if len(self.drops_at) < self.cfg.lr_drops:  # a plateau: lower the rate and go on
+            self.lr_scale *= self.cfg.lr_drop_factor
+            self.drops_at.append(step)
+            self.bad = 0
+            return False
+        return True
 
     def finish(self, steps_run: int) -> dict:
         """Restore the best parameters; the early-stopping record for the metrics."""
@@ -124,7 +134,7 @@ class EarlyStop:
         return {"early_stopping": {"eval_every": self.cfg.eval_every, "patience": self.cfg.patience,
                                    "max_steps": self.cfg.steps, "steps_run": steps_run,
                                    "best_step": self.best_step, "best_heldout_loss": self.best,
-                                   "heldout_loss_curve": self.curve}}
+                                   "lr_drops_at": self.drops_at, "heldout_loss_curve": self.curve}}
 
 
 def train_loop(
@@ -143,9 +153,9 @@ def train_loop(
     patience and ends on the best evaluated parameters (see :class:`EarlyStop`).
     """
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    meter, forward = MemoryMeter(model, device), logits_fn or model
     stopper = EarlyStop(params, cfg, evaluate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg) * stopper.lr_scale)
+    meter, forward = MemoryMeter(model, device), logits_fn or model
     losses: list[float] = []
     tokens, start, eval_s = 0, time.perf_counter(), 0.0
     model.train()

@@ -23,10 +23,7 @@ No matplotlib here; the math is deltaspec.metrics'.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
-import itertools
-import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -45,30 +42,17 @@ from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
 from deltaspec.loaders.live import describe
-from deltaspec.names import kind_of, layer_of, match_key
+from deltaspec.names import kind_order, match_key
 from deltaspec.options import Options, make_options
-from deltaspec.report.uncertainty import random_subspace_phi
-
-# Architecture order of module kinds (attention, then MLP); unknown kinds follow, sorted.
-KIND_ORDER = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "query", "key", "value",
-    "c_attn", "q_attn", "out_proj", "dense", "attn.c_proj", "gate_proj", "up_proj", "down_proj",
-    "gate_up_proj", "w1", "w3", "w2", "fc1", "fc2", "c_fc", "c_proj", "dense_h_to_4h",
-    "dense_4h_to_h", "embed_tokens", "wte", "lm_head",
+from deltaspec.report.similarity import (
+    SimilarityGrid,
+    pick_module,
+    similarity_grids,
+    similarity_table,
 )
+
 BAND = (0.10, 0.90)  # the spread drawn around the median across layers
 _LABEL = re.compile(r"^[A-Za-z0-9_.+\-]+$")
-
-
-@dataclass(frozen=True)
-class SimilarityGrid:
-    """φ(i, j) between the top singular vectors of one module in two updates (rows: ``label_a``)."""
-
-    label_a: str
-    label_b: str
-    module: str
-    side: str  # "left" (U) or "right" (V)
-    values: np.ndarray  # (k_a, k_b), φ(i, j) at values[i-1, j-1]
 
 
 @dataclass
@@ -156,12 +140,6 @@ def check_labels(labels: Sequence[str]) -> None:
         if label.lower() in seen:
             raise UsageError(f"label {label!r} given twice (as {seen[label.lower()]!r})")
         seen[label.lower()] = label
-
-
-def kind_order(kinds: Sequence[str]) -> list[str]:
-    """``kinds`` in architecture order (q, k, v, o, gate, up, down, …), unknown ones sorted after."""
-    rank = {k: i for i, k in enumerate(KIND_ORDER)}
-    return sorted(set(kinds), key=lambda k: (rank.get(k, len(rank)), k))
 
 
 def _check_shapes(loaded: dict[str, Deltas], paths: Mapping[str, Any]) -> None:
@@ -267,77 +245,6 @@ def spectra_table(metrics: pd.DataFrame, raw: dict[str, dict[str, Spectrum]]) ->
     df["label"] = pd.Categorical(df["label"], categories=metrics["label"].cat.categories, ordered=True)
     df["kind"] = pd.Categorical(df["kind"], categories=metrics["kind"].cat.categories, ordered=True)
     return df.astype({"i": "int64", "modules": "int64"})
-
-
-def _vectors(sp: Spectrum, k: int, side: str) -> torch.Tensor:
-    mat = sp.U if side == "left" else sp.V
-    r = min(k, M.numerical_rank(sp.values, sp.shape))
-    return mat[:, :r] if mat is not None else torch.zeros(sp.shape[0 if side == "left" else 1], 0)
-
-
-@functools.lru_cache(maxsize=256)
-def _chance(n: int, k: int) -> tuple[float, float]:
-    """φ(k, k) of random k-dimensional subspaces of ℝⁿ: (mean, sd); NaN when undefined."""
-    if k < 1 or n < k:
-        return math.nan, math.nan
-    return random_subspace_phi(n, k)
-
-
-def similarity_table(labels: list[str], names: dict[str, list[str]],
-                     raw: dict[str, dict[str, Spectrum]], k: int) -> pd.DataFrame:
-    """Per pair of labels and common module: φ(K, K) of the left and right singular vectors, and
-    the chance level of φ for random subspaces of the same size (``chance_*``: mean, ``*_sd``)."""
-    rows = []
-    for a, b in itertools.combinations(labels, 2):
-        by_key = {match_key(n): n for n in names[b]}
-        for na in names[a]:
-            sa, sb = raw[a][na], raw[b][by_key[match_key(na)]]
-            row: dict[str, Any] = {"label_a": a, "label_b": b, "pair": f"{a} vs {b}",
-                                   "module": na, "layer": layer_of(na), "kind": kind_of(na)}
-            for side in ("left", "right"):
-                ua, ub = _vectors(sa, k, side), _vectors(sb, k, side)
-                row[f"k_{side}"] = kk = min(ua.shape[1], ub.shape[1])
-                row[f"phi_{side}"] = M.subspace_similarity(ua, ub, k)
-                row[f"chance_{side}"], row[f"chance_{side}_sd"] = _chance(ua.shape[0], kk)
-            rows.append(row)
-    columns = ["label_a", "label_b", "pair", "module", "layer", "kind", "k_left", "phi_left",
-               "k_right", "phi_right", "chance_left", "chance_left_sd", "chance_right",
-               "chance_right_sd"]
-    df = pd.DataFrame(rows, columns=columns)
-    df["pair"] = pd.Categorical(df["pair"], categories=list(dict.fromkeys(df["pair"])), ordered=True)
-    df["kind"] = pd.Categorical(df["kind"], categories=kind_order(df["kind"]), ordered=True)
-    return df.astype({"layer": "Int64", "k_left": "int64", "k_right": "int64",
-                      "label_a": "string", "label_b": "string", "module": "string"})
-
-
-def pick_module(names: list[str], module: str | None) -> str:
-    """The module of the heatmaps: ``module`` (any prefix spelling), or a q-like one mid-depth."""
-    if module is not None:
-        hit = [n for n in names if match_key(n) == match_key(module)]
-        if not hit:
-            raise UsageError(f"module {module!r} is not common to every update "
-                             f"(e.g. {', '.join(names[:3])})")
-        return hit[0]
-    layers = sorted({x for x in map(layer_of, names) if x is not None})
-    mid = layers[len(layers) // 2] if layers else None
-    pool = [n for n in names if layer_of(n) == mid] or names
-    first_kind = kind_order([kind_of(n) for n in pool])[0]
-    return next(n for n in pool if kind_of(n) == first_kind)
-
-
-def similarity_grids(labels: list[str], names: dict[str, list[str]],
-                     raw: dict[str, dict[str, Spectrum]], module: str, k: int) -> list[SimilarityGrid]:
-    """φ(i, j) of the left singular vectors of ``module`` for every pair of labels."""
-    grids = []
-    key = match_key(module)
-    for a, b in itertools.combinations(labels, 2):
-        na = next(n for n in names[a] if match_key(n) == key)
-        nb = next(n for n in names[b] if match_key(n) == key)
-        ua, ub = _vectors(raw[a][na], k, "left"), _vectors(raw[b][nb], k, "left")
-        grid = M.subspace_similarity_grid(ua, ub).numpy() if ua.shape[1] and ub.shape[1] \
-            else np.zeros((ua.shape[1], ub.shape[1]))
-        grids.append(SimilarityGrid(a, b, na, "left", grid))
-    return grids
 
 
 def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
