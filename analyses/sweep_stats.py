@@ -99,7 +99,7 @@ def three_way(lo: float, hi: float, sign: int) -> str:
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per arm: seeds, and mean / lo / hi of every metric, accuracy and cost column."""
     cols = [*METRICS, *(f"acc_{t}" for t in TASKS), "tokens_per_s", "peak_memory_mb",
-            "steps_run", "trainable_params"]
+            "steps_run", "best_step", "trainable_params"]
     rows = []
     names = sorted(set(runs["variant"]), key=lambda v: (ORDER.index(v) if v in ORDER else 99, v))
     for name in names:
@@ -164,10 +164,13 @@ def tables_md(runs: pd.DataFrame) -> str:
     acc_rows = [[r.variant, *(_cell(r, f"acc_{t}", 2) for t in TASKS)] for _, r in s.iterrows()]
     parts += ["\nHeld-out exact-match accuracy per task:\n", _md(["arm", *TASKS], acc_rows)]
     cost_rows = [[r.variant, f"{r.trainable_params:,.0f}", _cell(r, "tokens_per_s", 0),
-                  _cell(r, "peak_memory_mb", 1), _cell(r, "steps_run", 0)] for _, r in s.iterrows()]
-    parts += ["\nCost (tokens/s measured on a shared machine: read the ratios, not the level):\n",
-              _md(["arm", "trainable params", "tokens/s", "peak memory (MiB)", "steps run"],
-                  cost_rows)]
+                  _cell(r, "peak_memory_mb", 1), _cell(r, "steps_run", 0), _cell(r, "best_step", 0)]
+                 for _, r in s.iterrows()]
+    parts += ["\nCost and length (tokens/s with two runs side by side, one thread each, on the "
+              "sweep's 2 cores; steps run: where the stopping rule ended the run; best step: "
+              "the evaluated parameters it ends on):\n",
+              _md(["arm", "trainable params", "tokens/s", "peak memory (MiB)", "steps run",
+                   "best step"], cost_rows)]
     cmp_rows = [[c["claim"], f"{c['b']} − {c['a']}", c["metric"], f"{c['diff']:+.4f}",
                  f"[{c['lo']:+.4f}, {c['hi']:+.4f}]", f"{c['g']:+.2f}", c["verdict"]]
                 for c in comparisons(runs)]

@@ -125,8 +125,48 @@ def reference_from_report(report_dir: str | Path) -> dict[str, Any]:
                         "data": df.round(6).astype(object).where(df.notna(), None).values.tolist()}
     summary = json.loads((folder / "summary.json").read_text())
     verdict = {k: v for k, v in (summary.get("verdict") or {}).items() if k != "text"}
+    training = (summary.get("extra_tables") or {}).get("training") or []
     return {"format": "deltaspec-reference-results", "version": REFERENCE_VERSION,
-            "verdict": verdict, "tables": tables}
+            "made_with": _made_with(folder.parent / "training.json"), "verdict": verdict,
+            "training": training, "tables": tables}
+
+
+def _made_with(training_json: Path) -> dict[str, Any]:
+    """The command's settings and the machine of a demo run (what its speed depends on)."""
+    import platform
+
+    runs = json.loads(training_json.read_text()) if training_json.is_file() else {}
+    env: dict[str, Any] = next((m.get("environment") for m in runs.values() if m.get("environment")), {})
+    seed = next((m.get("config", {}).get("train", {}).get("seed") for m in runs.values()
+                 if m.get("config")), None)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"command": "deltaspec demo --out DIR", "seed": seed, "threads": env.get("threads"),
+            "device": env.get("device"), "cpu": f"{cpu} ({os.cpu_count()} cores)",
+            "torch": env.get("torch")}
+
+
+def readme_table(reference: dict[str, Any]) -> str:
+    """The README's demo table (Markdown) from reference results: per method, trainable
+    parameters, held-out accuracy, tokens/s, peak memory and the top-K normalised entropy."""
+    names = {"lora": "LoRA", "multilora": "MultiLoRA", "full": "full FT"}
+    k = reference["verdict"].get("top_k", 16)
+    lines = [f"| method | trainable params | held-out accuracy | tokens/s | peak memory | "
+             f"top-{k} normalised entropy |", "|---|---|---|---|---|---|"]
+    for row in reference["training"]:
+        if row["method"] not in names:
+            continue
+        lines.append(f"| {names[row['method']]} | {row['trainable_params']:,.0f} | "
+                     f"{row['heldout_accuracy']:.3f} | {row['tokens_per_s'] / 1e3:.1f} k | "
+                     f"{row['peak_memory_mb']:.1f} MiB | "
+                     f"{reference['verdict']['values'][row['method']]:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_reference_results(path: str | Path | None = None) -> dict[str, pd.DataFrame]:

@@ -64,6 +64,12 @@ def test_help_explains_commands():
     assert "--format" in res.output and "B − A" in res.output
 
 
+def test_no_arguments_prints_help():
+    proc = subprocess.run([sys.executable, "-m", "deltaspec"], capture_output=True, text=True)
+    assert "Usage: deltaspec" in proc.stdout + proc.stderr and "Commands:" in proc.stdout + proc.stderr
+    assert "error" not in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("args, says", [
     (["--bogus"], "No such option '--bogus' (see 'deltaspec --help')"),
     (["nocmd"], "No such command 'nocmd'"),

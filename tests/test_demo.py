@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from deltaspec.cli import main
-from deltaspec.demo import load_reference_results, write_reference_results
+from deltaspec.demo import load_reference_results, readme_table, write_reference_results
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,17 @@ def test_reference_results_round_trip(demo_dir, tmp_path):
     tables = load_reference_results(path)
     assert set(tables) == {"spectra", "metrics", "summary"}
     assert set(tables["spectra"]["label"].astype(str)) == {"lora", "multilora", "full"}
+
+
+def test_readme_demo_table_is_the_shipped_reference():
+    """The README's demo table is rendered from deltaspec/data/reference_results.json, which
+    records the command, seed, threads and CPU it was made with."""
+    import deltaspec
+
+    root = Path(deltaspec.__file__).resolve().parent
+    ref = json.loads((root / "data" / "reference_results.json").read_text())
+    assert ref["made_with"]["command"].startswith("deltaspec demo") and ref["made_with"]["cpu"]
+    assert readme_table(ref) in (root.parent / "README.md").read_text()
 
 
 def test_shipped_reference_results_load():

@@ -72,6 +72,17 @@ def test_early_stopping_stops_by_patience_and_keeps_the_best(tmp_path: Path) -> 
     assert es["best_heldout_loss"] == es["heldout_loss_curve"][0][1]
 
 
+def test_plateau_lowers_the_learning_rate_before_stopping(tmp_path: Path) -> None:
+    """With lr_drops=1 the first plateau lowers the rate and training goes on; the second stops."""
+    pretrain(tmp_path / "base", TINY, STEPS, DATA, threads=1)
+    cfg = TrainConfig(steps=200, batch_size=4, warmup_steps=1, lr=0.5, eval_every=2, patience=2,
+                      min_delta=10.0, lr_drops=1, lr_drop_factor=0.1)
+    m = finetune("lora", tmp_path / "base", tmp_path / "lora", AdapterConfig(n=1, r=2), cfg,
+                 threads=1)
+    es = m["early_stopping"]
+    assert es["lr_drops_at"] == [6] and m["steps_run"] == 10 and es["best_step"] == 2
+
+
 def test_validation_split_is_disjoint_from_heldout_and_leaves_other_splits_alone() -> None:
     mix = build_mixture(DATA)
     assert mix.validation and "capital" not in mix.validation

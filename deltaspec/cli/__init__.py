@@ -39,6 +39,11 @@ def usage_line(exc: click.UsageError) -> str:
     return f"deltaspec: error: {one_line(text)} (see '{where} --help')"
 
 
+# `deltaspec` alone prints its help through a UsageError subclass (click ≥ 8.2): not an error.
+_HELP_ERRORS: tuple[type[BaseException], ...] = tuple(
+    c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if c is not None)
+
+
 class _Group(click.Group):
     """A click group that turns DeltaspecError, a stray OSError, a usage error (and Ctrl-C) into
     a one-line message and exit 2."""
@@ -47,6 +52,8 @@ class _Group(click.Group):
                      parent: click.Context | None = None, **extra: Any) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
+        except _HELP_ERRORS:
+            raise
         except click.UsageError as exc:  # the group's own options: `deltaspec --bogus`
             click.echo(usage_line(exc), err=True)
             sys.exit(2)
@@ -67,6 +74,8 @@ class _Group(click.Group):
         except (DeltaspecError, OSError) as exc:
             click.echo(error_line(exc), err=True)
             ctx.exit(2)
+        except _HELP_ERRORS:
+            raise
         except click.UsageError as exc:  # a command's options and arguments
             click.echo(usage_line(exc), err=True)
             ctx.exit(2)

@@ -26,6 +26,7 @@ same numbers (to ~1e-12) whatever the device.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -88,13 +89,14 @@ def spectrum(x: Delta | torch.Tensor, k: int | None = None, vectors: bool = Fals
     if k is not None and k < 1:
         raise UsageError(f"k must be a positive integer, not {k}")
     sp = compute(x, vectors_k=(k if k is not None else -1) if vectors else 0, device=device)
-    return completed(truncate(sp, k) if k is not None else sp)
+    return completed(truncate(sp, k)) if k is not None else sp
 
 
 def completed(sp: Spectrum) -> Spectrum:
     """``sp`` with one U and V column per value: when the rank is below k (a rank-4 LoRA asked
     for k = 8), the zero singular values get orthonormal columns orthogonal to the others, as an
-    SVD's do."""
+    SVD's do. Those columns are an arbitrary basis of the null space (see :func:`complete_basis`):
+    compare subspaces over the numerical rank only, as deltaspec's own metrics do."""
     if sp.U is None or sp.V is None or sp.U.shape[1] >= sp.values.numel():
         return sp
     n = sp.values.numel()
@@ -103,8 +105,11 @@ def completed(sp: Spectrum) -> Spectrum:
 
 
 def complete_basis(q: torch.Tensor, k: int) -> torch.Tensor:
-    """``q`` (m, r) with orthonormal columns, extended to (m, k) by orthonormal columns
-    orthogonal to it (Householder reflectors of q: no m × m matrix is formed).
+    """``q`` (m, r) with orthonormal columns, extended to (m, min(k, m)) by orthonormal columns
+    orthogonal to it. The new columns come from a Gaussian block seeded by ``q``'s own bytes,
+    projected off ``q`` twice and orthonormalised: deterministic for one ``q``, and two unrelated
+    updates get unrelated completions (a fixed basis such as e_{r+1}, … would make them look
+    alike to a subspace similarity).
 
     >>> import torch
     >>> q = complete_basis(torch.eye(4, 1, dtype=torch.float64), 3)
@@ -112,13 +117,15 @@ def complete_basis(q: torch.Tensor, k: int) -> torch.Tensor:
     True
     """
     m, r = q.shape
+    k = min(k, m)
     if r >= k:
         return q[:, :k]
-    if r == 0:
-        return torch.eye(m, k, dtype=q.dtype)
-    reflectors, tau = torch.geqrf(q)  # (m, r), (r,)
-    padded = torch.cat([reflectors, torch.zeros(m, k - r, dtype=q.dtype)], dim=1)  # (m, k)
-    rest = torch.linalg.householder_product(padded, tau)[:, r:]  # Q's columns r..k-1: ⟂ q
+    seed = zlib.crc32(q.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(m, k - r, generator=gen, dtype=torch.float64).to(q.device, q.dtype)
+    for _ in range(2):  # twice: one projection leaves rounding-sized components along q
+        block = block - q @ (q.T @ block)
+    rest, _ = torch.linalg.qr(block)  # (m, k - r), orthonormal and ⟂ q
     return torch.cat([q, rest], dim=1)
 
 

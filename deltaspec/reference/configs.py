@@ -53,6 +53,11 @@ class TrainConfig:
     lr_drops: int = 0
     lr_drop_factor: float = 0.2
 
+    def __post_init__(self) -> None:
+        if self.lr_drops < 0 or not 0 < self.lr_drop_factor <= 1:
+            raise ValueError(f"lr_drops must be >= 0 and lr_drop_factor in (0, 1], not "
+                             f"{self.lr_drops} and {self.lr_drop_factor}")
+
 
 @dataclass(frozen=True)
 class AdapterConfig:

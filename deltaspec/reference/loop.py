@@ -168,7 +168,6 @@ def train_loop(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        sched.step()
         meter.after_step(opt)
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -176,8 +175,9 @@ def train_loop(
         if log and (step + 1) % max(1, cfg.steps // 5) == 0:
             log(f"  step {step + 1}/{cfg.steps}  loss {losses[-1]:.4f}")
         t_eval = time.perf_counter()
-        stop = stopper.check(step + 1, model)
+        stop = stopper.check(step + 1, model)  # may lower lr_scale: the next step's rate
         eval_s += time.perf_counter() - t_eval
+        sched.step()
         if stop:
             if log:
                 log(f"  early stop at step {step + 1} (best held-out loss at {stopper.best_step})")
