@@ -154,3 +154,41 @@ def test_an_existing_path_wins_over_an_id(tmp_path, monkeypatch, llama_lora):
     rel = f"{adapter.parent.name}/{adapter.name}"
     assert sources.split_id(rel) is not None and not sources.is_hub_id(rel)
     assert len(deltaspec.load(rel)) == 14
+
+
+@pytest.fixture
+def unreachable_hub(hub, monkeypatch, tmp_path):
+    """Online mode, an empty cache, and a Hub endpoint nothing listens on."""
+    from huggingface_hub import constants
+
+    for var in sources.PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused
+    monkeypatch.setattr(sources, "_REACHABLE", {})
+    return hub[0]
+
+
+def test_an_unreachable_hub_fails_at_once_naming_the_id(unreachable_hub):
+    """No retries against a dead network: one line naming the id and how to fetch it."""
+    with pytest.raises(CheckpointError, match=r"org/missing: checkpoint is not cached .* cannot be "
+                                              r"reached; fetch it where it can with: hf download"):
+        deltaspec.load("org/missing")
+    assert sources._REACHABLE == {"127.0.0.1:9": False}
+
+
+def test_discovery_with_an_unreachable_hub_is_one_note(unreachable_hub, tmp_path):
+    """An adapter naming an uncached Hub base, offline in fact: one note, then no base."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for f in unreachable_hub["lora"].iterdir():
+        (adapter / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path":
+                                                                   "org/elsewhere"}))
+    with pytest.warns(DeltaspecWarning) as notes:
+        df = deltaspec.analyze(adapter)
+    texts = [str(n.message) for n in notes]
+    assert len(texts) == 1 and "org/elsewhere" in texts[0] and "cannot be reached" in texts[0]
+    assert "relative_norm" not in df.columns or df["relative_norm"].isna().all()

@@ -73,7 +73,8 @@ def _find(name: str, cfg: Path) -> Path:
     if sources.split_id(name, bare=True) is None:
         raise DeltaspecError(f"{name}: no such folder")
     repo, rev = sources.split_id(name, bare=True) or (name, None)
-    if sources.cached_folder(repo, rev) is None and not sources.offline():
+    if sources.cached_folder(repo, rev) is None and not sources.offline() \
+            and sources.hub_reachable():
         note(f"base {name} (from {cfg.name}) is not cached: downloading its configs and weights")
     return sources.hub_folder(repo, rev, what="base model")
 

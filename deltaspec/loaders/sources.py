@@ -101,6 +101,33 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint (``HF_ENDPOINT``) accepts a connection within ``timeout`` s,
+    asked once per process: without it, huggingface_hub retries a dead network for ~25 s with
+    its own messages on stderr. Behind a proxy the check is left to the download itself."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in PROXY_VARS):
+        return True
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+    key = f"{host}:{port}"
+    if key not in _REACHABLE:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                _REACHABLE[key] = True
+        except OSError:
+            _REACHABLE[key] = False
+    return _REACHABLE[key]
+
+
 def cached_folder(repo: str, revision: str | None = None) -> Path | None:
     """The cached snapshot folder of ``repo`` at ``revision`` (default ``main``), or None."""
     hf = _hub()
@@ -141,6 +168,12 @@ def hub_folder(repo: str, revision: str | None = None, *, what: str = "checkpoin
         raise CheckpointError(
             f"{label}: {what} is {state} ({_cache_dir()}) and the Hub is offline "
             f"(HF_HUB_OFFLINE=1); fetch it online with: {fetch_command(repo, revision)}")
+    if not hub_reachable():
+        from huggingface_hub import constants
+
+        raise CheckpointError(
+            f"{label}: {what} is not cached ({_cache_dir()}) and the Hub ({constants.ENDPOINT}) "
+            f"cannot be reached; fetch it where it can with: {fetch_command(repo, revision)}")
     return _download(repo, revision, label, what)
 
 
