@@ -213,8 +213,9 @@ def _figure(runs: pd.DataFrame, path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(ml["n"], ml["peak_memory_mb"], "s--", color="C1", label="peak MiB")
     ax2.set_ylabel("peak memory (MiB)")
-    ax.set_ylim(0, 1.25 * float(ml["tokens_per_s"].max()) / 1e3)  # from 0: the spread is noise
-    ax2.set_ylim(0, 1.25 * float(ml["peak_memory_mb"].max()))
+    if not ml.empty:  # from 0: the spread between arms is noise
+        ax.set_ylim(0, 1.25 * float(ml["tokens_per_s"].max()) / 1e3)
+        ax2.set_ylim(0, 1.25 * float(ml["peak_memory_mb"].max()))
     ax.set_title("cost vs n")
     fig.savefig(path, dpi=110)
     plt.close(fig)

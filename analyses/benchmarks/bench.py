@@ -412,7 +412,8 @@ def ratio_table(rows: list[dict], refs: dict[str, dict], largest: int) -> str:
         ratio = mine["wall"] / peer_s
         e_mine, e_theirs = _row_errors(mine, refs)[0], _row_errors(theirs, refs)[0]
         acc = e_theirs / e_mine if e_mine > 0 else float("inf") if e_theirs > 0 else float("nan")
-        met = "" if target is None else ("yes" if ratio <= target else "no")
+        met = "" if target is None else ("yes" if ratio <= target else
+                                         "not shown (peer stopped)" if bound else "no")
         goal = "" if target is None else f"≤ {target:g}"
         out.append(f"| {workload} | {ours} | {peer} | {mine['wall']:.2f} | "
                    f"{'> ' if bound else ''}{peer_s:.2f} | {'< ' if bound else ''}{ratio:.3f} | "
