@@ -233,13 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"unknown ({os.cpu_count()} cores)"
+    from deltaspec.machine import cpu_model
+
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

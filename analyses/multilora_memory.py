@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -83,14 +82,9 @@ def run_one(method: str, n: int, r: int, scaling: str, args: argparse.Namespace)
 
 def machine() -> str:
     """CPU model, cores and torch version (and the GPU when one is used)."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from deltaspec.machine import cpu_model
+
+    model = cpu_model()
     import torch
 
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""

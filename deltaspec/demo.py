@@ -133,22 +133,15 @@ def reference_from_report(report_dir: str | Path) -> dict[str, Any]:
 
 def _made_with(training_json: Path) -> dict[str, Any]:
     """The command's settings and the machine of a demo run (what its speed depends on)."""
-    import platform
+    from deltaspec.machine import cpu_model
 
     runs = json.loads(training_json.read_text()) if training_json.is_file() else {}
-    env: dict[str, Any] = next((m.get("environment") for m in runs.values() if m.get("environment")), {})
+    env: dict[str, Any] = next((m.get("environment") for m in runs.values()
+                                if m.get("environment")), {})
     seed = next((m.get("config", {}).get("train", {}).get("seed") for m in runs.values()
                  if m.get("config")), None)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {"command": "deltaspec demo --out DIR", "seed": seed, "threads": env.get("threads"),
-            "device": env.get("device"), "cpu": f"{cpu} ({os.cpu_count()} cores)",
+            "device": env.get("device"), "cpu": f"{cpu_model()} ({os.cpu_count()} cores)",
             "torch": env.get("torch")}
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,14 +71,9 @@ def _machine_key() -> str:
     import numpy
     import scipy
 
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
-                         model)
-    except OSError:
-        pass
-    return (f"{model}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    from deltaspec.machine import cpu_model
+
+    return (f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
             f"|numpy={numpy.__version__}|scipy={scipy.__version__}")
 
 
