@@ -58,6 +58,41 @@ def test_overwrite_reuses_the_matrix_memory():
     assert np.abs(lam.numpy() - ref).max() <= 1e-13 * ref[0]
 
 
+@pytest.mark.parametrize("n", [2, 3, 64, 150])
+def test_reduction_projects_on_every_eigenvector_without_back_transforming_them(n):
+    g = _psd(n, seed=n + 7)
+    ref_lam, ref_vec = np.linalg.eigh(g.numpy())
+    y = np.random.default_rng(n).standard_normal((n, 3))
+    red = tridiag.Reduced.of(g.clone())
+    assert np.abs(red.ascending() - ref_lam).max() <= 1e-13 * ref_lam[-1]
+    proj = red.project(y)  # Vᵀy, rows ascending: equal to numpy's up to each vector's sign
+    assert np.abs(np.abs(proj) - np.abs(ref_vec.T @ y)).max() <= 1e-10 * np.abs(y).max()
+    top = red.top(2)
+    assert np.abs(np.abs(top.T @ ref_vec[:, ::-1][:, :2]) - np.eye(2)).max() <= 1e-10
+
+
+@pytest.mark.parametrize("shape", [(70, 50), (50, 70)])
+@pytest.mark.parametrize("solver", ["vectors=tridiag", "vectors=eigh"])
+def test_intruder_cosines_match_numpy_on_both_base_routes(monkeypatch, shape, solver):
+    from deltaspec.engine.kernels import Operand
+    from deltaspec.engine.relative import intruder_cosines
+
+    monkeypatch.setenv("DELTASPEC_SOLVER", solver)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, dtype=F64, generator=gen)
+    dw = 3 * torch.randn(shape[0], 2, dtype=F64, generator=gen) @ torch.randn(2, shape[1], dtype=F64,
+                                                                           generator=gen)
+    op_w = Operand(shape, torch.device("cpu"), "w", dense=[(1.0, w)])
+    tuned = Operand(shape, torch.device("cpu"), "w+dw", dense=[(1.0, w + dw)])
+    cos = intruder_cosines(op_w, tuned, 10)
+    u_w = np.linalg.svd(w.numpy(), full_matrices=False)[0]
+    u_t = np.linalg.svd((w + dw).numpy(), full_matrices=False)[0][:, :10]
+    ref = np.abs(u_w.T @ u_t)
+    assert cos.shape == ref.shape
+    # each column's largest |cos| (what the intruder count reads) is basis-independent
+    assert np.abs(cos.numpy().max(axis=0) - ref.max(axis=0)).max() <= 1e-8
+
+
 @pytest.mark.parametrize("shape", [(90, 60), (60, 90)])
 @pytest.mark.parametrize("solver", ["vectors=tridiag", "vectors=eigh", "vectors=evd"])
 def test_vectors_have_small_residuals_on_every_route(monkeypatch, shape, solver):

@@ -46,14 +46,14 @@ def wants_gram(op: Operand) -> bool:
     return policy_for(op).values != "svd"
 
 
-def _threads(pol: solvers.Policy) -> int:
+def blas_threads_for(pol: solvers.Policy) -> int:
     """OpenBLAS threads for a ``tridiag`` call (inside :func:`lapack_threads`)."""
     return torch.get_num_threads() if pol.blas_threads == 0 else 1
 
 
 def _tridiag_values(g: torch.Tensor, pol: solvers.Policy) -> torch.Tensor:
     with lapack_threads():
-        return tridiag.eigvals(g, overwrite=True, threads=_threads(pol))
+        return tridiag.eigvals(g, overwrite=True, threads=blas_threads_for(pol))
 
 
 def _evd_values(g: torch.Tensor, pol: solvers.Policy) -> torch.Tensor:
@@ -67,7 +67,7 @@ GRAM_VALUES: dict[str, Callable[[torch.Tensor, solvers.Policy], torch.Tensor]] =
 
 def _one_tridiag(g: torch.Tensor, k: int, pol: solvers.Policy) -> Pairs:
     with lapack_threads():
-        lam, vec = tridiag.eig_top(g, k, overwrite=True, threads=_threads(pol))
+        lam, vec = tridiag.eig_top(g, k, overwrite=True, threads=blas_threads_for(pol))
     return lam.to(g.device), vec.to(g.device), "gram+tridiag"
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaspec.engine.dense import VECTOR_RTOL, svd_fallback, top_eigenpairs
+from deltaspec.engine import solvers, tridiag
+from deltaspec.engine.dense import VECTOR_RTOL, blas_threads_for, svd_fallback, top_eigenpairs
 from deltaspec.engine.kernels import F64, Operand, eigh_desc, gram, lapack_threads
 from deltaspec.engine.subspace import top_eigvecs
 
@@ -37,30 +38,54 @@ def projection(w: Operand, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BaseEig:
-    """W's float64 Gram eigenpairs and orientation: the costly part of the intruder count,
-    computed once per base matrix and reused for every update of it. ``s`` and ``vec`` are in
-    LAPACK's ascending order (``vec`` is n² floats: flipping it would copy it)."""
+    """W's float64 Gram eigen-decomposition and orientation: the costly part of the intruder
+    count, computed once per base matrix and reused for every update of it.
+
+    Either ``vec`` — every eigenvector, from one ``eigh`` (CUDA, or a CPU policy other than
+    ``tridiag``; LAPACK's ascending order: flipping n² floats would copy them) — or ``red``, the
+    CPU's one tridiagonal reduction G = Q·T·Qᵀ, whose eigenvectors are used only as Vᵀy =
+    Zᵀ(Qᵀy) (:meth:`project`): T's eigenvectors Z come from divide and conquer on first use,
+    and the O(n³) back-transform that ``eigh`` spends on all n vectors is never done.
+    """
 
     s: torch.Tensor  # singular values of W, ascending
-    vec: torch.Tensor  # eigenvectors of the Gram: right vectors of W when tall, left ones when wide
-    tall: bool
+    tall: bool  # the Gram's side: right vectors of W when tall, left ones when wide
+    vec: torch.Tensor | None = None
+    red: tridiag.Reduced | None = None
 
     def top(self, t: int) -> torch.Tensor:
-        """The eigenvectors of the t largest eigenvalues, descending (a copy of t columns)."""
+        """The eigenvectors of the t largest eigenvalues, descending (n, t)."""
+        if self.red is not None:
+            return torch.from_numpy(self.red.top(t))
+        assert self.vec is not None
         return self.vec[:, self.vec.shape[1] - min(t, self.vec.shape[1]):].flip(1)
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """Vᵀ·y for every eigenvector (rows in the ascending order of ``s``)."""
+        if self.red is not None:
+            return torch.from_numpy(self.red.project(y.to("cpu", F64).numpy()))
+        assert self.vec is not None
+        return self.vec.T @ y.to(self.vec.device, F64)
 
 
 def base_eig(w: Operand) -> BaseEig:
-    """Eigen-decompose W's Gram matrix (see :class:`BaseEig`). Peak memory: the Gram, the
-    vectors and syevd's 2n² workspace; the Gram is freed before this returns."""
+    """Eigen-decompose W's Gram matrix (see :class:`BaseEig`). Peak memory with ``eigh``: the
+    Gram, the vectors and syevd's 2n² workspace; with the reduction, the Gram's own storage
+    (then T's n² eigenvectors and dstevd's n² workspace, on first :meth:`BaseEig.project`)."""
     gw, tall = gram(w)
+    pol = solvers.policy(gw.shape[0], gw.device.type)
     if gw.is_cuda:
         lam, vec = eigh_desc(gw)
-        return BaseEig(lam.flip(0).clamp_min(0).sqrt(), vec.flip(1), tall)
+        return BaseEig(lam.flip(0).clamp_min(0).sqrt(), tall, vec=vec.flip(1))
+    if pol.vectors == "tridiag" and gw.shape[0] >= 2:
+        with lapack_threads():
+            red = tridiag.Reduced.of(gw, threads=blas_threads_for(pol))
+        del gw
+        return BaseEig(torch.from_numpy(red.ascending()).clamp_min(0).sqrt(), tall, red=red)
     with lapack_threads():
         lam, vec = torch.linalg.eigh(gw)
     del gw
-    return BaseEig(lam.clamp_min(0).sqrt(), vec, tall)
+    return BaseEig(lam.clamp_min(0).sqrt(), tall, vec=vec)
 
 
 def same_matrix(a: Operand, b: Operand) -> bool:
@@ -97,30 +122,31 @@ def intruder_cosines(w: Operand, tuned: Operand, top: int,
     """|cos| between every left singular vector of W (rows) and the top-``top`` left singular
     vectors of W + ΔW (columns) — the input of the intruder count (Shuttleworth et al. 2024).
 
-    U_W comes from ``eigh`` of W's float64 Gram (for a tall W, U_Wᵀu = Σ⁻¹V_Wᵀ(Wᵀu), so U_W is
-    never formed), or from ``eig`` when W's was computed already; the top vectors of W + ΔW come
+    U_W comes from W's float64 Gram (:func:`base_eig`; for a tall W, U_Wᵀu = Σ⁻¹V_Wᵀ(Wᵀu), so
+    U_W is never formed), or from ``eig`` when W's was computed already; the top vectors of W + ΔW come
     from subspace iteration on its Gram, started from W's top vectors and ``hint`` = ΔW's top
     (U, V), with ``eigh`` as the fallback.
     """
     eig = eig if eig is not None else base_eig(w)
-    s, vec, tall = eig.s, eig.vec, eig.tall
+    s, tall = eig.s, eig.tall
     t = min(top, min(w.shape))
     start = [eig.top(t + 8)]  # the Gram's side: right vectors when tall, left ones when wide
     side = hint[1] if tall else hint[0]
     if side is not None and side.shape[1]:
-        start.append(side.to(vec.device, F64))
+        start.append(side.to(start[0].device, F64))
     theta, x = _tuned_top(tuned, t, torch.cat(start, dim=1))
     floor = float(theta[0]) * VECTOR_RTOL**2 if theta.numel() else 0.0
     keep = theta > floor
     theta, x = theta[keep], x[:, keep]
     u_t = tuned.mm(x) / theta.sqrt().to(tuned.device) if tall else x  # (m, t) left vectors of W+ΔW
     if not tall:
-        return (vec.T @ u_t.to(vec.device)).abs()
+        return eig.project(u_t).abs()
     if float(s.min()) <= float(s.max()) * VECTOR_RTOL:
         u_w = svd_fallback(w, min(w.shape)).U
         assert u_w is not None
         return (u_w.T @ u_t.to(u_w.device)).abs()
-    return ((vec.T @ w.rmm(u_t).to(vec.device)) / s[:, None]).abs()
+    proj = eig.project(w.rmm(u_t))
+    return (proj / s[:, None].to(proj.device)).abs()
 
 
 def _tuned_top(tuned: Operand, t: int, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,9 +7,13 @@
   O(n·k); MRRR ``dstemr`` if inverse iteration does not converge),
 - and only those k vectors are taken back through the reflectors (``dormqr``, O(n²·k)),
 
-so values and k vectors cost about what the values alone cost. These are scipy's LAPACK wrappers
-(scipy's own LAPACK: OpenBLAS in its wheels), called on the Gram's memory without a copy. scipy's
-OpenBLAS keeps its own thread pool; :func:`blas_threads` sets its size for the call.
+so values and k vectors cost about what the values alone cost. Where every eigenvector is needed
+only through its inner products with a few vectors y (the intruder count), :func:`all_vectors`
+gives T's eigenvectors Z and Vᵀy = Zᵀ·(Qᵀy): again no back-transform of n vectors.
+
+These are scipy's LAPACK wrappers (scipy's own LAPACK: OpenBLAS in its wheels), called on the
+Gram's memory without a copy. scipy's OpenBLAS keeps its own thread pool; :func:`blas_threads`
+sets its size for the call.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -117,10 +122,11 @@ def tridiagonal_top(d: np.ndarray, e: np.ndarray, k: int) -> tuple[np.ndarray, n
     return w[:k][order], np.asfortranarray(z[:, :k][:, order])
 
 
-def back_transform(c: np.ndarray, tau: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Q·z for the Q of ``dsytrd`` (lower): Q = H₀…H_{n−2}, Hᵢ's vector 1 at row i+1 and
-    c[i+2:, i] below. The reflectors are read in place as an (n, n−1) array with leading
-    dimension n that starts one element into c, which is how ``dormqr`` wants them."""
+def back_transform(c: np.ndarray, tau: np.ndarray, z: np.ndarray,
+                   transpose: bool = False) -> np.ndarray:
+    """Q·z (``transpose``: Qᵀ·z) for the Q of ``dsytrd`` (lower): Q = H₀…H_{n−2}, Hᵢ's vector 1
+    at row i+1 and c[i+2:, i] below. The reflectors are read in place as an (n, n−1) array with
+    leading dimension n that starts one element into c, which is how ``dormqr`` wants them."""
     from scipy.linalg import lapack
 
     n, k = z.shape
@@ -129,11 +135,27 @@ def back_transform(c: np.ndarray, tau: np.ndarray, z: np.ndarray) -> np.ndarray:
         return out
     flat = c.ravel(order="F")  # a view: c is Fortran-contiguous
     shifted = flat[1: 1 + n * (n - 1)].reshape((n, n - 1), order="F")
-    sub, _, info = lapack.dormqr(b"L", b"N", shifted, tau, out[1:], lwork=max(1, k * BLOCK))
+    sub, _, info = lapack.dormqr(b"L", b"T" if transpose else b"N", shifted, tau, out[1:],
+                                 lwork=max(1, k * BLOCK))
     if info != 0:
         raise NumericalError(f"dormqr failed (info={info})")
     out[1:] = sub
     return out
+
+
+def all_vectors(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every eigenpair of the tridiagonal (d, e), ascending: divide and conquer (``dstevd``).
+    With the reflectors of :func:`reduce`, G's eigenvectors are Q·Z — but Vᵀy = Zᵀ(Qᵀy) needs
+    only Qᵀ applied to y's few columns, never the O(n³) back-transform of Z that ``eigh`` does."""
+    from scipy.linalg import lapack
+
+    if d.size < 2:
+        return d.copy(), np.ones((d.size, d.size))
+    w, z, info = lapack.dstevd(d.copy(), e.copy(), compute_v=1)
+    if info != 0:
+        raise NumericalError(f"dstevd did not converge on a {d.size}×{d.size} tridiagonal "
+                             f"(info={info})")
+    return w, z
 
 
 def eig_top(g: torch.Tensor, k: int, overwrite: bool = False,
@@ -156,3 +178,53 @@ def eig_top(g: torch.Tensor, k: int, overwrite: bool = False,
 def eigvals(g: torch.Tensor, overwrite: bool = False, threads: int = 1) -> torch.Tensor:
     """All eigenvalues of the symmetric ``g``, descending (``dsytrd`` + ``dsterf``)."""
     return eig_top(g, 0, overwrite, threads)[0]
+
+
+@dataclass
+class Reduced:
+    """A symmetric G kept as one ``dsytrd`` left it, G = Q·T·Qᵀ (reflectors ``c``/``tau``, T's
+    diagonal ``d`` and off-diagonal ``e``), for a caller that wants every eigenvector of G but
+    only through a few inner products (:meth:`project`), and a few top vectors (:meth:`top`).
+    T's eigenvectors are computed on the first :meth:`project` and kept for the next ones.
+
+    >>> import torch
+    >>> g = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 5.0]], dtype=torch.float64)
+    >>> red = Reduced.of(g)
+    >>> red.ascending().round(6).tolist()
+    [1.0, 3.0, 5.0]
+    >>> y = np.eye(3)[:, :1]  # e₁: |cos| with the eigenvectors (e₁ ± e₂)/√2 and e₃
+    >>> np.abs(red.project(y)).round(6).ravel().tolist()
+    [0.707107, 0.707107, 0.0]
+    """
+
+    c: np.ndarray
+    d: np.ndarray
+    e: np.ndarray
+    tau: np.ndarray
+    threads: int = 1
+    _z: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, g: torch.Tensor, threads: int = 1) -> Reduced:
+        """Reduce ``g`` (n ≥ 2; its memory is taken over for the reflectors)."""
+        with blas_threads(threads):
+            c, d, e, tau = reduce(g, overwrite=True)
+        return cls(c, d, e, tau, threads)
+
+    def ascending(self) -> np.ndarray:
+        """Every eigenvalue of G, ascending (``dsterf``)."""
+        return values(self.d, self.e)[::-1].copy()
+
+    def top(self, k: int) -> np.ndarray:
+        """G's eigenvectors of the k largest eigenvalues, descending (n, k)."""
+        k = min(k, self.d.size)
+        with blas_threads(self.threads):
+            return np.ascontiguousarray(back_transform(self.c, self.tau,
+                                                      tridiagonal_top(self.d, self.e, k)[1]))
+
+    def project(self, y: np.ndarray) -> np.ndarray:
+        """Vᵀ·y for every eigenvector V of G, rows ascending: Zᵀ·(Qᵀ·y)."""
+        with blas_threads(self.threads):
+            if self._z is None:
+                self._z = all_vectors(self.d, self.e)[1]
+            return self._z.T @ back_transform(self.c, self.tau, y, transpose=True)

@@ -17,10 +17,8 @@ the README's table is checked against this one).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 from deltaspec.metrics import base_relative as B
 from deltaspec.metrics import pairwise as P
@@ -65,10 +63,10 @@ class Metric:
         if self.group not in GROUPS or self.better not in BETTER:
             raise ValueError(f"metric {self.name}: group {self.group!r} / better {self.better!r}")
 
-    def of_spectrum(self, s: torch.Tensor, shape: tuple[int, int]) -> float:
+    def of_spectrum(self, s: S.Values, shape: tuple[int, int]) -> float:
         """A spectral metric of the descending float64 values ``s`` of an (out, in) = ``shape`` ΔW.
 
-        >>> METRICS["top1_share"].of_spectrum(torch.tensor([3.0, 1.0]), (2, 2))
+        >>> METRICS["top1_share"].of_spectrum([3.0, 1.0], (2, 2))
         0.9
         """
         args = (s, shape) if self.takes_shape else (s,)
@@ -170,7 +168,7 @@ def label(column: str) -> str:
     return METRICS[column].label if column in METRICS else column
 
 
-def spectral_metrics(values: torch.Tensor | Sequence[float], shape: tuple[int, int],
+def spectral_metrics(values: S.Values, shape: tuple[int, int],
                      top_k: int | None = None) -> dict[str, float]:
     """Every spectral metric of the table, over all values or over the top ``top_k`` only.
 
