@@ -10,6 +10,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -82,6 +83,14 @@ def test_flat_and_single_direction():
     assert spike["effective_rank"] == pytest.approx(1.0)
     assert spike["stable_rank"] == pytest.approx(1.0)
     assert spike["top1_share"] == pytest.approx(1.0)
+
+
+def test_spectra_of_any_float_dtype_and_unsorted_input_with_nan():
+    bf16 = torch.tensor([1.0, 3.0, 2.0], dtype=torch.bfloat16)
+    assert M.spectral_norm(bf16) == 3.0 and M.nuclear_norm(bf16) == 6.0
+    assert M.fro_norm(np.array([4.0, 3.0])) == 5.0
+    # a NaN is not hidden by the sort: it comes first, as in a descending torch sort
+    assert math.isnan(M.spectral_norm([1.0, float("nan"), 3.0]))
 
 
 def test_zero_spectrum_is_all_zero_not_nan():

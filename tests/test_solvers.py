@@ -75,7 +75,7 @@ def test_reduction_projects_on_every_eigenvector_without_back_transforming_them(
 @pytest.mark.parametrize("solver", ["vectors=tridiag", "vectors=eigh"])
 def test_intruder_cosines_match_numpy_on_both_base_routes(monkeypatch, shape, solver):
     from deltaspec.engine.kernels import Operand
-    from deltaspec.engine.relative import intruder_cosines
+    from deltaspec.engine.relative import base_eig, intruder_cosines
 
     monkeypatch.setenv("DELTASPEC_SOLVER", solver)
     gen = torch.Generator().manual_seed(5)
@@ -84,6 +84,7 @@ def test_intruder_cosines_match_numpy_on_both_base_routes(monkeypatch, shape, so
                                                                            generator=gen)
     op_w = Operand(shape, torch.device("cpu"), "w", dense=[(1.0, w)])
     tuned = Operand(shape, torch.device("cpu"), "w+dw", dense=[(1.0, w + dw)])
+    assert (base_eig(op_w).red is not None) == (solver == "vectors=tridiag")  # the route ran
     cos = intruder_cosines(op_w, tuned, 10)
     u_w = np.linalg.svd(w.numpy(), full_matrices=False)[0]
     u_t = np.linalg.svd((w + dw).numpy(), full_matrices=False)[0][:, :10]

@@ -253,8 +253,8 @@ def lapack_threads() -> Iterator[None]:
     factor is a string of tiny steps: threads that have to wait for a core lose much at each
     barrier. On 2 idle cores, a 4096² Gram takes 2.0–2.7 s in ``eigvalsh`` on two threads and
     3.5 s on one (``eigh``: 10 s and 18 s); beside a busy core, two threads take 3.8–8.4 s.
-    The worker forms the next module's Gram meanwhile, then waits: the intruder count's ``eigh``
-    that follows usually finds it idle and takes every thread.
+    The worker forms the next module's Gram meanwhile, then waits: the intruder count's base
+    decomposition that follows usually finds it idle and takes every thread.
     """
     before = torch.get_num_threads()
     busy = getattr(_SHARED, "busy", None)

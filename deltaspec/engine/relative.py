@@ -63,7 +63,8 @@ class BaseEig:
     def project(self, y: torch.Tensor) -> torch.Tensor:
         """Vᵀ·y for every eigenvector (rows in the ascending order of ``s``)."""
         if self.red is not None:
-            return torch.from_numpy(self.red.project(y.to("cpu", F64).numpy()))
+            with lapack_threads():
+                return torch.from_numpy(self.red.project(y.to("cpu", F64).numpy()))
         assert self.vec is not None
         return self.vec.T @ y.to(self.vec.device, F64)
 
@@ -73,10 +74,10 @@ def base_eig(w: Operand) -> BaseEig:
     Gram, the vectors and syevd's 2n² workspace; with the reduction, the Gram's own storage
     (then T's n² eigenvectors and dstevd's n² workspace, on first :meth:`BaseEig.project`)."""
     gw, tall = gram(w)
-    pol = solvers.policy(gw.shape[0], gw.device.type)
     if gw.is_cuda:
         lam, vec = eigh_desc(gw)
         return BaseEig(lam.flip(0).clamp_min(0).sqrt(), tall, vec=vec.flip(1))
+    pol = solvers.policy(gw.shape[0], gw.device.type)
     if pol.vectors == "tridiag" and gw.shape[0] >= 2:
         with lapack_threads():
             red = tridiag.Reduced.of(gw, threads=blas_threads_for(pol))

@@ -32,6 +32,7 @@ from deltaspec.errors import NumericalError
 
 F64 = torch.float64
 BLOCK = 64  # dsytrd's panel width (its workspace is n·BLOCK)
+DORMQR_T = (BLOCK + 1) * BLOCK  # dormqr's T block (LAPACK ≥ 3.7): less workspace runs unblocked
 
 
 @cache
@@ -94,14 +95,14 @@ def reduce(g: torch.Tensor, overwrite: bool = False) -> tuple[np.ndarray, np.nda
     return c, d, e, tau
 
 
-def values(d: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """All eigenvalues of the tridiagonal (d, e), descending (``dsterf``)."""
+def values(d: np.ndarray, e: np.ndarray, descending: bool = True) -> np.ndarray:
+    """All eigenvalues of the tridiagonal (d, e), descending (or ascending) (``dsterf``)."""
     from scipy.linalg import lapack
 
     w, info = lapack.dsterf(d.copy(), e.copy())
     if info != 0:
         raise NumericalError(f"dsterf did not converge (info={info})")
-    return w[::-1].copy()
+    return w[::-1].copy() if descending else w
 
 
 def tridiagonal_top(d: np.ndarray, e: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +137,7 @@ def back_transform(c: np.ndarray, tau: np.ndarray, z: np.ndarray,
     flat = c.ravel(order="F")  # a view: c is Fortran-contiguous
     shifted = flat[1: 1 + n * (n - 1)].reshape((n, n - 1), order="F")
     sub, _, info = lapack.dormqr(b"L", b"T" if transpose else b"N", shifted, tau, out[1:],
-                                 lwork=max(1, k * BLOCK))
+                                 lwork=max(1, k * BLOCK) + DORMQR_T)
     if info != 0:
         raise NumericalError(f"dormqr failed (info={info})")
     out[1:] = sub
@@ -149,8 +150,6 @@ def all_vectors(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     only Qᵀ applied to y's few columns, never the O(n³) back-transform of Z that ``eigh`` does."""
     from scipy.linalg import lapack
 
-    if d.size < 2:
-        return d.copy(), np.ones((d.size, d.size))
     w, z, info = lapack.dstevd(d.copy(), e.copy(), compute_v=1)
     if info != 0:
         raise NumericalError(f"dstevd did not converge on a {d.size}×{d.size} tridiagonal "
@@ -180,12 +179,16 @@ def eigvals(g: torch.Tensor, overwrite: bool = False, threads: int = 1) -> torch
     return eig_top(g, 0, overwrite, threads)[0]
 
 
-@dataclass
+@dataclass(eq=False)
 class Reduced:
     """A symmetric G kept as one ``dsytrd`` left it, G = Q·T·Qᵀ (reflectors ``c``/``tau``, T's
     diagonal ``d`` and off-diagonal ``e``), for a caller that wants every eigenvector of G but
     only through a few inner products (:meth:`project`), and a few top vectors (:meth:`top`).
-    T's eigenvectors are computed on the first :meth:`project` and kept for the next ones.
+    T's eigenvectors are computed on the first :meth:`project` and kept for the next ones (so a
+    kept reduction holds 2n² floats: the reflectors and Z), the top vectors on the first
+    :meth:`top`. ``threads``: scipy's OpenBLAS threads for the reduction and the top vectors
+    (the solver policy's); divide and conquer and the product with Z take every thread
+    :func:`deltaspec.engine.kernels.lapack_threads` allows when they run.
 
     >>> import torch
     >>> g = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 5.0]], dtype=torch.float64)
@@ -202,29 +205,37 @@ class Reduced:
     e: np.ndarray
     tau: np.ndarray
     threads: int = 1
-    _z: np.ndarray | None = field(default=None, repr=False)
+    _z: torch.Tensor | None = field(default=None, repr=False)
+    _top: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, g: torch.Tensor, threads: int = 1) -> Reduced:
-        """Reduce ``g`` (n ≥ 2; its memory is taken over for the reflectors)."""
+        """Reduce ``g`` (its memory is taken over for the reflectors)."""
+        if g.shape[0] < 2:
+            raise ValueError("Reduced needs a matrix of order 2 or more")
         with blas_threads(threads):
             c, d, e, tau = reduce(g, overwrite=True)
         return cls(c, d, e, tau, threads)
 
     def ascending(self) -> np.ndarray:
         """Every eigenvalue of G, ascending (``dsterf``)."""
-        return values(self.d, self.e)[::-1].copy()
+        return values(self.d, self.e, descending=False)
 
     def top(self, k: int) -> np.ndarray:
         """G's eigenvectors of the k largest eigenvalues, descending (n, k)."""
         k = min(k, self.d.size)
-        with blas_threads(self.threads):
-            return np.ascontiguousarray(back_transform(self.c, self.tau,
-                                                      tridiagonal_top(self.d, self.e, k)[1]))
+        if k not in self._top:
+            with blas_threads(self.threads):
+                z = tridiagonal_top(self.d, self.e, k)[1]
+                self._top[k] = np.ascontiguousarray(back_transform(self.c, self.tau, z))
+        return self._top[k]
 
     def project(self, y: np.ndarray) -> np.ndarray:
         """Vᵀ·y for every eigenvector V of G, rows ascending: Zᵀ·(Qᵀ·y)."""
-        with blas_threads(self.threads):
+        every = torch.get_num_threads()  # inside lapack_threads(): what the caller may use
+        with blas_threads(every):
             if self._z is None:
-                self._z = all_vectors(self.d, self.e)[1]
-            return self._z.T @ back_transform(self.c, self.tau, y, transpose=True)
+                self._z = torch.from_numpy(all_vectors(self.d, self.e)[1])
+            with blas_threads(self.threads):
+                qty = back_transform(self.c, self.tau, y, transpose=True)
+        return (self._z.T @ torch.from_numpy(qty)).numpy()

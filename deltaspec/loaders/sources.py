@@ -136,7 +136,7 @@ def cached_folder(repo: str, revision: str | None = None) -> Path | None:
     from huggingface_hub import constants
 
     sep = constants.REPO_ID_SEPARATOR
-    if not (Path(constants.HF_HUB_CACHE) / f"models{sep}{repo.replace('/', sep)}").is_dir():
+    if not os.path.isdir(Path(constants.HF_HUB_CACHE) / f"models{sep}{repo.replace('/', sep)}"):
         return None
     hf = _hub()
     incomplete = getattr(hf.errors, "IncompleteSnapshotError", OSError)  # huggingface_hub ≥ 1.0

@@ -9,12 +9,13 @@ metric here: no crash, no NaN.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
-Values = Any  # a 1-D torch tensor, numpy array or sequence of floats
+Values = torch.Tensor | np.ndarray | Sequence[float]  # a 1-D spectrum, any of these
 
 
 def descending(values: Values) -> np.ndarray:
@@ -24,12 +25,12 @@ def descending(values: Values) -> np.ndarray:
     >>> descending([1.0, 3.0, -1.0]).tolist()
     [3.0, 1.0, 0.0]
     """
-    if hasattr(values, "detach"):  # a torch tensor, on any device
-        values = values.detach().to("cpu").numpy()
+    if hasattr(values, "detach"):  # a torch tensor of any float dtype, on any device
+        values = values.detach().to("cpu", torch.float64).numpy()
     s = np.maximum(np.asarray(values, dtype=np.float64).reshape(-1), 0.0)
     if s.size < 2 or bool((s[:-1] >= s[1:]).all()):  # already descending: an O(n) check, no sort
         return s
-    return -np.sort(-s)
+    return np.sort(s)[::-1]  # NaN first, as a descending torch sort puts it
 
 
 def _scaled(values: Values) -> tuple[np.ndarray, float]:
