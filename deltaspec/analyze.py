@@ -199,7 +199,8 @@ def _intruders(sp: Spectrum, op: Operand, w: Operand, eigs: relative.BaseEigs) -
     decompositions already made (a compare's two sides share their base's)."""
     if op.is_zero():
         return 0
-    cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V), eig=eigs.of(w))
+    cos = relative.intruder_cosines(w, w.plus(op), INTRUDER_TOP, hint=(sp.U, sp.V), eig=eigs.of(w),
+                                    shift=float(sp.values[0]))
     return M.intruders(cos.to("cpu"))
 
 

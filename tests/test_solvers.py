@@ -94,6 +94,33 @@ def test_intruder_cosines_match_numpy_on_both_base_routes(monkeypatch, shape, so
     assert np.abs(cos.numpy().max(axis=0) - ref.max(axis=0)).max() <= 1e-8
 
 
+@pytest.mark.parametrize(("decay", "iterates"), [(0.7, True), (1.0, False)])
+def test_tuned_top_vectors_iterate_only_where_the_weyl_bound_says_it_pays(monkeypatch, decay,
+                                                                          iterates):
+    from deltaspec.engine import relative
+    from deltaspec.engine.kernels import Operand
+
+    gen = torch.Generator().manual_seed(9)
+    m, n = 320, 240
+    u, _ = torch.linalg.qr(torch.randn(m, n, dtype=F64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen))
+    sigma = 100 * decay ** torch.arange(n, dtype=F64) + 0.01 * torch.rand(n, dtype=F64, generator=gen)
+    w = u @ torch.diag(sigma) @ v.T  # decaying (W's top directions well apart) or flat
+    dw = 1e-4 * torch.randn(m, 3, dtype=F64, generator=gen) @ torch.randn(3, n, dtype=F64,
+                                                                         generator=gen)
+    calls = []
+    real = relative.top_eigvecs
+    monkeypatch.setattr(relative, "top_eigvecs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cpu = torch.device("cpu")
+    cos = relative.intruder_cosines(Operand((m, n), cpu, "w", dense=[(1.0, w)]),
+                                    Operand((m, n), cpu, "t", dense=[(1.0, w + dw)]), 10,
+                                    shift=float(torch.linalg.matrix_norm(dw, 2)))
+    assert bool(calls) == iterates
+    u_w = np.linalg.svd(w.numpy(), full_matrices=False)[0]
+    u_t = np.linalg.svd((w + dw).numpy(), full_matrices=False)[0][:, :10]
+    assert np.abs(cos.numpy().max(axis=0) - np.abs(u_w.T @ u_t).max(axis=0)).max() <= 1e-8
+
+
 @pytest.mark.parametrize("shape", [(90, 60), (60, 90)])
 @pytest.mark.parametrize("solver", ["vectors=tridiag", "vectors=eigh", "vectors=evd"])
 def test_vectors_have_small_residuals_on_every_route(monkeypatch, shape, solver):

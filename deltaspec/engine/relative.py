@@ -11,7 +11,7 @@ import torch
 from deltaspec.engine import solvers, tridiag
 from deltaspec.engine.dense import VECTOR_RTOL, blas_threads_for, svd_fallback, top_eigenpairs
 from deltaspec.engine.kernels import F64, Operand, eigh_desc, gram, lapack_threads
-from deltaspec.engine.subspace import top_eigvecs
+from deltaspec.engine.subspace import plan_block, top_eigvecs
 
 
 def frobenius_inner(a: Operand, b: Operand) -> float:
@@ -119,14 +119,16 @@ class BaseEigs:
 
 def intruder_cosines(w: Operand, tuned: Operand, top: int,
                      hint: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-                     eig: BaseEig | None = None) -> torch.Tensor:
+                     eig: BaseEig | None = None, shift: float | None = None) -> torch.Tensor:
     """|cos| between every left singular vector of W (rows) and the top-``top`` left singular
     vectors of W + ΔW (columns) — the input of the intruder count (Shuttleworth et al. 2024).
 
     U_W comes from W's float64 Gram (:func:`base_eig`; for a tall W, U_Wᵀu = Σ⁻¹V_Wᵀ(Wᵀu), so
     U_W is never formed), or from ``eig`` when W's was computed already; the top vectors of W + ΔW come
     from subspace iteration on its Gram, started from W's top vectors and ``hint`` = ΔW's top
-    (U, V), with ``eigh`` as the fallback.
+    (U, V), with one reduction as the fallback. ``shift`` = ‖ΔW‖₂, when known, bounds how far
+    the spectrum of W + ΔW is from W's (Weyl: |σᵢ(W + ΔW) − σᵢ(W)| ≤ ‖ΔW‖₂): where even the
+    bound's gap leaves the iteration too slow to pay (a flat spectrum), it is not tried.
     """
     eig = eig if eig is not None else base_eig(w)
     s, tall = eig.s, eig.tall
@@ -135,7 +137,7 @@ def intruder_cosines(w: Operand, tuned: Operand, top: int,
     side = hint[1] if tall else hint[0]
     if side is not None and side.shape[1]:
         start.append(side.to(start[0].device, F64))
-    theta, x = _tuned_top(tuned, t, torch.cat(start, dim=1))
+    theta, x = _tuned_top(tuned, t, torch.cat(start, dim=1), _may_iterate(eig.s, t, shift))
     floor = float(theta[0]) * VECTOR_RTOL**2 if theta.numel() else 0.0
     keep = theta > floor
     theta, x = theta[keep], x[:, keep]
@@ -150,11 +152,29 @@ def intruder_cosines(w: Operand, tuned: Operand, top: int,
     return (proj / s[:, None].to(proj.device)).abs()
 
 
-def _tuned_top(tuned: Operand, t: int, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _may_iterate(s: torch.Tensor, t: int, shift: float | None) -> bool:
+    """Whether subspace iteration for the top-t vectors of W + ΔW can pay, judged from W's
+    singular values ``s`` (ascending) moved by at most ``shift`` = ‖ΔW‖₂ toward each other
+    (Weyl): the pessimistic λ_t and λ_{q+1} plan the iteration as for a known spectrum.
+
+    >>> s = torch.cat([torch.ones(198, dtype=torch.float64), torch.tensor([10.0, 100.0])])
+    >>> _may_iterate(s, 2, 0.1), _may_iterate(s, 2, 9.0), _may_iterate(torch.ones(200), 2, 0.1)
+    (True, False, False)
+    """
+    if shift is None:
+        return True
+    desc = s.flip(0).to("cpu", F64)
+    low = (desc[:t] - shift).clamp_min(0).square()
+    high = (desc[t:] + shift).square()
+    return plan_block(torch.cat([low, high]), t, max(1, s.numel() // 2)) is not None
+
+
+def _tuned_top(tuned: Operand, t: int, start: torch.Tensor,
+               iterate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-t eigenpairs of the Gram matrix of W + ΔW (same orientation as W's)."""
     g, _ = gram(tuned)
     q = min(g.shape[0], start.shape[1] + 8)
-    got = top_eigvecs(g, t, q, max_iters=64, start=start) if q < g.shape[0] else None
+    got = top_eigvecs(g, t, q, max_iters=64, start=start) if iterate and q < g.shape[0] else None
     if got is None:  # one reduction for the values and the t vectors (solvers' policy)
         lam, vec, _ = top_eigenpairs(g, t)
         return lam[:t], vec
