@@ -27,7 +27,7 @@ from deltaspec.engine.spectrum import Spectrum, completed, resolve_device, route
 from deltaspec.errors import DeltaspecError, ShapeError
 from deltaspec.loaders import Deltas, detect_format, load
 from deltaspec.loaders.live import describe
-from deltaspec.names import kind_of, layer_of, match_key
+from deltaspec.names import match_key
 from deltaspec.options import Options, make_options
 
 INTRUDER_TOP = 10  # Shuttleworth et al. look at the top-10 singular vectors of W + ΔW
@@ -133,7 +133,7 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
         if metrics else list(cols.IDENTITY)
     skipped = list(getattr(a, "skipped", [])) + list(getattr(b, "skipped", []) if b else [])
     notes = list(dict.fromkeys([*getattr(a, "notes", []), *(getattr(b, "notes", []) if b else [])]))
-    return Analysis(_frame([rows[n] for n in order], columns),
+    return Analysis(cols.frame([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
                     with_base, {n: sigmas[n] for n in order if n in sigmas}, notes)
 
@@ -172,9 +172,7 @@ def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Optio
 
 
 def _identity(d: Delta) -> dict[str, Any]:
-    return {"module": d.name, "layer": layer_of(d.name), "kind": kind_of(d.name),
-            "method": d.method, "shape": f"{d.shape[0]}×{d.shape[1]}", "rank_bound": d.rank_bound,
-            "route": route(d)}
+    return cols.identity(d.name, d.method, d.shape, d.rank_bound, route(d))
 
 
 def _base_metrics(sp: Spectrum, fro: float, op: Operand, w: Operand, opts: Options,
@@ -256,17 +254,6 @@ def _pairwise(s: Solved, k: int) -> dict[str, float]:
         "min_angle_left": M.min_angle_degrees(ua, ub),
         "min_angle_right": M.min_angle_degrees(va, vb),
     }
-
-
-def _frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=columns)
-    for c in columns:
-        if cols.is_integer(c) or c == "layer":
-            df[c] = df[c].astype("Int64")
-    for c in ("kind", "method", "method_a", "method_b", "route", "route_a", "route_b"):
-        if c in df:
-            df[c] = df[c].astype("string")
-    return df
 
 
 def _public(result: Analysis, opts: Options) -> pd.DataFrame:

@@ -5,7 +5,13 @@ The metric columns and their facts come from the metric table, :mod:`deltaspec.m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from deltaspec.metrics.table import METRICS, names
+from deltaspec.names import kind_of, layer_of
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound", "route")
 # The metric columns, in order, from the metric table (deltaspec.metrics.table).
@@ -50,3 +56,32 @@ def table_columns(columns: list[str]) -> list[str]:
 def is_integer(column: str) -> bool:
     """True for integer-valued columns (also ``rank_a`` etc.)."""
     return column.removesuffix("_a").removesuffix("_b") in INTEGER
+
+
+def identity(name: str, method: str, shape: tuple[int, int], rank_bound: int,
+             route: str) -> dict[str, Any]:
+    """The identity columns of one module's row.
+
+    >>> identity("model.layers.3.mlp.up_proj", "lora", (8, 4), 2, "factored")["layer"]
+    3
+    """
+    return {"module": name, "layer": layer_of(name), "kind": kind_of(name), "method": method,
+            "shape": f"{shape[0]}×{shape[1]}", "rank_bound": rank_bound, "route": route}
+
+
+STRING = ("kind", "method", "method_a", "method_b", "route", "route_a", "route_b")
+
+
+def frame(rows: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    """Rows as the result DataFrame: ``columns`` in order, integer columns as nullable ``Int64``,
+    the text columns as ``string``."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=columns)
+    for c in columns:
+        if is_integer(c) or c == "layer":
+            df[c] = df[c].astype("Int64")
+    for c in STRING:
+        if c in df:
+            df[c] = df[c].astype("string")
+    return df

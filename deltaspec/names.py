@@ -64,6 +64,15 @@ def kind_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+def module_order(name: str) -> tuple[tuple[int, int, str], ...]:
+    """The sort key of module paths: numbers compared as numbers (layers.2 before layers.10).
+
+    >>> sorted(["l.10.q", "l.2.q", "l.2.k"], key=module_order)
+    ['l.2.k', 'l.2.q', 'l.10.q']
+    """
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
 def indexed(module: str, group: str, index: int) -> str:
     """The row name of one of several updates of ``module`` (one per task, one per expert):
     ``<parent>.<group>.<index>.<kind>``, so that :func:`layer_of` and :func:`kind_of` still give

@@ -13,12 +13,15 @@ rendered, so that the command line's ``--help`` stays fast.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 from deltaspec.atomic import (  # the one writer (deltaspec/atomic.py)
     atomic_path,
@@ -62,65 +65,123 @@ def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: _jsonable(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
 
 
-def summary_by_kind(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean of the table's numeric columns per module kind."""
-    import pandas as pd
+@dataclass(frozen=True)
+class Rows:
+    """A result as plain rows (dicts in ``columns`` order), as the torch-free route of the command
+    line (:mod:`deltaspec.lite`) makes it: every format is rendered without pandas, and CSV/JSON
+    are byte for byte what the rows' frame (:func:`deltaspec.columns.frame`) gives."""
 
-    numeric = [c for c in table_columns(df)
-               if c not in ("module", "shape") and pd.api.types.is_numeric_dtype(df[c])]
-    if df.empty or not numeric:
-        return pd.DataFrame()
-    out = df.groupby("kind", sort=True)[numeric].mean(numeric_only=True)
-    out.insert(0, "modules", df.groupby("kind", sort=True).size())
-    return out
+    rows: list[dict[str, Any]]
+    columns: list[str]
+
+    def csv(self) -> str:
+        """``DataFrame.to_csv(index=False)`` of these rows: floats as ``repr``, undefined empty."""
+        buf = io.StringIO()
+        out = csv.writer(buf, lineterminator=os.linesep)
+        out.writerow(self.columns)
+        for row in self.rows:
+            out.writerow(["" if is_missing(v := row.get(c)) else repr(v) if isinstance(v, float)
+                          else str(v) for c in self.columns])
+        return buf.getvalue()
+
+    def records(self) -> list[dict[str, Any]]:
+        """The rows as :func:`to_records` gives the frame's (undefined → None)."""
+        return [{c: _jsonable(row.get(c)) for c in self.columns} for row in self.rows]
 
 
 @dataclass(frozen=True)
 class Printable:
-    """What a command prints: ``frame`` (its rows: CSV, and JSON unless ``json`` is given); a
-    command's own ``table`` text and ``json`` object where they are not the frame's."""
+    """What a command prints: ``frame`` (its rows — a DataFrame or :class:`Rows` — CSV, and JSON
+    unless ``json`` is given); a command's own ``table`` text and ``json`` object where they are
+    not the frame's."""
 
-    frame: pd.DataFrame
+    frame: pd.DataFrame | Rows
     table: Callable[[], str] | None = None
     json: Any = None
 
+    def columns(self) -> list[str]:
+        """The frame's columns, in order."""
+        return list(self.frame.columns)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The frame's rows as plain dicts (undefined → None)."""
+        return self.frame.records() if isinstance(self.frame, Rows) else to_records(self.frame)
+
     def hidden(self) -> int:
         """How many of the frame's columns the table format leaves out."""
-        if self.table is not None or self.frame.empty:
-            return 0
-        return len(self.frame.columns) - len(table_columns(self.frame))
+        records = self.records() if self.table is None else []
+        return len(self.columns()) - len(table_columns(self.columns(), records)) if records else 0
 
 
-def table_columns(df: pd.DataFrame) -> list[str]:
+def table_columns(columns: list[str], records: list[dict[str, Any]]) -> list[str]:
     """The columns the table format shows: the table's own, less those with no value at all
-    (intruders when they were not counted, base-relative ones without a base)."""
+    (intruders when they were not counted, base-relative ones without a base).
+
+    >>> table_columns(["module", "shape", "intruders"], [{"module": "m", "shape": "2×2", "intruders": None}])
+    ['module', 'shape']
+    """
     from deltaspec import columns as cols
 
-    return [c for c in cols.table_columns(list(df.columns)) if not df[c].isna().all()]
+    return [c for c in cols.table_columns(columns) if any(not is_missing(r.get(c)) for r in records)]
+
+
+def text_table(header: list[str], body: list[list[str]], left: int = 0) -> str:
+    """Fixed-width text: every column as wide as its widest cell, one space apart, right-justified
+    (the first ``left`` columns left-justified).
+
+    >>> print(text_table(["kind", "n"], [["q", "12"], ["up", "3"]], left=1))
+    kind  n
+    q    12
+    up    3
+    """
+    widths = [max(len(cell) for cell in col) for col in zip(header, *body, strict=True)]
+    return "\n".join(" ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                              for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+                     for line in [header, *body])
+
+
+def kind_means(columns: list[str], records: list[dict[str, Any]]) -> str:
+    """The table's numeric columns averaged per module kind (undefined values left out), as text;
+    empty when there is no numeric column."""
+    numeric = [c for c in columns if c not in ("module", "shape") and all(
+        isinstance(r.get(c), (int, float)) or is_missing(r.get(c)) for r in records)]
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if not is_missing(r.get("kind")):
+            kinds.setdefault(str(r["kind"]), []).append(r)
+    if not numeric or not kinds:
+        return ""
+    body = []
+    for kind, rows in sorted(kinds.items()):
+        means = []
+        for c in numeric:
+            vals = [float(r[c]) for r in rows if not is_missing(r.get(c))]
+            means.append(fmt_number(sum(vals) / len(vals) if vals else math.nan))
+        body.append([kind, str(len(rows)), *means])
+    return text_table(["kind", "modules", *numeric], body, left=1)
 
 
 def _table(p: Printable) -> str:
     if p.table is not None:
         return p.table()
-    df = p.frame
-    if df.empty:
+    records = p.records()
+    if not records:
         return "(no modules)\n"
-    shown = df[table_columns(df)]
-    text = shown.to_string(index=False, formatters={c: fmt_number for c in shown.columns})
-    summary = summary_by_kind(df)
-    if not summary.empty:
-        text += "\n\nmean per module kind:\n" + summary.to_string(
-            formatters={c: fmt_number for c in summary.columns})
+    shown = table_columns(p.columns(), records)
+    text = text_table(shown, [[fmt_number(r.get(c)) for c in shown] for r in records])
+    summary = kind_means(shown, records) if "kind" in p.columns() else ""
+    if summary:
+        text += "\n\nmean per module kind:\n" + summary
     return text + "\n"
 
 
 def _json(p: Printable) -> str:
-    obj = p.json if p.json is not None else to_records(p.frame)
+    obj = p.json if p.json is not None else p.records()
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
 def _csv(p: Printable) -> str:
-    return str(p.frame.to_csv(index=False))
+    return p.frame.csv() if isinstance(p.frame, Rows) else str(p.frame.to_csv(index=False))
 
 
 RENDERERS: dict[str, Callable[[Printable], str]] = {"table": _table, "json": _json, "csv": _csv}
@@ -137,24 +198,27 @@ def format_for(fmt: str | None, output: str | Path | None) -> str:
     return EXTENSIONS.get(Path(output).suffix.lower(), "table") if output else "table"
 
 
-def render(what: pd.DataFrame | Printable, fmt: str) -> str:
-    """``what`` (a result frame, or a command's :class:`Printable`) in format ``fmt``."""
+Result = Union["pd.DataFrame", Printable, Rows]  # what a command prints
+
+
+def render(what: Result, fmt: str) -> str:
+    """``what`` (a result frame or :class:`Rows`, or a command's :class:`Printable`) in ``fmt``."""
     p = what if isinstance(what, Printable) else Printable(what)
     if fmt not in RENDERERS:
         raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     return RENDERERS[fmt](p)
 
 
-def hint(what: pd.DataFrame | Printable, fmt: str) -> str | None:
+def hint(what: Result, fmt: str) -> str | None:
     """The one-line note the table format adds on stderr when it hides columns."""
     p = what if isinstance(what, Printable) else Printable(what)
     n = p.hidden() if fmt == "table" else 0
     if n <= 0:
         return None
-    return (f"note: the table leaves out {n} of {len(p.frame.columns)} columns; "
+    return (f"note: the table leaves out {n} of {len(p.columns())} columns; "
             "--format csv or --format json (or -o FILE.csv / FILE.json) writes them all")
 
 
-__all__ = ["EXTENSIONS", "FORMATS", "RENDERERS", "Printable", "atomic_path", "fmt_number",
-           "format_for", "hint", "is_missing", "render", "summary_by_kind", "to_records",
-           "this_rank_writes", "write_atomic"]
+__all__ = ["EXTENSIONS", "FORMATS", "RENDERERS", "Printable", "Result", "Rows", "atomic_path",
+           "fmt_number", "format_for", "hint", "is_missing", "kind_means", "render", "table_columns",
+           "text_table", "this_rank_writes", "to_records", "write_atomic"]

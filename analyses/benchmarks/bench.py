@@ -194,6 +194,13 @@ def tool_deltaspec_analyze(workload: str, a: argparse.Namespace) -> dict[str, np
     return {n: s.values.numpy() for n, s in run_paths(path, None, base, opts).spectra.items()}
 
 
+# `deltaspec …` as its console script runs it, then its own peak RSS (VmHWM) on stderr
+_CLI_HWM = ("import sys\nfrom deltaspec.cli import main\n"
+            "try:\n    main(sys.argv[1:], prog_name='deltaspec')\n"
+            "finally:\n    print(next((ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')),"
+            " ''), file=sys.stderr)")
+
+
 def tool_deltaspec_cli(workload: str, a: argparse.Namespace) -> dict[str, np.ndarray]:
     """``deltaspec analyze PATH [--base B] --format csv`` as a user runs it: the wall time of the
     whole process (interpreter start and imports included)."""
@@ -201,11 +208,13 @@ def tool_deltaspec_cli(workload: str, a: argparse.Namespace) -> dict[str, np.nda
     import io
 
     path, base = _paths(workload, a)
-    cmd = [sys.executable, "-m", "deltaspec", "analyze", str(path), "--format", "csv",
+    cmd = [sys.executable, "-c", _CLI_HWM, "analyze", str(path), "--format", "csv",
            "--device", a.device] + (["--base", str(base)] if base else [])
     a.t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     a.walls = [time.perf_counter() - a.t0]
+    hwm = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("VmHWM:")]
+    a.rss_mb = int(hwm[-1]) / 1024 if hwm else None  # the command's own peak, not this worker's
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     return {r["module"]: np.array([float(r.get("fro_norm") or "nan")]) for r in rows}
 
@@ -269,7 +278,7 @@ def _worker(tool: str, workload: str, a: argparse.Namespace, out: Path) -> None:
     values = fn(workload, a)
     wall = time.perf_counter() - a.t0
     walls = getattr(a, "walls", [wall])
-    rss = peak_rss_mb()
+    rss = getattr(a, "rss_mb", None) or peak_rss_mb()  # a tool run as a child reports its own
     np.savez(out, **{k.replace(".", "|"): v for k, v in values.items()})
     print(json.dumps({"wall": float(np.median(walls)), "walls": walls, "rss_mb": rss,
                       "modules": len(values)}))

@@ -45,9 +45,16 @@ def analyze_cmd(path: str, **kw: Any) -> None:
     HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply).
     """
     writable(kw["output"])
+    from deltaspec.lite import analyze_rows
+
+    opts = to_options(kw)
+    rows = analyze_rows(path, kw["base"], opts)  # a plain LoRA adapter: without torch or pandas
+    if rows is not None:
+        emit(rows, kw)
+        return
     from deltaspec.analyze import run_paths
 
-    result = run_paths(path, None, kw["base"], to_options(kw))
+    result = run_paths(path, None, kw["base"], opts)
     emit(result.table, kw, result_notes(result.skipped, [], [], result.notes))
 
 

@@ -13,64 +13,22 @@ gives T's eigenvectors Z and Vᵀy = Zᵀ·(Qᵀy): again no back-transform of n
 
 These are scipy's LAPACK wrappers (scipy's own LAPACK: OpenBLAS in its wheels), called on the
 Gram's memory without a copy. scipy's OpenBLAS keeps its own thread pool; :func:`blas_threads`
-sets its size for the call.
+(:mod:`deltaspec.engine.blas`) sets its size for the call.
 """
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cache
-from typing import Any
 
 import numpy as np
 import torch
 
+from deltaspec.engine.blas import blas_threads
 from deltaspec.errors import NumericalError
 
 F64 = torch.float64
 BLOCK = 64  # dsytrd's panel width (its workspace is n·BLOCK)
 DORMQR_T = (BLOCK + 1) * BLOCK  # dormqr's T block (LAPACK ≥ 3.7): less workspace runs unblocked
-
-
-@cache
-def _openblas() -> Any:
-    """scipy's OpenBLAS as loaded in this process (None when scipy uses another LAPACK)."""
-    import scipy.linalg.lapack  # noqa: F401  (loads the library)
-
-    try:
-        with open("/proc/self/maps") as fh:
-            paths = {line.split()[-1] for line in fh if "libscipy_openblas" in line}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        if "openblas64" in path:  # numpy's ILP64 copy: not the one scipy.linalg calls
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-            lib.scipy_openblas_set_num_threads.argtypes = [ctypes.c_int]
-            lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
-            return lib
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
-@contextmanager
-def blas_threads(n: int) -> Iterator[None]:
-    """scipy's OpenBLAS on ``n`` threads for the duration (no-op where it cannot be set)."""
-    lib = _openblas()
-    if lib is None:
-        yield
-        return
-    before = lib.scipy_openblas_get_num_threads()
-    lib.scipy_openblas_set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        lib.scipy_openblas_set_num_threads(before)
 
 
 def _as_fortran(g: torch.Tensor, overwrite: bool) -> np.ndarray:

@@ -43,9 +43,16 @@ def note(message: str, kind: str = "note") -> None:
     warnings.warn(f"{kind}: {message}", DeltaspecWarning, stacklevel=3)
 
 
+class WouldDownload(DeltaspecError):
+    """:func:`choose_base` with ``fetch=False`` found the named base on the Hub, not in the cache."""
+
+
 def choose_base(folder: Path, base: str | os.PathLike[str] | None, *, discover: bool = True,
-                revision: str | None = None) -> Path | None:
-    """The base folder to load ``folder`` against: ``base`` (located), else the named one, else None."""
+                revision: str | None = None, fetch: bool = True) -> Path | None:
+    """The base folder to load ``folder`` against: ``base`` (located), else the named one, else None.
+
+    ``fetch=False``: raise :class:`WouldDownload` rather than download a named base (the CLI's
+    torch-free route then leaves the download, and its note, to the full route)."""
     named = named_base(folder)
     if base is not None:
         path = sources.locate(base, revision, what="base model")
@@ -57,7 +64,9 @@ def choose_base(folder: Path, base: str | os.PathLike[str] | None, *, discover: 
         return None
     name, cfg = named
     try:
-        path = _find(name, cfg)
+        path = _find(name, cfg, fetch)
+    except WouldDownload:
+        raise
     except DeltaspecError as exc:
         note(f"base {name!r} named in {cfg} is not available ({exc}); analysing without a base "
              "(pass --base to give one)")
@@ -66,7 +75,7 @@ def choose_base(folder: Path, base: str | os.PathLike[str] | None, *, discover: 
     return path
 
 
-def _find(name: str, cfg: Path) -> Path:
+def _find(name: str, cfg: Path, fetch: bool = True) -> Path:
     local = Path(name).expanduser()
     if local.exists():
         return local
@@ -75,6 +84,8 @@ def _find(name: str, cfg: Path) -> Path:
     repo, rev = sources.split_id(name, bare=True) or (name, None)
     if sources.cached_folder(repo, rev) is None and not sources.offline() \
             and sources.hub_reachable():
+        if not fetch:
+            raise WouldDownload(f"{name}: not cached, on the Hub")
         note(f"base {name} (from {cfg.name}) is not cached: downloading its configs and weights")
     return sources.hub_folder(repo, rev, what="base model")
 
@@ -118,4 +129,4 @@ def _hub_id_of(path: Path) -> str:
     return ""
 
 
-__all__ = ["choose_base", "named_base", "note", "same_model"]
+__all__ = ["WouldDownload", "choose_base", "named_base", "note", "same_model"]

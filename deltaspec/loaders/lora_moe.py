@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
-from deltaspec.loaders import peft_common
+from deltaspec.loaders import peft_common, peft_config
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped
 from deltaspec.loaders.moe import CONFIG, ROUTER, config_of, expert_delta, lora_scale, open_store
@@ -31,7 +31,7 @@ def detect(folder: Path) -> bool:
     """True for an adapter whose config has ``lora_nums`` (HydraLoRA's and LoRAMoE's PEFT forks)."""
     adapter = peft_common.find_adapter_dir(folder)
     config = config_of(adapter) if adapter is not None else None
-    return config is not None and "lora_nums" in config
+    return config is not None and peft_config.MOE_FORK_KEY in config
 
 
 def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,

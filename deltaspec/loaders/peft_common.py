@@ -19,24 +19,9 @@ import torch
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
 from deltaspec.loaders.checkpoint import Checkpoint, needs_transpose
 from deltaspec.loaders.contract import Skipped
+from deltaspec.loaders.peft_config import CONFIG, WEIGHTS, find_adapter_dir
 from deltaspec.loaders.store import TensorStore, read_json
 from deltaspec.names import strip_peft_prefix
-
-CONFIG = "adapter_config.json"
-WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def find_adapter_dir(path: Path) -> Path | None:
-    """``path`` itself, or its one sub-folder named after an adapter, that holds the config."""
-    if (path / CONFIG).is_file():
-        return path
-    if not path.is_dir():
-        return None
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG).is_file())
-    if len(subs) > 1:
-        names = ", ".join(p.name for p in subs)
-        raise UsageError(f"{path}: holds several adapters ({names}); pass one of those folders")
-    return subs[0] if subs else None
 
 
 def peft_type(path: Path) -> str | None:

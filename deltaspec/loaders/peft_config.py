@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaspec import patterns
-from deltaspec.errors import ConfigError, UnsupportedError
+from deltaspec.errors import ConfigError, UnsupportedError, UsageError
 
 # init_lora_weights values whose initialisation rewrote the base weight (W_res = W − s·B₀A₀, or a
 # quantised residual): s·B·A of such an adapter is not its update of the original base.
@@ -24,6 +24,24 @@ MODIFIES_BASE = ("pissa", "olora", "corda", "lora_ga", "loftq")
 UNSUPPORTED_OPTIONS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora",
                        "arrow_config", "kasa_config", "target_parameters", "layer_replication")
 DEFAULT_R, DEFAULT_ALPHA = 8, 8
+# A PEFT fork's adapter (HydraLoRA, LoRAMoE: deltaspec.loaders.lora_moe) though its peft_type is LORA.
+MOE_FORK_KEY = "lora_nums"
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def find_adapter_dir(path: Path) -> Path | None:
+    """``path`` itself, or its one sub-folder named after an adapter, that holds the config."""
+    if (path / CONFIG).is_file():
+        return path
+    if not path.is_dir():
+        return None
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG).is_file())
+    if len(subs) > 1:
+        names = ", ".join(p.name for p in subs)
+        raise UsageError(f"{path}: holds several adapters ({names}); pass one of those folders")
+    return subs[0] if subs else None
 
 
 def check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) -> None:

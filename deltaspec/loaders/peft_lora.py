@@ -19,9 +19,7 @@ reference; the tests use PEFT's ``merge_and_unload`` as the oracle.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,38 +27,10 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UsageError
-from deltaspec.loaders import peft_common, peft_config, peft_extras
+from deltaspec.loaders import lora_keys, peft_common, peft_config, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped
 from deltaspec.loaders.peft_common import Ctx
-from deltaspec.names import strip_peft_prefix
-
-_PART = re.compile(
-    r"^(?P<mod>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.(?!(?:weight|bias)$)[^.]+)?(?:\.(?P<leaf>weight|bias))?$"
-)
-_TOKENS = re.compile(r"^(?P<mod>.+?)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
-_FULL = re.compile(r"^(?P<mod>.+?)(?P<base>\.base_layer)?\.(?P<leaf>weight|bias)$")
-
-
-@dataclass
-class _Module:
-    """The tensors of one adapted module, by part name (``lora_A``, ``lora_B.bias``, …)."""
-
-    name: str
-    keys: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _Groups:
-    """An adapter's keys sorted by role."""
-
-    lora: dict[str, _Module] = field(default_factory=dict)
-    base_layer: dict[str, dict[str, str]] = field(default_factory=dict)  # module → leaf → key
-    full: dict[str, dict[str, str]] = field(default_factory=dict)  # modules_to_save
-    tokens: dict[str, str] = field(default_factory=dict)  # module → trainable_tokens_delta key
-    other: list[str] = field(default_factory=list)
-
 
 PEFT_TYPES = ("LORA",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -71,7 +41,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     """Every module's ΔW in a PEFT LoRA adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped)
     peft_config.check_config(ctx.config_path, ctx.config, opts.allow_modified_base)
-    groups = _group(ctx.store.keys())
+    groups = lora_keys.group(ctx.store.keys())
     ctx.base_layers = groups.base_layer
     out: dict[str, Delta] = {mod.name: _build(ctx, mod) for mod in groups.lora.values()}
     for name, keys in groups.base_layer.items():
@@ -89,24 +59,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     return out
 
 
-def _group(keys: list[str]) -> _Groups:
-    g = _Groups()
-    for key in keys:
-        name = strip_peft_prefix(key)
-        if m := _PART.match(name):
-            mod = g.lora.setdefault(m["mod"], _Module(m["mod"]))
-            mod.keys[m["part"] + (".bias" if m["leaf"] == "bias" else "")] = key
-        elif m := _TOKENS.match(name):
-            g.tokens[m["mod"]] = key
-        elif m := _FULL.match(name):
-            target = g.base_layer if m["base"] else g.full
-            target.setdefault(m["mod"], {})[m["leaf"]] = key
-        else:
-            g.other.append(key)
-    return g
-
-
-def _build(ctx: Ctx, mod: _Module) -> Delta:
+def _build(ctx: Ctx, mod: lora_keys.Module) -> Delta:
     kind = "embedding" if "lora_embedding_A" in mod.keys else "linear"
     needed = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A", "lora_B")
     for part in needed:
@@ -120,7 +73,7 @@ def _build(ctx: Ctx, mod: _Module) -> Delta:
 Thunk = Callable[[], _delta.Factors]
 
 
-def _linear_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, float, Thunk]:
+def _linear_factors(ctx: Ctx, mod: lora_keys.Module) -> tuple[tuple[int, int], int, float, Thunk]:
     """Shape (out, in·k…), rank, scale and the (B·s, A) thunk of a linear or conv LoRA module."""
     a_shape, b_shape = ctx.store.shape(mod.keys["lora_A"]), ctx.store.shape(mod.keys["lora_B"])
     if len(a_shape) < 2 or len(b_shape) < 2 or b_shape[1] != a_shape[0] \
@@ -139,7 +92,7 @@ def _linear_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, float
     return shape, r, s, load
 
 
-def _embedding_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, float, Thunk]:
+def _embedding_factors(ctx: Ctx, mod: lora_keys.Module) -> tuple[tuple[int, int], int, float, Thunk]:
     """Embedding LoRA: ΔW = (B·A)ᵀ·s = (Aᵀ·s)·Bᵀ of shape (num_embeddings, dim)."""
     a_key, b_key = mod.keys["lora_embedding_A"], mod.keys["lora_embedding_B"]
     a_shape, b_shape = ctx.store.shape(a_key), ctx.store.shape(b_key)
@@ -156,7 +109,7 @@ def _embedding_factors(ctx: Ctx, mod: _Module) -> tuple[tuple[int, int], int, fl
     return (num, dim), r, s, load
 
 
-def _rank(ctx: Ctx, mod: _Module, r: int, part: str) -> int:
+def _rank(ctx: Ctx, mod: lora_keys.Module, r: int, part: str) -> int:
     """The rank read from the tensors' shapes; 0 is refused as PEFT refuses ``r`` ≤ 0."""
     if r <= 0:
         raise CheckpointError(f"{ctx.source}: tensor {mod.keys[part]!r} has rank {r} (an r = 0 "
@@ -164,7 +117,7 @@ def _rank(ctx: Ctx, mod: _Module, r: int, part: str) -> int:
     return r
 
 
-def _bias(ctx: Ctx, mod: _Module, s: float, out: int) -> Callable[[], torch.Tensor] | None:
+def _bias(ctx: Ctx, mod: lora_keys.Module, s: float, out: int) -> Callable[[], torch.Tensor] | None:
     """The bias update: lora_B.bias·s (``lora_bias=True``; PEFT's merge adds exactly this) plus,
     for ``bias="all"``/``"lora_only"``, the trained base_layer.bias minus the base's bias."""
     key = mod.keys.get("lora_B.bias")
@@ -180,20 +133,20 @@ def _fan_in_fan_out(ctx: Ctx) -> bool:
     return bool(ctx.config.get("fan_in_fan_out"))
 
 
-def _linear(ctx: Ctx, mod: _Module) -> Delta:
+def _linear(ctx: Ctx, mod: lora_keys.Module) -> Delta:
     shape, r, s, load = _linear_factors(ctx, mod)
     base = ctx.base_weight(mod.name, shape, _fan_in_fan_out(ctx))
     return _delta.factored(mod.name, shape, load, method="lora", source=ctx.source, rank=r,
                            base=base, bias=_bias(ctx, mod, s, shape[0]))
 
 
-def _embedding(ctx: Ctx, mod: _Module) -> Delta:
+def _embedding(ctx: Ctx, mod: lora_keys.Module) -> Delta:
     shape, r, _, load = _embedding_factors(ctx, mod)
     return _delta.factored(mod.name, shape, load, method="lora", source=ctx.source, rank=r,
                            base=ctx.base_weight(mod.name, shape, False))
 
 
-def _dora(ctx: Ctx, mod: _Module) -> Delta:
+def _dora(ctx: Ctx, mod: lora_keys.Module) -> Delta:
     """DoRA: W′ = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖, ΔW = W′ − W0 (dense; needs the base).
 
     The norm is taken per output row for linear/conv layers and per embedding dimension (column)
@@ -225,7 +178,7 @@ def _dora(ctx: Ctx, mod: _Module) -> Delta:
                         bias=None if is_embedding else _bias(ctx, mod, s, shape[0]))
 
 
-_BUILDERS: dict[str, Callable[[Ctx, _Module], Delta]] = {
+_BUILDERS: dict[str, Callable[[Ctx, lora_keys.Module], Delta]] = {
     "linear": _linear,
     "embedding": _embedding,
     "dora": _dora,

@@ -8,8 +8,10 @@ large W is never copied to float64 whole. These are the functions :func:`deltasp
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported in the functions that take tensors: the metric table (and so the
+    import torch  # torch-free CLI route) imports this module without torch
 
 
 def relative_norm(delta_fro: float, base_fro: float) -> float:
@@ -39,6 +41,8 @@ def amplification(delta_fro: float, projection: torch.Tensor) -> float:
     >>> amplification(2.0, torch.zeros(0, 0))
     nan
     """
+    import torch
+
     pn = float(torch.linalg.matrix_norm(projection.to(torch.float64))) if projection.numel() else 0.0
     return delta_fro / pn if pn > 0 else math.nan
 

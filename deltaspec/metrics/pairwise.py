@@ -7,8 +7,10 @@ no vectors (a zero update), similarity is undefined and these functions return N
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported in the functions that take tensors: the metric table (and so the
+    import torch  # torch-free CLI route) imports this module without torch
 
 
 def subspace_similarity_grid(u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
@@ -20,6 +22,8 @@ def subspace_similarity_grid(u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tens
     >>> subspace_similarity_grid(eye[:, :2], eye[:, [1, 0]]).tolist()
     [[0.0, 1.0], [1.0, 1.0]]
     """
+    import torch
+
     c = (u_a.to(torch.float64).T @ u_b.to(torch.float64)).square()  # (k_a, k_b)
     cum = c.cumsum(0).cumsum(1)  # cum[i-1, j-1] = ‖U_a[:, :i]ᵀ U_b[:, :j]‖²_F
     i = torch.arange(1, c.shape[0] + 1, dtype=torch.float64).reshape(-1, 1)
@@ -39,6 +43,8 @@ def subspace_similarity(u_a: torch.Tensor, u_b: torch.Tensor, k: int | None = No
     k = min(u_a.shape[1], u_b.shape[1]) if k is None else min(k, u_a.shape[1], u_b.shape[1])
     if k < 1:
         return math.nan
+    import torch
+
     c = u_a[:, :k].to(torch.float64).T @ u_b[:, :k].to(torch.float64)
     return float(c.square().sum() / k)
 
@@ -52,6 +58,8 @@ def principal_angles(u_a: torch.Tensor, u_b: torch.Tensor) -> torch.Tensor:
     >>> [round(x, 4) for x in principal_angles(eye[:, :2], eye[:, 1:]).tolist()]
     [0.0, 1.5708]
     """
+    import torch
+
     if u_a.shape[1] == 0 or u_b.shape[1] == 0:
         return torch.zeros(0, dtype=torch.float64)
     cos = torch.linalg.svdvals(u_a.to(torch.float64).T @ u_b.to(torch.float64))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported only where a tensor is passed (the torch-free CLI route)
+    import torch
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
-Values = torch.Tensor | np.ndarray | Sequence[float]  # a 1-D spectrum, any of these
+Values = Union["torch.Tensor", np.ndarray, Sequence[float]]  # a 1-D spectrum, any of these
 
 
 def descending(values: Values) -> np.ndarray:
@@ -26,6 +29,8 @@ def descending(values: Values) -> np.ndarray:
     [3.0, 1.0, 0.0]
     """
     if hasattr(values, "detach"):  # a torch tensor of any float dtype, on any device
+        import torch
+
         values = values.detach().to("cpu", torch.float64).numpy()
     s = np.maximum(np.asarray(values, dtype=np.float64).reshape(-1), 0.0)
     if s.size < 2 or bool((s[:-1] >= s[1:]).all()):  # already descending: an O(n) check, no sort

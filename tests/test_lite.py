@@ -1,0 +1,278 @@
+"""The torch-free route of ``deltaspec analyze`` (deltaspec/lite.py): the same table as the full
+route on genuine PEFT adapters, a decline (None) wherever it does not apply, and a command line
+that imports neither torch nor pandas when it answers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import factories as F
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from hubcache import offline_env
+from safetensors.torch import load_file, save_file
+
+from deltaspec import columns as cols
+from deltaspec.analyze import run_paths
+from deltaspec.cli import main
+from deltaspec.lite import analyze_rows, factored_values, read_float32, read_header
+from deltaspec.options import Options
+from deltaspec.output import Rows, render, to_records
+
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EQUAL = {  # LoraConfig keywords of adapters the lite route reads
+    "plain": {"target_modules": LLAMA_ALL},
+    "rslora": {"target_modules": LLAMA_ALL, "use_rslora": True, "lora_alpha": 16},
+    "patterns": {"target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"],
+                 "rank_pattern": {"layers.0.self_attn.q_proj": 2, "v_proj": 6},
+                 "alpha_pattern": {r"layers\.1\..*proj": 3, "q_proj": 5}},
+}
+DECLINE = {  # … and those it leaves to the full route
+    "dora": {"target_modules": ["q_proj", "v_proj"], "use_dora": True},
+    "embedding": {"target_modules": ["embed_tokens", "q_proj"]},
+    "modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+}
+
+
+def assert_same_table(rows: Rows, df: pd.DataFrame) -> None:
+    """The lite rows against the full route's frame: same columns, text and integers; floats to
+    LAPACK rounding (two LAPACK builds: numpy's and torch's)."""
+    lite = cols.frame(rows.rows, rows.columns)
+    assert list(lite.columns) == list(df.columns)
+    assert lite["module"].tolist() == df["module"].tolist()
+    for c in df.columns:
+        if pd.api.types.is_float_dtype(df[c]):
+            np.testing.assert_allclose(lite[c].to_numpy(float), df[c].to_numpy(float),
+                                       rtol=1e-11, atol=1e-13, err_msg=c)
+        else:
+            assert lite[c].tolist() == df[c].tolist(), c
+
+
+@pytest.mark.parametrize("variant", list(EQUAL))
+def test_same_table_as_the_full_route(tmp_path, llama, variant):
+    folder, _ = F.lora_adapter(llama[0], tmp_path / "a", **({"r": 4, "lora_alpha": 8} | EQUAL[variant]))
+    rows = analyze_rows(str(folder), None, Options())
+    assert rows is not None
+    assert_same_table(rows, run_paths(folder).table)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_stored_dtypes_are_read_as_the_loader_reads_them(tmp_path, llama_lora, dtype):
+    folder = tmp_path / str(dtype).removeprefix("torch.")
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((llama_lora[0] / "adapter_config.json").read_text())
+    tensors = load_file(llama_lora[0] / "adapter_model.safetensors")
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    rows = analyze_rows(str(folder), None, Options(top_k=3, include="self_attn"))
+    assert rows is not None and len(rows.rows) == 8
+    assert_same_table(rows, run_paths(folder, opts=Options(top_k=3, include="self_attn")).table)
+
+
+def test_reader_against_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    want = {f"t{d}": (torch.randn(3, 5, generator=g) * 1e3).to(d)
+            for d in (torch.bfloat16, torch.float16, torch.float32, torch.float64)}
+    save_file(want, tmp_path / "x.safetensors")
+    with open(tmp_path / "x.safetensors", "rb") as fh:
+        entries = read_header(fh)
+        for key, t in want.items():
+            got = read_float32(fh, entries[key])
+            assert got.dtype == np.float32
+            assert np.array_equal(got, t.to(torch.float32).numpy()), key
+
+
+def test_factored_values_against_numpy_svd():
+    rng = np.random.default_rng(1)
+    b, a = rng.standard_normal((40, 5)), rng.standard_normal((5, 30))
+    b[:, 4] = 1e-9 * b[:, 3]  # a nearly rank-deficient factor
+    want = np.linalg.svd(b @ a, compute_uv=False)
+    np.testing.assert_allclose(factored_values(b, a), want, rtol=0, atol=1e-14 * want[0])
+    assert factored_values(np.zeros((6, 2)), np.ones((2, 4))).tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("variant", list(DECLINE))
+def test_declines_what_it_does_not_read(tmp_path, llama, variant):
+    folder, _ = F.peft_adapter(llama[0], tmp_path / "a", **({"r": 4} | DECLINE[variant]))
+    assert analyze_rows(str(folder), None, Options()) is None
+
+
+@pytest.mark.parametrize("opts", [dict(intruders=True), dict(device="cuda"), dict(revision="main"),
+                                  dict(lora_alpha=2.0), dict(shard=(0, 2))])
+def test_declines_options_it_does_not_honour(llama_lora, opts):
+    assert analyze_rows(str(llama_lora[0]), None, Options(**opts)) is None
+
+
+def test_declines_a_base_given_or_found(llama, llama_lora, tmp_path):
+    assert analyze_rows(str(llama_lora[0]), str(llama[1]), Options()) is None
+    folder = tmp_path / "named"
+    folder.mkdir()
+    cfg = json.loads((llama_lora[0] / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path":
+                                                                  str(llama[1])}))
+    (folder / "adapter_model.safetensors").write_bytes(
+        (llama_lora[0] / "adapter_model.safetensors").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # declining, it says nothing: the full route says it
+        assert analyze_rows(str(folder), None, Options()) is None  # which uses that base
+    assert analyze_rows(str(folder), None, Options(discover_base=False)) is not None
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def _corrupt(kind: str, folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    if kind == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif kind == "header":
+        weights.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
+    elif kind == "nan":
+        t = load_file(weights)
+        key = sorted(t)[0]
+        t[key] = t[key].clone()
+        t[key][0, 0] = math.nan
+        save_file(t, weights)
+    elif kind == "moe":
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(cfg | {"lora_nums": 2}))
+    elif kind == "bin":
+        torch.save(load_file(weights), folder / "adapter_model.bin")
+        weights.unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "header", "nan", "moe", "bin"])
+def test_declines_files_it_cannot_vouch_for(tmp_path, llama_lora, kind):
+    folder = _copy(llama_lora[0], tmp_path / kind)
+    _corrupt(kind, folder)
+    assert analyze_rows(str(folder), None, Options()) is None
+
+
+@pytest.mark.parametrize("kind", ["truncated", "nan"])
+def test_the_cli_still_says_the_full_routes_one_line_error(tmp_path, llama_lora, kind):
+    folder = _copy(llama_lora[0], tmp_path / kind)
+    _corrupt(kind, folder)
+    res = CliRunner().invoke(main, ["analyze", str(folder)])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("deltaspec: error:")]
+    assert len(lines) == 1 and "adapter_model.safetensors" in lines[0]
+
+
+def test_rows_render_as_the_frame_does():
+    rows = [{"module": 'a,"b"\nc', "layer": None, "kind": "q", "rank_bound": 3,
+             "fro_norm": 1 / 3, "entropy": math.nan, "rank": 2, "top1_share": 1e-20},
+            {"module": "m.1.q", "layer": 1, "kind": "q", "rank_bound": 16,
+             "fro_norm": 1e16, "entropy": 0.0, "rank": 0, "top1_share": 123456.789}]
+    r = Rows(rows, ["module", "layer", "kind", "rank_bound", "fro_norm", "entropy", "rank",
+                    "top1_share"])
+    df = cols.frame(r.rows, r.columns)
+    assert r.csv() == df.to_csv(index=False)
+    assert r.records() == to_records(df)
+    for fmt in ("csv", "json", "table"):
+        assert render(r, fmt) == render(df, fmt), fmt
+
+
+def test_cli_answers_without_torch_or_pandas(llama_lora, tmp_path):
+    out = tmp_path / "m.csv"
+    code = ("import sys\nfrom deltaspec.cli import main\n"
+            f"try:\n    main(['analyze', {str(llama_lora[0])!r}, '-o', {str(out)!r}])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))\n")
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+    got = pd.read_csv(out)
+    want = run_paths(llama_lora[0]).table
+    assert got["module"].tolist() == want["module"].tolist()
+    np.testing.assert_allclose(got["normalized_entropy"], want["normalized_entropy"], rtol=1e-11)
+
+
+def test_cli_table_and_notes_match_the_full_route(llama_lora, tmp_path, monkeypatch):
+    folder = _copy(llama_lora[0], tmp_path / "named")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path":
+                                                                  "org/not-cached"}))
+    offline_env(monkeypatch, tmp_path / "cache")
+    lite = CliRunner().invoke(main, ["analyze", str(folder)])
+    monkeypatch.setattr("deltaspec.lite.analyze_rows", lambda *a: None)
+    full = CliRunner().invoke(main, ["analyze", str(folder)])
+    assert lite.exit_code == full.exit_code == 0
+    assert lite.output == full.output  # 4-digit table, the discovery note and the hidden-column hint
+    assert "org/not-cached" in lite.output and "not available" in lite.output
+
+
+def _raw(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize(("header", "data"), [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),  # overlap
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),  # a gap
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12),  # trailing bytes
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),  # size ≠ shape
+    ({"a": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),  # not a float
+])
+def test_header_refuses_what_safetensors_refuses(tmp_path, header, data):
+    (tmp_path / "w").write_bytes(_raw(header, data))
+    with open(tmp_path / "w", "rb") as fh, pytest.raises(ValueError):
+        read_header(fh)
+
+
+def test_header_refuses_a_repeated_name(tmp_path):
+    text = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, ' \
+           b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    (tmp_path / "w").write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 8)
+    with open(tmp_path / "w", "rb") as fh, pytest.raises(ValueError, match="repeated"):
+        read_header(fh)
+
+
+def test_kind_means_are_pandas_groupby_means():
+    from deltaspec.output import kind_means
+
+    rng = np.random.default_rng(3)
+    kinds = ["q_proj", "v_proj", "up_proj"]
+    rows = [{"module": f"m.{i}.{kinds[i % 3]}", "kind": kinds[i % 3], "rank_bound": int(i % 5 + 1),
+             "fro_norm": float(rng.random()), "intruders": math.nan if i % 2 else float(i)}
+            for i in range(11)]
+    df = cols.frame(rows, list(rows[0]))
+    text = kind_means(list(df.columns), to_records(df)).splitlines()
+    want = df.groupby("kind")[["rank_bound", "fro_norm", "intruders"]].mean()
+    assert text[0].split() == ["kind", "modules", "rank_bound", "fro_norm", "intruders"]
+    for line, (kind, means) in zip(text[1:], want.iterrows(), strict=True):
+        got = line.split()
+        assert got[0] == kind and int(got[1]) == int((df["kind"] == kind).sum())
+        np.testing.assert_allclose([float(x) for x in got[2:]], means.to_numpy(float), rtol=1e-3)
+
+
+def test_a_base_to_download_is_left_to_the_full_route(llama_lora, tmp_path, monkeypatch):
+    from deltaspec.loaders import sources
+
+    folder = _copy(llama_lora[0], tmp_path / "named")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path":
+                                                                  "org/on-the-hub"}))
+    monkeypatch.setattr(sources, "offline", lambda: False)
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(sources, "cached_folder", lambda repo, revision=None: None)
+    monkeypatch.setattr(sources, "hub_folder", lambda *a, **k: pytest.fail("downloaded"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no note either: the full route downloads and says so
+        assert analyze_rows(str(folder), None, Options()) is None
