@@ -42,11 +42,12 @@ from deltaspec.engine.blas import blas_threads
 from deltaspec.errors import DeltaspecError
 from deltaspec.loaders import discovery, lora_keys, peft_config
 from deltaspec.metrics import spectral_metrics
-from deltaspec.names import module_order
+from deltaspec.names import MAX_NAME, module_order
 from deltaspec.options import Options
 from deltaspec.output import Rows
 
 # The Options this route honours; every other field must be at its default, or it declines.
+# (progress: a run of about a second draws no bar; k: the subspace dimension, used only with a base)
 HONOURED = frozenset({"top_k", "k", "include", "allow_modified_base", "progress",
                       "discover_base", "device"})
 DEVICES = ("auto", "cpu")  # auto: a factored update of rank r costs O((m + n)·r²) on any device
@@ -127,7 +128,7 @@ def _rows(path: Path, opts: Options) -> Rows | None:
 def _plan(entries: dict[str, Entry]) -> dict[str, dict[str, str]] | None:
     """Module → {"lora_A": key, "lora_B": key} in the loader's order, or None unless every
     tensor is a plain 2-D factor of a linear LoRA module."""
-    g = lora_keys.group(list(entries))
+    g = lora_keys.group(sorted(entries))  # the store's order: the last of two spellings wins alike
     if g.base_layer or g.full or g.tokens or g.other:
         return None
     plan = {}
@@ -143,24 +144,25 @@ def _plan(entries: dict[str, Entry]) -> dict[str, dict[str, str]] | None:
 
 
 def read_header(fh: BinaryIO) -> dict[str, Entry]:
-    """The tensors of a safetensors file (format: an 8-byte little-endian header length, a JSON
-    header of name → dtype, shape, data_offsets, then the data): ValueError wherever the
-    safetensors library would refuse the file (a header over 100 MB, a repeated name, byte ranges
-    that do not tile the data exactly) or a dtype is not one :data:`DTYPES` widens exactly."""
+    """The tensors of a safetensors file (format: an 8-byte little-endian header length, a UTF-8
+    JSON header of name → dtype, shape, data_offsets, then the data): ValueError wherever the
+    safetensors library (or the loader's store) would refuse the file — a header over 100 MB or
+    not strict UTF-8 JSON, a repeated name, a name over :data:`~deltaspec.names.MAX_NAME`
+    characters, metadata that is not text → text, a shape or offset that is not a non-negative
+    integer, byte ranges that do not tile the data exactly — or a dtype is not one
+    :data:`DTYPES` widens exactly."""
     size = os.fstat(fh.fileno()).st_size
     (n,) = struct.unpack("<Q", fh.read(8))
     if n > min(size - 8, MAX_HEADER):
         raise ValueError("safetensors header runs past the end of the file or is too large")
-    header = json.loads(fh.read(n), object_pairs_hook=_unique)
-    out = {}
-    for key, e in header.items():
-        if key == "__metadata__":
-            continue
-        dtype, shape, (start, end) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-        if dtype not in DTYPES or min(shape, default=0) < 0 \
-                or end - start != math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize:
-            raise ValueError(f"tensor {key!r}: dtype {dtype} or its byte range is not readable here")
-        out[key] = Entry(dtype, shape, 8 + n + start, 8 + n + end)
+    header = json.loads(fh.read(n).decode("utf-8"), object_pairs_hook=_unique,
+                        parse_constant=_no_constant)
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(_text(k) and _text(v) for k, v in meta.items()):
+        raise ValueError("safetensors __metadata__ is not a mapping of text to text")
+    out = {key: _entry(key, e, 8 + n) for key, e in header.items()}
     at = 8 + n
     for e in sorted(out.values(), key=lambda e: (e.start, e.end)):
         if e.start != at:
@@ -169,6 +171,36 @@ def read_header(fh: BinaryIO) -> dict[str, Entry]:
     if at != size:
         raise ValueError("safetensors byte ranges do not end at the end of the file")
     return out
+
+
+def _entry(key: str, e: Any, base: int) -> Entry:
+    if not (_text(key) and len(key) <= MAX_NAME and isinstance(e, dict) and _text(e.get("dtype"))
+            and isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list)
+            and len(e["data_offsets"]) == 2 and all(map(_count, e["shape"] + e["data_offsets"]))):
+        raise ValueError(f"tensor {key[:60]!r}: not a safetensors entry deltaspec reads here")
+    dtype, shape, (start, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+    if dtype not in DTYPES or end - start != math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize:
+        raise ValueError(f"tensor {key[:60]!r}: dtype {dtype} or its byte range is not readable here")
+    return Entry(dtype, shape, base + start, base + end)
+
+
+def _count(x: Any) -> bool:
+    return type(x) is int and x >= 0  # not a bool, a float or a string of digits
+
+
+def _text(x: Any) -> bool:
+    """A str that UTF-8 can hold (JSON's lone surrogate escapes cannot be)."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"safetensors header holds {name}, which is not JSON")
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -25,6 +25,8 @@ _SIGNATURES: tuple[tuple[re.Pattern[str], str], ...] = (
 )
 
 
+MAX_NAME = 1024  # characters of a name read from a file (tensor or shard; real ones are < 200)
+
 def strip_peft_prefix(key: str) -> str:
     """``base_model.model.model.layers.0…`` → ``model.layers.0…``."""
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key

@@ -80,8 +80,8 @@ class Rows:
         out = csv.writer(buf, lineterminator=os.linesep)
         out.writerow(self.columns)
         for row in self.rows:
-            out.writerow(["" if is_missing(v := row.get(c)) else repr(v) if isinstance(v, float)
-                          else str(v) for c in self.columns])
+            out.writerow(["" if is_missing(v := row.get(c)) else repr(float(v))
+                          if isinstance(v, float) else str(v) for c in self.columns])
         return buf.getvalue()
 
     def records(self) -> list[dict[str, Any]]:

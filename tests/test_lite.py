@@ -217,7 +217,7 @@ def test_cli_table_and_notes_match_the_full_route(llama_lora, tmp_path, monkeypa
     assert "org/not-cached" in lite.output and "not available" in lite.output
 
 
-def _raw(header: dict, data: bytes) -> bytes:
+def _raw(header: dict | list, data: bytes) -> bytes:
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + data
 
@@ -229,6 +229,15 @@ def _raw(header: dict, data: bytes) -> bytes:
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12),  # trailing bytes
     ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),  # size ≠ shape
     ({"a": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),  # not a float
+    ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, b"\0" * 8),  # float dim
+    ({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, b"\0" * 8),  # text dim
+    ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [False, 0]}}, b""),  # a bool offset
+    ({"__metadata__": {"format": 1}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+     b"\0" * 8),  # metadata not text → text
+    ({"__metadata__": [1], "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+    ({"x" * 1025: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),  # long name
+    ({"\ud800": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),  # surrogate
+    ([1, 2], b""),  # not an object
 ])
 def test_header_refuses_what_safetensors_refuses(tmp_path, header, data):
     (tmp_path / "w").write_bytes(_raw(header, data))
@@ -276,3 +285,78 @@ def test_a_base_to_download_is_left_to_the_full_route(llama_lora, tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no note either: the full route downloads and says so
         assert analyze_rows(str(folder), None, Options()) is None
+
+
+@pytest.mark.parametrize("text", [
+    b'{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 8]}}',
+    '{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'.encode("utf-16"),
+])
+def test_header_is_strict_utf8_json(tmp_path, text):
+    (tmp_path / "w").write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 8)
+    with open(tmp_path / "w", "rb") as fh, pytest.raises(ValueError):
+        read_header(fh)
+
+
+def test_mixed_dtypes_group_in_the_stores_name_order(tmp_path, llama_lora):
+    """safetensors writes data by dtype, then name; the store lists names sorted: a part saved
+    under two spellings resolves the same way on both routes (the last name sorted wins)."""
+    folder = _copy(llama_lora[0], tmp_path / "mixed")
+    t = load_file(folder / "adapter_model.safetensors")
+    key = sorted(k for k in t if k.endswith("lora_A.weight"))[0]
+    t[key.removeprefix("base_model.model.")] = (3 * t[key]).double()  # an F64 second spelling
+    save_file(t, folder / "adapter_model.safetensors")
+    rows = analyze_rows(str(folder), None, Options())
+    assert rows is not None
+    assert_same_table(rows, run_paths(folder).table)
+
+
+def test_zero_update_subfolder_and_conv1d_adapters(tmp_path, llama, gpt2):
+    zero, _ = F.lora_adapter(llama[0], tmp_path / "zero", r=4, init_lora_weights=True,
+                             target_modules=["q_proj", "v_proj"])  # B = 0: PEFT's default start
+    named, _ = F.peft_adapter(llama[0], tmp_path / "named", r=4, adapter_name="mine",
+                              target_modules=["q_proj"])
+    assert (named / "mine" / "adapter_config.json").is_file()  # saved one folder down
+    conv, _ = F.lora_adapter(gpt2[0], tmp_path / "conv", r=4, target_modules=["c_attn", "c_fc"],
+                             fan_in_fan_out=True)
+    for folder in (zero, named, conv):
+        rows = analyze_rows(str(folder), None, Options())
+        assert rows is not None, folder
+        assert_same_table(rows, run_paths(folder).table)
+    zero_rows = analyze_rows(str(zero), None, Options())
+    assert zero_rows is not None and all(r["fro_norm"] == 0.0 for r in zero_rows.rows)
+
+
+def test_declines_a_full_rank_module(tmp_path, llama):
+    folder, _ = F.lora_adapter(llama[0], tmp_path / "a", r=32, target_modules=["q_proj"])
+    assert analyze_rows(str(folder), None, Options()) is None  # r = min(m, n): the dense route
+    assert run_paths(folder).table["route"].unique().tolist() == ["dense"]
+
+
+def test_blas_threads_sets_and_restores():
+    from deltaspec.engine.blas import blas_threads, openblas
+
+    found = openblas("numpy")
+    if found is None:
+        pytest.skip("numpy is not built on OpenBLAS here")
+    lib, suffix = found
+    get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}")
+    before = get()
+    with blas_threads(1, "numpy"):
+        assert get() == 1
+    assert get() == before
+
+
+def test_table_text(llama_lora):
+    """The table format, pandas-free on both routes: right-aligned columns, '–' for undefined,
+    a one-line header over the per-kind means."""
+    rows = [{"module": "model.layers.0.self_attn.q_proj", "kind": "q_proj", "shape": "32×32",
+             "rank_bound": 4, "fro_norm": 1.5, "relative_norm": math.nan},
+            {"module": "l.1.q_proj", "kind": "q_proj", "shape": "32×32", "rank_bound": 2,
+             "fro_norm": 0.25, "relative_norm": 0.5}]
+    text = render(Rows(rows, list(rows[0])), "table").splitlines()
+    assert text[0].split() == ["module", "shape", "rank_bound", "fro_norm", "relative_norm"]
+    assert text[1].split()[-1] == "–" and text[2].endswith("0.5")
+    assert len({len(line) for line in text[:3]}) == 1  # one width per column
+    assert text[4:] == ["mean per module kind:",
+                        "kind   modules rank_bound fro_norm relative_norm",
+                        "q_proj       2          3    0.875           0.5"]

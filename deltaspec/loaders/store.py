@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from deltaspec.config_files import parse_json_file, why
 from deltaspec.delta import check_finite, weights_dtype
 from deltaspec.errors import CheckpointError
+from deltaspec.names import MAX_NAME
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -198,7 +199,6 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 _why = why
-MAX_NAME = 1024  # characters of a file name read from a file (real shard names are < 64)
 
 
 def _tensor_name(key: object, where: Path) -> str:
