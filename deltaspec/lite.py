@@ -57,6 +57,10 @@ DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 # QR of a factor this narrow is a string of tiny steps: one BLAS thread is twice as fast on 2 cores
 ONE_THREAD_RANK = 64
 MAX_HEADER = 100_000_000  # the safetensors library's own limit on the header
+class Declined(ValueError):
+    """This route does not reproduce the full route's answer for this input."""
+
+
 # What a malformed file or config raises here: the full route then reports it in its own words.
 _DECLINE = (DeltaspecError, OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
             RecursionError, struct.error)
@@ -82,9 +86,7 @@ def analyze_rows(path: str, base: str | None, opts: Options) -> Rows | None:
         try:
             rows = _rows(Path(path), opts)
         except _DECLINE:
-            return None
-    if rows is None:
-        return None  # the full route says its own notes
+            return None  # the full route says its own notes
     for w in said:  # the discovery note, now that this route answers
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return rows
@@ -97,48 +99,41 @@ def _options_ok(opts: Options) -> bool:
         for f in dataclasses.fields(Options) if f.name not in HONOURED)
 
 
-def _rows(path: Path, opts: Options) -> Rows | None:
-    if not path.is_dir():
-        return None
-    folder = peft_config.find_adapter_dir(path)
+def _rows(path: Path, opts: Options) -> Rows:
+    """The rows, or :class:`Declined` (or an error of :data:`_DECLINE`) where the route does not apply."""
+    folder = peft_config.find_adapter_dir(path) if path.is_dir() else None
     if folder is None or not (folder / WEIGHTS).is_file():
-        return None
+        raise Declined("not an adapter folder with safetensors weights")
     config_path = folder / peft_config.CONFIG
     config = parse_json_file(config_path)
-    if str(config.get("peft_type")).upper() != "LORA" \
-            or peft_config.MOE_FORK_KEY in config:
-        return None
+    if str(config.get("peft_type")).upper() != "LORA" or peft_config.MOE_FORK_KEY in config:
+        raise Declined("not a PEFT LoRA adapter")
     peft_config.check_config(config_path, config, opts.allow_modified_base)
     with open(folder / WEIGHTS, "rb") as fh:
         entries = read_header(fh)
-        plan = _plan(entries)
-        if plan is None:
-            return None
-        plan = {n: k for n, k in plan.items()
+        plan = {n: k for n, k in _plan(entries).items()
                 if opts.include is None or patterns.search(opts.include, n, "include")}
         if not plan or discovery.choose_base(path, None, discover=opts.discover_base,
                                                fetch=False) is not None:
-            return None
+            raise Declined("no module selected, or a base to analyse against")
         rows = [_row(fh, entries, name, keys, config, opts) for name, keys in plan.items()]
-    if any(r is None for r in rows):
-        return None
-    return Rows([r for r in rows if r is not None], cols.analyze_columns(False))
+    return Rows(rows, cols.analyze_columns(False))
 
 
-def _plan(entries: dict[str, Entry]) -> dict[str, dict[str, str]] | None:
-    """Module → {"lora_A": key, "lora_B": key} in the loader's order, or None unless every
-    tensor is a plain 2-D factor of a linear LoRA module."""
+def _plan(entries: dict[str, Entry]) -> dict[str, dict[str, str]]:
+    """Module → {"lora_A": key, "lora_B": key} in the loader's order; :class:`Declined` unless
+    every tensor is a plain 2-D factor of a linear LoRA module of rank below min(m, n)."""
     g = lora_keys.group(sorted(entries))  # the store's order: the last of two spellings wins alike
     if g.base_layer or g.full or g.tokens or g.other:
-        return None
+        raise Declined("tensors other than LoRA factors")
     plan = {}
     for name in sorted(g.lora, key=module_order):
         keys = g.lora[name].keys
         if set(keys) != {"lora_A", "lora_B"}:
-            return None
+            raise Declined(f"{name}: not a plain linear LoRA module")
         a, b = entries[keys["lora_A"]].shape, entries[keys["lora_B"]].shape
-        if len(a) != 2 or len(b) != 2 or b[1] != a[0] or a[0] <= 0:
-            return None
+        if len(a) != 2 or len(b) != 2 or b[1] != a[0] or not 0 < a[0] < min(b[0], a[1]):
+            raise Declined(f"{name}: factor shapes the factored route does not take")
         plan[name] = keys
     return plan
 
@@ -242,17 +237,16 @@ def factored_values(b: np.ndarray, a: np.ndarray) -> np.ndarray:
 
 
 def _row(fh: BinaryIO, entries: dict[str, Entry], name: str, keys: dict[str, str],
-         config: dict[str, Any], opts: Options) -> dict[str, Any] | None:
-    """One module's row, or None (decline) for a non-finite factor or a full-rank update."""
+         config: dict[str, Any], opts: Options) -> dict[str, Any]:
+    """One module's row (:class:`Declined` for a non-finite factor: the loader's error)."""
     a, b = read_float32(fh, entries[keys["lora_A"]]), read_float32(fh, entries[keys["lora_B"]])
-    r, shape = a.shape[0], (b.shape[0], a.shape[1])
-    rank_bound = min(r, *shape)
+    r, shape = a.shape[0], (b.shape[0], a.shape[1])  # r < min(shape): checked by _plan
     b = b * np.float32(peft_config.scale(config, name, r))  # float32, as the loader's B·s
-    if rank_bound >= min(shape) or not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return None  # the dense route, or the loader's NaN/Inf error
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise Declined(f"{name}: NaN/Inf")
     values = factored_values(b, a)
-    return cols.identity(name, "lora", shape, rank_bound, "factored") \
+    return cols.identity(name, "lora", shape, r, "factored") \
         | spectral_metrics(values, shape, opts.top_k)
 
 
-__all__ = ["HONOURED", "Entry", "analyze_rows", "factored_values", "read_float32", "read_header"]
+__all__ = ["HONOURED", "Declined", "Entry", "analyze_rows", "factored_values", "read_float32", "read_header"]

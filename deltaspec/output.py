@@ -109,7 +109,9 @@ class Printable:
 
     def hidden(self) -> int:
         """How many of the frame's columns the table format leaves out."""
-        records = self.records() if self.table is None else []
+        if self.table is not None:
+            return 0
+        records = self.records()
         return len(self.columns()) - len(table_columns(self.columns(), records)) if records else 0
 
 
