@@ -23,6 +23,7 @@ import torch
 from deltaspec import metrics as M
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import UsageError
+from deltaspec.rows import sigma
 
 ATTR = "spectra"
 DEFAULT_LABELS = ("update", ("A", "B"))
@@ -39,12 +40,6 @@ class Sigmas(dict):
 
     def __hash__(self) -> int:  # type: ignore[override]
         return id(self)
-
-
-def sigma(sp: Spectrum) -> np.ndarray:
-    """The singular values of ``sp`` as a fresh float64 array (never a view that keeps a larger
-    solver buffer alive)."""
-    return np.array(sp.values.to("cpu", torch.float64).numpy(), dtype=np.float64, copy=True)
 
 
 def attach(df: pd.DataFrame, values: Mapping[str, Any], k: int,

@@ -1,13 +1,20 @@
-"""The analysis options, declared once: :class:`Options`, taken by the core entry
-(:func:`deltaspec.analyze.run`) and by ``analyze``/``compare``/``spectra`` as keyword arguments.
+"""The options, declared once: :class:`Options` carries every analysis *and* load setting, taken
+by the core (:mod:`deltaspec.plan`, :func:`deltaspec.analyze.run`), the loaders
+(:func:`deltaspec.load`) and ``analyze``/``compare``/``spectra`` as keyword arguments.
 
-Imports nothing heavy (no torch, numpy or pandas), so that the command line can build an
+Each field's metadata (:func:`flag`) says how the command line spells it: the flag, its help, its
+value kind and which commands take it; :mod:`deltaspec.cli.options` generates the click options
+from it, so a new option is one field here plus the code that uses it.
+
+Imports nothing heavy (no torch, numpy, pandas or click), so that the command line can build an
 :class:`Options` while it is still only parsing arguments.
 
 >>> Options(top_k=16).k
 8
 >>> make_options({"include": "q_proj"}).include
 'q_proj'
+>>> [f.name for f in cli_fields()][:3]
+['top_k', 'k', 'device']
 """
 
 from __future__ import annotations
@@ -15,30 +22,65 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deltaspec.errors import UsageError
 
+# The commands that analyse: every one takes every option that has a flag (unless it says otherwise)
+ANALYSING = ("analyze", "compare", "report", "snapshot", "check")
+
+
+def flag(default: Any, decl: str, help: str, kind: str = "text", metavar: str | None = None,
+         invert: bool = False, commands: tuple[str, ...] = ANALYSING,
+         show_default: bool = False) -> Any:
+    """A dataclass field with its command-line spelling: ``decl`` (e.g. ``"--top-k"``), ``help``,
+    ``kind`` (``count``: a positive integer, ``positive``: a positive number, ``device``,
+    ``switch``: ``--x/--no-x``, ``flag``: present or not, ``text``), ``invert``: the flag sets the
+    field to False (``--no-base-discovery`` → ``discover_base=False``), ``commands``: which
+    commands take it.
+
+    >>> dataclasses.fields(Options)[0].metadata["decl"]
+    '--top-k'
+    """
+    return field(default=default, metadata=dict(decl=decl, help=help, kind=kind, metavar=metavar,
+                                                invert=invert, commands=commands,
+                                                show_default=show_default))
+
 
 @dataclass(frozen=True)
 class Options:
-    """How one analysis runs. Every field has the keyword argument of the same name."""
+    """How one analysis runs (and how its checkpoints are read). Every field is the keyword
+    argument of the same name; fields with a flag are the commands' shared options."""
 
-    top_k: int | None = None  # spectral metrics over the top K values only (fair across ranks)
-    k: int = 8  # subspace dimension K for similarity and amplification
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", …
-    intruders: bool = False  # intruder count (with a base): a full decomposition of each W; opt-in
-    include: str | None = None  # regex: only modules whose name matches (re.search)
-    progress: bool = False  # a tqdm progress bar on stderr
-    allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway
-    lora_alpha: float | None = None  # α of checkpoints that do not save it (MTL-LoRA code base)
-    mtl_temperature: float | None = None  # MTL-LoRA's softmax temperature (not saved; default 1)
+    top_k: int | None = flag(None, "--top-k", "Take every spectral metric over the top K singular "
+                             "values only.", "count")
+    k: int = flag(8, "--k", "Subspace dimension K for similarity and amplification.", "count",
+                  show_default=True)
+    device: str = flag("auto", "--device", "auto (CUDA when present), cpu, cuda or cuda:N.",
+                       "device", show_default=True)
+    intruders: bool = flag(False, "--intruders/--no-intruders", "Count intruder dimensions (with "
+                           "--base). Costs a full decomposition of every base matrix: slow on "
+                           "large models, hence off by default.", "switch", show_default=True)
+    include: str | None = flag(None, "--include", "Only modules whose name matches this regular "
+                               "expression.", metavar="REGEX")
+    progress: bool = False  # a tqdm progress bar on stderr (the CLI: a terminal and no -q)
+    allow_modified_base: bool = flag(False, "--allow-modified-base", "Read PiSSA/OLoRA/LoftQ/… "
+                                     "adapters although s·B·A is not their update.", "flag")
+    lora_alpha: float | None = flag(None, "--lora-alpha", "LoRA α of checkpoints that do not save "
+                                    "it (the MTL-LoRA code base's final_checkpoint.pt); without it "
+                                    "their norms are reported with α/r = 1.", "positive", "A")
+    mtl_temperature: float | None = flag(None, "--mtl-temperature", "MTL-LoRA's softmax "
+                                         "temperature over its lora_B heads (not saved; default "
+                                         "1.0, the code base's default).", "positive", "T")
     shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
     keep_spectra: bool = False  # keep every module's Spectrum in the result (core entry only)
     vectors: bool = False  # also compute the top-K singular vectors (kept with keep_spectra)
-    discover_base: bool = True  # no base given: use the one the adapter's config names
-    revision: str | None = None  # revision of Hub ids given without @revision
+    discover_base: bool = flag(True, "--no-base-discovery", "Without --base, do not use the base "
+                               "the adapter's config names.", "flag", invert=True)
+    revision: str | None = flag(None, "--revision", "Revision (branch, tag or commit) of the Hub "
+                                "ids given without @REV (not --base: write org/name@REV there).",
+                                metavar="REV")
     adapter_name: str | None = None  # the adapter of a live PeftModel (default: its active one)
 
     def __post_init__(self) -> None:
@@ -69,6 +111,42 @@ FIELDS = tuple(f.name for f in dataclasses.fields(Options))
 CORE_ONLY = ("keep_spectra", "vectors")
 
 
+def cli_fields(command: str | None = None) -> list[dataclasses.Field[Any]]:
+    """The fields that have a flag (taken by ``command``, or by any command), in declared order.
+
+    >>> "lora_alpha" in [f.name for f in cli_fields("check")]
+    True
+    """
+    return [f for f in dataclasses.fields(Options)
+            if "decl" in f.metadata and (command is None or command in f.metadata["commands"])]
+
+
+def dest(f: dataclasses.Field[Any]) -> str:
+    """The name of the parsed command-line value of field ``f`` (``no_base_discovery`` for
+    ``discover_base``).
+
+    >>> dest(next(f for f in cli_fields() if f.name == "discover_base"))
+    'no_base_discovery'
+    """
+    decl = str(f.metadata["decl"]).split("/")[0]
+    return decl.lstrip("-").replace("-", "_") if f.metadata["invert"] else f.name
+
+
+def from_flags(values: dict[str, Any], **changes: Any) -> Options:
+    """Parsed command-line values (by :func:`dest`) → :class:`Options`; a value not given (absent
+    or None) keeps the field's default; ``changes`` last.
+
+    >>> from_flags({"no_base_discovery": True, "k": None}).discover_base
+    False
+    """
+    fields: dict[str, Any] = {}
+    for f in cli_fields():
+        value = values.get(dest(f))
+        if value is not None:
+            fields[f.name] = (not value) if f.metadata["invert"] else value
+    return Options(**(fields | changes))
+
+
 def make_options(options: dict[str, Any], public: bool = False) -> Options:
     """Validate keyword options into an :class:`Options` (unknown names are an error;
     ``public``: the keywords of ``analyze``/``compare``, which keep no spectra)."""
@@ -82,4 +160,5 @@ def make_options(options: dict[str, Any], public: bool = False) -> Options:
     return Options(**options)
 
 
-__all__ = ["FIELDS", "Options", "make_options"]
+__all__ = ["ANALYSING", "CORE_ONLY", "FIELDS", "Options", "cli_fields", "dest", "flag",
+           "from_flags", "make_options"]

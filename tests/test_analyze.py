@@ -33,7 +33,7 @@ def test_analyze_values_match_numpy(llama_lora):
     adapter, _ = llama_lora
     deltas = deltaspec.load(adapter)
     result = run(deltas, opts=Options(keep_spectra=True))
-    df = result.table
+    df = result.frame()
     for name, sp in result.spectra.items():
         want = np.linalg.svd(deltas[name].dense(torch.float64).numpy(), compute_uv=False)
         assert np.allclose(sp.values.numpy(), want, atol=1e-9 * want[0])

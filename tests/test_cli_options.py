@@ -134,20 +134,19 @@ def test_help_and_argument_errors_import_no_torch(args):
 
 
 def test_each_checkpoint_is_loaded_once(llama_lora, monkeypatch, tmp_path):
-    import deltaspec.analyze  # noqa: F401  (deltaspec.analyze itself is the function)
-    from deltaspec import loaders
     from deltaspec.gate.snapshot import take_snapshot
+    from deltaspec.loaders import registry
     from deltaspec.report import data as report_data
 
     calls = []
+    real = registry.load_side
 
-    def counting(path, base=None, **kw):
-        calls.append(str(path))
-        return loaders.load(path, base, **kw)
+    def counting(side, opts):
+        calls.append(str(side.given))
+        return real(side, opts)
 
-    core = sys.modules["deltaspec.analyze"]
-    monkeypatch.setattr(core, "load", counting)
-    monkeypatch.setattr(report_data, "load", counting)
+    monkeypatch.setattr(registry, "load_side", counting)  # the torch executor's one loader call
+    monkeypatch.setattr(report_data, "load_side", counting)
     adapter, _ = llama_lora
     report_data.collect({"a": adapter, "b": adapter}, include="q_proj", device="cpu")
     assert calls == [str(adapter)] * 2  # one load per update, none inside the analysis

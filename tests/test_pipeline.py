@@ -182,7 +182,7 @@ def test_analyze_lora_matches_the_peft_merge(llama, llama_lora):
     folder, peft_model = llama_lora
     expected = F.expected_deltas(model, peft_model)
     res = run(load(folder), opts=Options(keep_spectra=True, vectors=True, k=3, device="cpu"))
-    df = res.table
+    df = res.frame()
     assert list(df["module"]) == list(load(folder))  # rows keep the loader's order
     assert set(df["module"]) == set(expected)
     for name, dw in expected.items():
@@ -267,7 +267,7 @@ def test_compare_pairwise_metrics_match_numpy(tmp_path, llama, llama_lora):
                                    target_modules=["q_proj", "v_proj", "down_proj"])
     ea, eb = F.expected_deltas(model, peft_a), F.expected_deltas(model, peft_b)
     result = run(load(folder), load(other), Options(k=2, keep_spectra=True, device="cpu"))
-    df = result.table.set_index("module")
+    df = result.frame().set_index("module")
     assert set(df.index) == set(ea) & set(eb)
     for name in df.index:
         a, b = ea[name].numpy(), eb[name].numpy()

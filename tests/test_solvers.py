@@ -155,7 +155,7 @@ def test_analyze_is_the_same_whatever_the_routes(monkeypatch, llama, llama_full)
         assert np.abs(sp.values.numpy() - other.spectra[name].values.numpy()).max() <= \
             1e-12 * float(sp.values[0])
     for col in ("effective_rank", "relative_norm", "amplification"):
-        assert np.allclose(one.table[col].to_numpy(float), other.table[col].to_numpy(float),
+        assert np.allclose(one.frame()[col].to_numpy(float), other.frame()[col].to_numpy(float),
                            rtol=1e-9)
 
 

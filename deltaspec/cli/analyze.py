@@ -45,16 +45,9 @@ def analyze_cmd(path: str, **kw: Any) -> None:
     HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN apply).
     """
     writable(kw["output"])
-    from deltaspec.lite import analyze_rows
+    from deltaspec.execute import analyse  # a plain LoRA adapter: the numpy executor, no torch
 
-    opts = to_options(kw)
-    rows = analyze_rows(path, kw["base"], opts)  # a plain LoRA adapter: without torch or pandas
-    if rows is not None:
-        emit(rows, kw)
-        return
-    from deltaspec.analyze import run_paths
-
-    result = run_paths(path, None, kw["base"], opts)
+    result = analyse((path,), kw["base"], to_options(kw))
     emit(result.table, kw, result_notes(result.skipped, [], [], result.notes))
 
 
@@ -72,9 +65,9 @@ def compare_cmd(a: str, b: str, **kw: Any) -> None:
     --base is given, the update analysed is ΔW = B − A.
     """
     writable(kw["output"])
-    from deltaspec.analyze import run_paths
+    from deltaspec.execute import analyse
 
-    result = run_paths(a, b, kw["base"], to_options(kw))
+    result = analyse((a, b), kw["base"], to_options(kw))
     emit(result.table, kw, result_notes(result.skipped, result.only_a, result.only_b,
                                           result.notes))
 

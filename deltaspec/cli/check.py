@@ -26,6 +26,7 @@ from deltaspec.cli.options import (
 )
 from deltaspec.errors import one_line
 from deltaspec.names import kind_of
+from deltaspec.options import CORE_ONLY, FIELDS
 
 if TYPE_CHECKING:
     from deltaspec.gate.check import Outcome
@@ -172,17 +173,14 @@ def check_cmd(ctx: click.Context, path: str, **kw: Any) -> None:
     """
     _writable(kw["output"], "--output")
     _writable(kw["junit"], "--junit", parents=True)
-    from deltaspec.gate.check import load_rules, read_baseline, run_check
+    from deltaspec.gate.check import FROM_BASELINE, load_rules, read_baseline, run_check
     from deltaspec.output import format_for
 
     rules = load_rules(kw["rules"])
     baseline = read_baseline(kw["baseline"])
-    opts = to_options(kw)
-    given = {name for name in ("k", "top_k", "include", "intruders")
-             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
-    changes = {name: getattr(opts, name) for name in given} | {
-        "device": opts.device, "progress": opts.progress,
-        "allow_modified_base": opts.allow_modified_base}
+    opts = to_options(kw)  # every shared option; K, top-K, include, intruders: the baseline's unless given
+    changes = {f: getattr(opts, f) for f in FIELDS if f not in CORE_ONLY and (
+        f not in FROM_BASELINE or ctx.get_parameter_source(f) is not ParameterSource.DEFAULT)}
     outcome = run_check(path, baseline, rules, base=kw["base"], **changes)
     if kw["junit"]:  # like pytest --junitxml: a missing folder is created, once it is written
         from deltaspec.output import write_atomic

@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from deltaspec.errors import UsageError, one_line
-from deltaspec.options import Options
+from deltaspec.options import Options, cli_fields, dest, from_flags
 from deltaspec.output import FORMATS
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -44,47 +44,42 @@ class DeviceType(click.ParamType):
 
 DEVICE = DeviceType()
 
-# name → (parameter declarations, click.option keyword arguments)
-ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "base": (("--base",), dict(
-        default=None, metavar="DIR|ID",
-        help="Base model folder or Hub id org/name[@rev] (needed for full checkpoints and DoRA; "
-             "enables relative_norm, amplification and, with --intruders, intruders). Default: "
-             "the base_model_name_or_path of the adapter's config, when it resolves.")),
-    "no_base_discovery": (("--no-base-discovery",), dict(
-        is_flag=True, help="Without --base, do not use the base the adapter's config names.")),
-    "revision": (("--revision",), dict(
-        default=None, metavar="REV",
-        help="Revision (branch, tag or commit) of the Hub ids given without @REV (not --base: "
-             "write org/name@REV there).")),
-    "include": (("--include",), dict(
-        default=None, metavar="REGEX",
-        help="Only modules whose name matches this regular expression.")),
-    "top_k": (("--top-k", "top_k"), dict(
-        type=click.IntRange(min=1), default=None,
-        help="Take every spectral metric over the top K singular values only.")),
-    "k": (("--k", "k"), dict(
-        type=click.IntRange(min=1), default=8, show_default=True,
-        help="Subspace dimension K for similarity and amplification.")),
-    "device": (("--device",), dict(
-        type=DEVICE, default="auto", show_default=True,
-        help="auto (CUDA when present), cpu, cuda or cuda:N.")),
-    "intruders": (("--intruders/--no-intruders",), dict(
-        default=False, show_default=True,
-        help="Count intruder dimensions (with --base). Costs a full decomposition of every base "
-             "matrix: slow on large models, hence off by default.")),
-    "allow_modified_base": (("--allow-modified-base",), dict(
-        is_flag=True, help="Read PiSSA/OLoRA/LoftQ/… adapters although s·B·A is not their update.")),
-    "lora_alpha": (("--lora-alpha",), dict(
-        type=click.FloatRange(min=0, min_open=True), default=None, metavar="A",
-        help="LoRA α of checkpoints that do not save it (the MTL-LoRA code base's "
-             "final_checkpoint.pt); without it their norms are reported with α/r = 1.")),
-    "mtl_temperature": (("--mtl-temperature",), dict(
-        type=click.FloatRange(min=0, min_open=True), default=None, metavar="T",
-        help="MTL-LoRA's softmax temperature over its lora_B heads (not saved; default 1.0, "
-             "the code base's default).")),
-    "quiet": (("-q", "--quiet"), dict(is_flag=True, help="No progress bar or notes on stderr.")),
+# The click type of each value kind of :func:`deltaspec.options.flag`
+KINDS: dict[str, dict[str, Any]] = {
+    "count": dict(type=click.IntRange(min=1)),
+    "positive": dict(type=click.FloatRange(min=0, min_open=True)),
+    "device": dict(type=DEVICE),
+    "flag": dict(is_flag=True),
+    "switch": {},
+    "text": {},
 }
+
+# Shared arguments that are not Options: the base is a source of the request, -q is output
+BASE: tuple[tuple[str, ...], dict[str, Any]] = (("--base",), dict(
+    default=None, metavar="DIR|ID",
+    help="Base model folder or Hub id org/name[@rev] (needed for full checkpoints and DoRA; "
+         "enables relative_norm, amplification and, with --intruders, intruders). Default: "
+         "the base_model_name_or_path of the adapter's config, when it resolves."))
+QUIET: tuple[tuple[str, ...], dict[str, Any]] = (
+    ("-q", "--quiet"), dict(is_flag=True, help="No progress bar or notes on stderr."))
+
+
+def _declared(command: str | None = None) -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
+    """name → (parameter declarations, click.option keyword arguments), generated from the
+    metadata of :class:`~deltaspec.options.Options` (plus ``--base`` and ``-q``)."""
+    out: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {"base": BASE}
+    for f in cli_fields(command):
+        meta = f.metadata
+        kw = dict(KINDS[meta["kind"]], help=meta["help"], show_default=meta["show_default"])
+        if meta["kind"] != "flag":
+            kw["default"] = f.default
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
+        out[dest(f)] = ((meta["decl"], dest(f)), kw)
+    return out | {"quiet": QUIET}
+
+
+ANALYSIS = _declared()
 
 
 def _apply(f: Callable[..., Any], decorators: Sequence[Callable[[Any], Any]]) -> Callable[..., Any]:
@@ -93,15 +88,15 @@ def _apply(f: Callable[..., Any], decorators: Sequence[Callable[[Any], Any]]) ->
     return f
 
 
-def analysis_options(**overrides: dict[str, Any]) -> Decorator:
-    """The shared analysis options; ``overrides``: name → click keyword arguments to change
-    (e.g. ``k={"default": None, "help": …}``)."""
+def analysis_options(command: str | None = None, **overrides: dict[str, Any]) -> Decorator:
+    """The shared analysis options (those ``command`` takes; default: all); ``overrides``: name →
+    click keyword arguments to change (e.g. ``k={"default": None, "help": …}``)."""
     unknown = set(overrides) - set(ANALYSIS)
     assert not unknown, f"not a shared option: {unknown}"
 
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
         decs = [click.option(*decls, **(kw | overrides.get(name, {})))
-                for name, (decls, kw) in ANALYSIS.items()]
+                for name, (decls, kw) in _declared(command).items()]
         return _apply(f, decs)
 
     return deco
@@ -160,13 +155,9 @@ def progress(kw: dict[str, Any]) -> bool:
 
 
 def to_options(kw: dict[str, Any], **changes: Any) -> Options:
-    """The parsed shared options → :class:`Options` (the one mapping)."""
-    fields = dict(top_k=kw.get("top_k"), k=kw.get("k") or 8, device=kw.get("device", "auto"),
-                  intruders=bool(kw.get("intruders")), include=kw.get("include"),
-                  allow_modified_base=bool(kw.get("allow_modified_base")), progress=progress(kw),
-                  discover_base=not kw.get("no_base_discovery"), revision=kw.get("revision"),
-                  lora_alpha=kw.get("lora_alpha"), mtl_temperature=kw.get("mtl_temperature"))
-    return Options(**(fields | changes))
+    """The parsed shared options → :class:`Options`, by the fields' metadata
+    (:func:`deltaspec.options.from_flags`); progress from ``-q`` and the terminal."""
+    return from_flags(kw, **({"progress": progress(kw)} | changes))
 
 
 def emit(what: Any, kw: dict[str, Any], notes: list[str] | None = None) -> None:

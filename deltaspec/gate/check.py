@@ -73,12 +73,14 @@ from deltaspec.names import match_key
 from deltaspec.options import Options, make_options
 from deltaspec.output import fmt_number as fmt
 
+# Options a check takes from its baseline unless given (the rest: the command's, as any command's)
+FROM_BASELINE = ("k", "top_k", "include", "intruders")
 _PHI_SLACK = 1e-3  # φ from float16-stored vectors is within ~1e-5; identical subspaces pass φ ≥ 1
 
 __all__ = [
-    "DEFAULT_TOLERANCES", "METRICS", "Baseline", "Bound", "Check", "Outcome", "Policy", "Rules",
-    "Tolerance", "check_options", "compare", "compare_module", "describe", "fmt", "load_rules",
-    "load_rules_data",
+    "DEFAULT_TOLERANCES", "FROM_BASELINE", "METRICS", "Baseline", "Bound", "Check", "Outcome",
+    "Policy", "Rules", "Tolerance", "check_options", "compare", "compare_module", "describe",
+    "fmt", "load_rules", "load_rules_data",
     "merge_rules", "parse_rules", "read_baseline", "run_check", "take_snapshot", "to_dict",
     "write_baseline",
 ]

@@ -49,7 +49,7 @@ from deltaspec.errors import ConfigError, UsageError
 from deltaspec.options import Options, make_options
 
 if TYPE_CHECKING:
-    from deltaspec.analyze import Analysis
+    from deltaspec.result import Analysis
 
 FORMAT = "deltaspec-baseline"
 VERSION = 1
@@ -181,9 +181,9 @@ def _plain(v: Any) -> Any:
 
 
 def records_from(result: Analysis, k: int, sketch: int = 0) -> dict[str, ModuleRecord]:
-    """Module records from a core :class:`~deltaspec.analyze.Analysis` run with ``vectors`` and
+    """Module records from a core :class:`~deltaspec.result.Analysis` run with ``vectors`` and
     ``keep_spectra``."""
-    df = result.table
+    df = result.frame()
     metric_cols = [c for c in df.columns if c not in _IDENTITY]
     out = {}
     for row in df.to_dict(orient="records"):
@@ -200,11 +200,11 @@ def records_from(result: Analysis, k: int, sketch: int = 0) -> dict[str, ModuleR
 
 
 def run_analysis(path: str | Path, base: str | Path | None, opts: Options) -> Analysis:
-    """The one pass snapshot and check both make: the checkpoint loaded once, the core entry run
-    with values and top-K vectors kept."""
-    from deltaspec.analyze import run_paths
+    """The one pass snapshot and check both make: the update planned once and executed with
+    values and top-K vectors kept."""
+    from deltaspec.execute import analyse
 
-    return run_paths(path, None, base, dataclasses.replace(opts, vectors=True, keep_spectra=True))
+    return analyse((path,), base, dataclasses.replace(opts, vectors=True, keep_spectra=True))
 
 
 def take_snapshot(path: str | Path, base: str | Path | None = None, *, sketch: int = 0,

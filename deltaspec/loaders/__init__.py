@@ -18,14 +18,13 @@ if TYPE_CHECKING:
         FORMATS,
         Checkpoint,
         Deltas,
-        LoadOptions,
         detect_format,
         load,
         resolve,
         supported_peft_types,
     )
 
-_REGISTRY = ("FORMATS", "Checkpoint", "Deltas", "LoadOptions", "detect_format", "load", "resolve",
+_REGISTRY = ("FORMATS", "Checkpoint", "Deltas", "detect_format", "load", "resolve",
              "supported_peft_types")
 
 
@@ -35,5 +34,5 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module("deltaspec.loaders.registry"), name)
 
 
-__all__ = ["FORMATS", "Checkpoint", "Deltas", "LoadOptions", "detect_format", "load", "resolve",
+__all__ = ["FORMATS", "Checkpoint", "Deltas", "detect_format", "load", "resolve",
            "supported_peft_types"]

@@ -16,8 +16,9 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
 from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("ADALORA",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -31,7 +32,7 @@ UNSUPPORTED = {"use_dora": peft_common.truthy, "lora_bias": peft_common.truthy,
                                                                           "loftq", "eva"))}
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT AdaLoRA adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped)

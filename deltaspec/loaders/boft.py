@@ -19,8 +19,9 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("BOFT",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -28,7 +29,7 @@ PARTS = ("boft_R", "boft_s")
 NEEDS_BASE = "a BOFT update rotates and scales the base weight (ΔW = W·Mᵀ ⊙ s − W)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT BOFT adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="BOFT",

@@ -3,7 +3,7 @@
 A format module exposes exactly two functions::
 
     def detect(folder: Path) -> bool: ...
-    def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+    def load(folder: Path, base: Checkpoint | None, opts: Options,
              skipped: list[tuple[str, str]]) -> dict[str, Delta]: ...
 
 ``detect`` is cheap (file names, at most a small JSON config) and claims only its own format;
@@ -16,23 +16,14 @@ one-line error saying so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from deltaspec.delta import Delta
 from deltaspec.loaders.checkpoint import Checkpoint
+from deltaspec.options import Options
 
 Skipped = list[tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """Options a loader may need (every field has the default of ``deltaspec.load``)."""
-
-    allow_modified_base: bool = False  # read PiSSA/OLoRA/… adapters anyway (s·B·A is not ΔW)
-    lora_alpha: float | None = None  # α for checkpoints that do not save it (MTL-LoRA code base)
-    mtl_temperature: float | None = None  # MTL-LoRA's softmax temperature (not saved)
 
 
 class Noted(dict[str, Delta]):
@@ -51,7 +42,7 @@ class FormatModule(Protocol):
         """True when ``folder`` holds a checkpoint of this format."""
         ...
 
-    def load(self, folder: Path, base: Checkpoint | None, opts: LoadOptions,
+    def load(self, folder: Path, base: Checkpoint | None, opts: Options,
              skipped: Skipped) -> dict[str, Delta]:
         """Every module's ΔW of the checkpoint in ``folder``."""
         ...

@@ -19,8 +19,9 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
 from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("FOURIERFT",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -28,7 +29,7 @@ PARTS = ("fourierft_spectrum",)
 NEEDS_BASE = "a FourierFT adapter does not save the shapes of its modules (only their spectra)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT FourierFT adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped)

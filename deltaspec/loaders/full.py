@@ -16,8 +16,9 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders.checkpoint import TIED_HEAD, Checkpoint, open_weights_exists
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.names import is_conv1d, match_key
+from deltaspec.options import Options
 
 
 def detect(folder: Path) -> bool:
@@ -25,7 +26,7 @@ def detect(folder: Path) -> bool:
     return open_weights_exists(folder)
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Deltas of every 2-D weight that the fine-tuned checkpoint and its base share."""
     if base is None:

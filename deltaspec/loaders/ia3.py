@@ -22,8 +22,9 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
 from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("IA3",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -31,7 +32,7 @@ PARTS = ("ia3_l",)
 NEEDS_BASE = "an IA3 update rescales the base weight (ΔW = W·(diag(l) − I) or (diag(l) − I)·W)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT IA³ adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="IA3",

@@ -20,15 +20,16 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
 from deltaspec.loaders import peft_common, peft_config, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("LOHA",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT LoHa adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoHa",

@@ -18,16 +18,17 @@ from deltaspec.delta import Delta, KronFactor
 from deltaspec.errors import CheckpointError
 from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.loha import factor_pair, factor_value, lycoris_scale
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("LOKR",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's Kronecker ΔW in a PEFT LoKr adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoKr",

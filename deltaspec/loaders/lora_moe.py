@@ -19,10 +19,11 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
 from deltaspec.loaders import peft_common, peft_config
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.moe import CONFIG, ROUTER, config_of, expert_delta, lora_scale, open_store
 from deltaspec.loaders.store import read_json
 from deltaspec.names import indexed, strip_peft_prefix
+from deltaspec.options import Options
 
 _KEY = re.compile(r"^(?P<mod>.+?)\.lora_(?P<part>A|B|route)(?P<i>\d*)(?:\.[^.]+)?\.weight$")
 
@@ -34,7 +35,7 @@ def detect(folder: Path) -> bool:
     return config is not None and peft_config.MOE_FORK_KEY in config
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every expert's ΔW of a HydraLoRA (shared lora_A) or LoRAMoE (lora_A{i}) adapter."""
     folder = peft_common.find_adapter_dir(folder) or folder

@@ -20,10 +20,11 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError
 from deltaspec.loaders import peft_common
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.moe import CONFIG, ROUTER, expert_delta, lora_scale, open_store
 from deltaspec.loaders.store import read_json
 from deltaspec.names import indexed
+from deltaspec.options import Options
 
 PEFT_TYPES = ("MIXLORA",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -32,7 +33,7 @@ _KEY = re.compile(r"^mixlora\.layers\.(?P<layer>\d+)\.(?:(?P<attn>self_attn)|exp
 _GATE = re.compile(r"^mixlora\.layers\.\d+\.gate\.weight$")
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every attention LoRA and every FFN expert's ΔW of a MixLoRA adapter."""
     folder = peft_common.find_adapter_dir(folder) or folder

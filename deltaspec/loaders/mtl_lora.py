@@ -33,10 +33,11 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
 from deltaspec.loaders import mtl_tasks, multilora
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Noted, Skipped
+from deltaspec.loaders.contract import Noted, Skipped
 from deltaspec.loaders.mtl_tasks import DEFAULT_TEMPERATURE, Ctx
 from deltaspec.loaders.store import TensorStore
 from deltaspec.names import indexed, strip_peft_prefix
+from deltaspec.options import Options
 
 WEIGHTS = "final_checkpoint.pt"
 _PREFIXES = ("module.",)  # DeepSpeed/DDP wrappers (the code base strips "module." on load)
@@ -189,7 +190,7 @@ def _group(store: TensorStore, skipped: Skipped) -> dict[str, dict[str, str]]:
     return parts
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's ΔW (one per task for MTL-LoRA / MoELoRA) in a ``final_checkpoint.pt``;
     notes say which unsaved settings (α, temperature) were assumed."""

@@ -17,9 +17,10 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.store import TensorStore, read_json
 from deltaspec.names import strip_peft_prefix
+from deltaspec.options import Options
 
 CONFIG = "multilora_config.json"
 WEIGHTS = "multilora_model.safetensors"
@@ -31,7 +32,7 @@ def detect(folder: Path) -> bool:
     return (folder / CONFIG).is_file()
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a MultiLoRA folder."""
     config = read_json(folder / CONFIG)

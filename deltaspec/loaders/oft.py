@@ -21,8 +21,9 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError, UnsupportedError
 from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("OFT",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -30,7 +31,7 @@ PARTS = ("oft_R", "oft_embedding_R")
 NEEDS_BASE = "an OFT update rotates the base weight (ΔW = W·(Rᵀ − I))"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT OFT adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="OFT",

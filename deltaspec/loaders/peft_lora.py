@@ -29,14 +29,15 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UsageError
 from deltaspec.loaders import lora_keys, peft_common, peft_config, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("LORA",)
 detect = peft_common.detector(*PEFT_TYPES)
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's ΔW in a PEFT LoRA adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped)

@@ -18,7 +18,7 @@ Adding a format:
 2. one row ``("<name>", <module>)`` in ``FORMATS`` below;
 3. its tests (genuine checkpoints, an independent oracle) and one line in the README's
    "Formats read". A new option the format needs is one field of
-   :class:`~deltaspec.loaders.contract.LoadOptions`.
+   :class:`~deltaspec.options.Options` (its flag is generated from the field's metadata).
 
 The base checkpoint (``--base``) is opened once here (:mod:`deltaspec.loaders.checkpoint`) and
 handed to the loader, or None.
@@ -27,14 +27,13 @@ handed to the loader, or None.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError, UsageError
 from deltaspec.loaders import (
     adalora,
     boft,
-    discovery,
     fourierft,
     full,
     ia3,
@@ -52,9 +51,13 @@ from deltaspec.loaders import (
     vera,
 )
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
-from deltaspec.loaders.contract import FormatModule, LoadOptions
+from deltaspec.loaders.contract import FormatModule
 from deltaspec.loaders.store import exists, read_json
 from deltaspec.names import PEFT_PREFIX, module_order
+from deltaspec.options import Options, make_options
+
+if TYPE_CHECKING:
+    from deltaspec.plan import Side
 
 
 class Deltas(dict[str, Delta]):
@@ -123,10 +126,7 @@ def supported_peft_types() -> list[str]:
     return [t for _, module in FORMATS for t in getattr(module, "PEFT_TYPES", ())]
 
 
-def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
-         discover_base: bool = True, revision: str | None = None, config: Any = None,
-         adapter_name: str | None = None, lora_alpha: float | None = None,
-         mtl_temperature: float | None = None) -> Deltas:
+def load(path: Any, base: Any = None, *, config: Any = None, **options: Any) -> Deltas:
     """Load every module's ΔW from a PEFT adapter, a MultiLoRA folder or a full checkpoint.
 
     Args:
@@ -140,31 +140,38 @@ def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
             base the adapter's config names (``base_model_name_or_path``) is used when it
             resolves, and a PeftModel's own base weights; given, a warning says when it is not
             the named one.
-        allow_modified_base: read PiSSA/OLoRA/… adapters anyway (s·B·A is then not the update).
-        discover_base: False: never look for a base that was not given.
-        revision: the revision of a Hub id ``path`` given without ``@revision``.
         config: the adapter config (dict or PeftConfig) of an adapter state dict ``path``.
-        adapter_name: the adapter of a PeftModel (default: its active one).
-        lora_alpha: α for checkpoints that do not save it (the MTL-LoRA code base's); without
-            it their norms are reported with α/r = 1 (said in ``.notes``).
-        mtl_temperature: MTL-LoRA's softmax temperature (not saved; default 1.0, the code
-            base's default).
+        options: :class:`~deltaspec.options.Options` fields; those the loaders use:
+            ``allow_modified_base`` (read PiSSA/OLoRA/… adapters anyway), ``discover_base``
+            (False: never look for a base that was not given), ``revision`` (of a Hub id ``path``
+            given without ``@revision``), ``adapter_name`` (of a PeftModel; default its active
+            one), ``lora_alpha`` (α of checkpoints that do not save it, the MTL-LoRA code
+            base's; without it α/r = 1, said in ``.notes``), ``mtl_temperature`` (MTL-LoRA's
+            softmax temperature; default 1.0).
 
     Returns:
         A dict (module name → Delta) with ``.format``, ``.skipped`` (name, reason) and ``.notes``.
         Nothing is read from the weight files until a Delta's tensors are asked for.
     """
+    from deltaspec import plan
+
+    opts = make_options(options)
+    folder = None if config is not None else plan.locate(path, opts.revision)
+    side = plan.Side(path, plan.describe(path), folder, None, plan.base_of(folder, base, opts),
+                     config)
+    return load_side(side, opts)
+
+
+def load_side(side: Side, opts: Options) -> Deltas:
+    """The deltas of one located side of a plan (:class:`deltaspec.plan.Side`: its folder, its
+    format when detected, its decided base) read with ``opts``."""
     skipped: list[tuple[str, str]] = []
-    opts = LoadOptions(allow_modified_base=allow_modified_base, lora_alpha=lora_alpha,
-                       mtl_temperature=mtl_temperature)
-    if live.is_live(path) or config is not None:
-        fmt, where, items = _load_live(path, base, opts, skipped, config=config,
-                                       adapter_name=adapter_name, discover_base=discover_base)
+    if side.folder is None:
+        fmt, where, items = _load_live(side.given, side.base, opts, skipped, config=side.config)
     else:
-        folder = resolve(path, revision)
-        fmt, where = detect_format(folder), str(folder)
+        fmt, where = side.format or detect_format(side.folder), str(side.folder)
         module = next(m for name, m in FORMATS if name == fmt)
-        items = module.load(folder, _base(base, folder, discover_base), opts, skipped)
+        items = module.load(side.folder, _checkpoint(side.base), opts, skipped)
     if not items:
         why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
             if skipped else ""
@@ -173,16 +180,11 @@ def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
                   getattr(items, "notes", []))
 
 
-def _base(base: Any, folder: Path | None, discover: bool) -> Checkpoint | None:
-    """The base checkpoint: a live object as is, else located (path, Hub id, or the one the
-    adapter at ``folder`` names)."""
+def _checkpoint(base: Any) -> Checkpoint | None:
+    """The opened base: a live object as is, a located folder, or None."""
     if base is not None and live.is_live(base):
         return live.full_checkpoint(base, "<base model>")
-    if folder is None:
-        path = sources.locate(base, what="base model") if base is not None else None
-    else:
-        path = discovery.choose_base(folder, base, discover=discover)
-    return base_for(path)
+    return base_for(base)
 
 
 def _peft_module(peft_type: Any, where: str) -> tuple[str, FormatModule]:
@@ -201,14 +203,14 @@ def _live_format(obj: Any) -> str:
     return "full"
 
 
-def _load_live(obj: Any, base: Any, opts: LoadOptions, skipped: list[tuple[str, str]], *,
-               config: Any, adapter_name: str | None,
-               discover_base: bool) -> tuple[str, str, dict[str, Delta]]:
-    """(format, what errors call it, deltas) of a live object (see :mod:`deltaspec.loaders.live`)."""
-    base_ck = _base(base, None, False) if base is not None else None
+def _load_live(obj: Any, base: Any, opts: Options, skipped: list[tuple[str, str]], *,
+               config: Any) -> tuple[str, str, dict[str, Delta]]:
+    """(format, what errors call it, deltas) of a live object (see :mod:`deltaspec.loaders.live`);
+    ``base``: the plan's (a live object, a located folder, or None)."""
+    base_ck = _checkpoint(base)
     if live.is_peft_model(obj):
-        adapter, own = live.peft_model(obj, adapter_name)
-        base_ck = base_ck or (own if discover_base else None)
+        adapter, own = live.peft_model(obj, opts.adapter_name)
+        base_ck = base_ck or (own if opts.discover_base else None)
     elif config is not None:
         adapter = live.adapter_state(obj, config)
     elif live.is_state_dict(obj) and any(k.startswith(PEFT_PREFIX) for k in obj):
@@ -224,4 +226,4 @@ def _load_live(obj: Any, base: Any, opts: LoadOptions, skipped: list[tuple[str, 
     return fmt, adapter.source, module.load(adapter, base_ck, opts, skipped)  # type: ignore[arg-type]
 
 
-__all__ = ["FORMATS", "Checkpoint", "Deltas", "LoadOptions", "detect_format", "load", "resolve"]
+__all__ = ["FORMATS", "Checkpoint", "Deltas", "detect_format", "load", "load_side", "resolve"]

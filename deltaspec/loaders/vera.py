@@ -22,8 +22,9 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
 from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import Skipped
 from deltaspec.loaders.peft_common import Ctx
+from deltaspec.options import Options
 
 PEFT_TYPES = ("VERA",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -32,7 +33,7 @@ SHARED = ("vera_A", "vera_B")
 NEEDS_BASE = "a VeRA adapter does not save each module's input size (the shared vera_A is sliced to it)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Path, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT VeRA adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped)

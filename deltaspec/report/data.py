@@ -36,14 +36,14 @@ import pandas as pd
 import torch
 
 from deltaspec import metrics as M
-from deltaspec import patterns
-from deltaspec.analyze import run
 from deltaspec.engine.spectrum import Spectrum
-from deltaspec.errors import DeltaspecError, ShapeError, UsageError
-from deltaspec.loaders import Deltas, load
+from deltaspec.errors import ShapeError, UsageError
 from deltaspec.loaders.live import describe
+from deltaspec.loaders.registry import Deltas, load_side
+from deltaspec.loop import run
 from deltaspec.names import kind_order, match_key
 from deltaspec.options import Options, make_options
+from deltaspec.plan import Request, build, one_sided, pair
 from deltaspec.report.similarity import (
     SimilarityGrid,
     pick_module,
@@ -159,23 +159,13 @@ def _check_shapes(loaded: dict[str, Deltas], paths: Mapping[str, Any]) -> None:
 
 
 def _common(loaded: dict[str, Deltas], include: str | None) -> tuple[dict[str, list[str]], dict]:
-    """Per label, its names of the modules every update has (in the first update's order)."""
-    keys = [set(map(match_key, d)) for d in loaded.values()]
-    common = set.intersection(*keys)
-    if include:
-        common = {k for k in common
-                  if any(patterns.search(include, n, "include") for n in _names_of(loaded, k))}
-    if not common:
-        what = f" matching {include!r}" if include else ""
-        raise DeltaspecError(f"updates {', '.join(loaded)} have no module{what} in common "
-                             "(updates of different models?)")
-    names = {label: [n for n in d if match_key(n) in common] for label, d in loaded.items()}
-    only = {label: [n for n in d if match_key(n) not in common] for label, d in loaded.items()}
-    return names, only
-
-
-def _names_of(loaded: dict[str, Deltas], key: str) -> list[str]:
-    return [n for d in loaded.values() for n in d if match_key(n) == key]
+    """Per label, its names of the modules every update has (in the first update's order,
+    paired by the plan's one :func:`~deltaspec.plan.pair`), and those only some have."""
+    labels, sides = list(loaded), [list(d) for d in loaded.values()]
+    items = pair(sides, include, labels=labels)
+    only = one_sided(sides, pair(sides, labels=labels))
+    return ({label: [it[i] for it in items] for i, label in enumerate(labels)},
+            dict(zip(labels, only, strict=True)))
 
 
 def _topk_columns(df: pd.DataFrame, spectra: dict[str, Spectrum], top_k: int) -> pd.DataFrame:
@@ -277,11 +267,9 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
     runs = _runs(updates)
     paths = {label: ", ".join(describe(x) for x in r) for label, r in runs.items()}
     every = {(label, j): p for label, r in runs.items() for j, p in enumerate(r)}
-    loaded_all = {f"{lb}#{j}": load(p, base, allow_modified_base=opts.allow_modified_base,
-                                    discover_base=opts.discover_base, revision=opts.revision,
-                                    adapter_name=opts.adapter_name, lora_alpha=opts.lora_alpha,
-                                    mtl_temperature=opts.mtl_temperature)
-                  for (lb, j), p in every.items()}
+    plan = build(Request(tuple(every.values()), base, opts, collection=True))
+    loaded_all = {f"{lb}#{j}": load_side(side, opts)
+                  for (lb, j), side in zip(every, plan.sides, strict=True)}
     _check_shapes(loaded_all, {f"{lb}#{j}": describe(p) for (lb, j), p in every.items()})
     names_all, only_all = _common(loaded_all, opts.include)
     names = {label: names_all[f"{label}#0"] for label in labels}
@@ -294,7 +282,7 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
         key = f"{label}#{j}"
         result = run(loaded_all[key], opts=chosen_opts, modules=names_all[key])
         raw[label] |= {spectrum_key(m, j): sp for m, sp in result.spectra.items()}
-        part = _topk_columns(result.table, result.spectra, kk).assign(run=j)
+        part = _topk_columns(result.frame(), result.spectra, kk).assign(run=j)
         frames[label] = part if j == 0 else pd.concat([frames[label], part], ignore_index=True)
     k = opts.k
     metrics = _metrics(labels, frames)

@@ -1,0 +1,47 @@
+"""The one shape of a result: :class:`Analysis`, what both executors of a plan return — a
+pandas-free table (:class:`~deltaspec.output.Rows`, columns of :mod:`deltaspec.columns`), the
+singular values and (when asked) the spectra. The public ``analyze``/``compare`` build the
+DataFrame at the boundary (:meth:`Analysis.frame`). Imports neither torch nor pandas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from deltaspec.output import Rows
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What an executor returns.
+
+    ``table``: one row per module (:mod:`deltaspec.columns`); ``spectra``: module (A's name) →
+    its :class:`~deltaspec.engine.spectrum.Spectrum`, or (A's, B's) in a comparison — filled with
+    ``keep_spectra``; ``skipped``: (tensor, reason) the loaders passed over; ``only_a``/``only_b``:
+    modules of one side only (a comparison); ``with_base``: whether base-relative metrics were
+    computed; ``sigmas``: module → σ (or (σ_A, σ_B)) as float64 numpy arrays; ``notes``: the
+    loaders' remarks (e.g. an unsaved α); ``executor``: which executor made it, and why.
+    """
+
+    table: Rows
+    spectra: dict[str, Any] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    only_a: list[str] = field(default_factory=list)
+    only_b: list[str] = field(default_factory=list)
+    with_base: bool = False
+    sigmas: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    executor: str = ""
+
+    def frame(self) -> pd.DataFrame:
+        """The table as a DataFrame (typed columns of :func:`deltaspec.columns.frame`)."""
+        from deltaspec import columns as cols
+
+        return cols.frame(self.table.rows, self.table.columns)
+
+
+__all__ = ["Analysis"]
