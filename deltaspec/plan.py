@@ -111,6 +111,8 @@ def locate(source: Any, revision: str | None) -> Path | None:
     with ``revision``); None for a live object."""
     if is_live(source):
         return None
+    if os.path.isdir(source):  # the common case, decided without the loaders (or torch)
+        return Path(source)
     from deltaspec.loaders import sources
     from deltaspec.loaders.store import exists
 
