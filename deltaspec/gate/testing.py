@@ -12,11 +12,13 @@ The baseline comes from ``deltaspec snapshot`` (or :func:`deltaspec.gate.snapsho
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from deltaspec.errors import UsageError
 from deltaspec.gate.check import (
+    FROM_BASELINE,
     METRICS,
     Baseline,
     Outcome,
@@ -27,6 +29,22 @@ from deltaspec.gate.check import (
     read_baseline,
     run_check,
 )
+from deltaspec.options import CORE_ONLY, Options
+
+
+def given(options: Options | None) -> dict[str, Any]:
+    """The fields of ``options`` a check passes on: every one, except those a baseline records
+    (:data:`~deltaspec.gate.check.FROM_BASELINE`) left at their defaults.
+
+    >>> sorted(given(Options(lora_alpha=2.0)))[:3]
+    ['adapter_name', 'allow_modified_base', 'device']
+    """
+    if options is None:
+        return {}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(Options)
+            if f.name not in CORE_ONLY
+            and (f.name not in FROM_BASELINE or getattr(options, f.name) != f.default)}
+
 
 _FLAGS = ("fail_on_new", "fail_on_rank_change", "ignore")
 _SUBSPACE = {"min_similarity": "min_similarity", "subspace_k": "k", "subspace_sides": "sides"}
@@ -63,8 +81,8 @@ def rules_from_keywords(tolerances: dict[str, Any]) -> dict[str, Any]:
 
 def assert_spectra_within(path: str | Path, baseline: str | Path | Baseline,
                           base: str | Path | None = None,
-                          rules: str | Path | dict[str, Any] | None = None,
-                          **tolerances: Any) -> Outcome:
+                          rules: str | Path | dict[str, Any] | None = None, *,
+                          options: Options | None = None, **tolerances: Any) -> Outcome:
     """Check the update at ``path`` against ``baseline``; raise AssertionError on a regression.
 
     Args:
@@ -72,6 +90,9 @@ def assert_spectra_within(path: str | Path, baseline: str | Path | Baseline,
         baseline: a baseline file (from ``deltaspec snapshot``) or a loaded :class:`Baseline`.
         base: the base model folder, when the baseline was made with one.
         rules: a rules file (TOML/JSON) or the same structure as a dict; defaults otherwise.
+        options: analysis options (:class:`~deltaspec.options.Options`), as ``deltaspec check``
+            takes them: the fields left at their defaults that a baseline records (K, top-K,
+            include, intruders) are the baseline's.
         **tolerances: overrides on top of ``rules`` (see :func:`rules_from_keywords`), e.g.
             ``top1_share=0.1``, ``fro_norm=False``, ``normalized_entropy=">= 0.3"``,
             ``min_similarity=0.7``.
@@ -91,7 +112,7 @@ def assert_spectra_within(path: str | Path, baseline: str | Path | Baseline,
         data = dict(rules or {})
     parsed = parse_rules(merge_rules(data, rules_from_keywords(tolerances)), where)
     bl = baseline if isinstance(baseline, Baseline) else read_baseline(baseline)
-    outcome = run_check(path, bl, parsed, base=base)
+    outcome = run_check(path, bl, parsed, base=base, **given(options))
     if not outcome.ok:
         lines = [f"  {c.module}: {c.message}" for c in outcome.failures]
         raise AssertionError(f"spectra of {path} regressed against {bl.path or 'the baseline'}:\n"
