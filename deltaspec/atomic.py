@@ -17,20 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from deltaspec.errors import OutputError
+from deltaspec.world import this_rank_writes
 
 NAME_MAX = 255  # bytes of one path component on every common filesystem
 _TMP_SUFFIX_BYTES = len(".") + 1 + 8 + len(".tmp")  # ".{name}.{8 hex}.tmp"
-
-
-def this_rank_writes() -> bool:
-    """False on the ranks other than 0 of a ``torchrun`` job: they hold the same result as rank 0,
-    which alone writes every output (read from the launcher's environment; imports nothing).
-
-    >>> this_rank_writes()
-    True
-    """
-    env = os.environ
-    return env.get("WORLD_SIZE", "1").strip() in ("", "1") or env.get("RANK", "0").strip() in ("", "0")
 
 
 def output_error(path: str | Path, exc: OSError, what: str = "cannot write") -> OutputError:

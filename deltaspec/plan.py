@@ -32,6 +32,7 @@ from deltaspec import patterns
 from deltaspec.errors import CheckpointError, DeltaspecError, ShapeError, UsageError
 from deltaspec.names import match_key, module_order
 from deltaspec.options import Options
+from deltaspec.world import launched
 
 NUMPY, TORCH = "numpy", "torch"
 LORA = "peft-lora"
@@ -197,7 +198,7 @@ def choose_executor(sides: Sequence[Side], opts: Options) -> tuple[str, str, dic
            else "a base (base-relative metrics)" if side.base is not None
            else f"option(s) {', '.join(other)}" if other
            else f"device {opts.device}" if opts.device not in DEVICES
-           else "a torchrun world" if os.environ.get("WORLD_SIZE", "1") != "1" else None)
+           else "a torchrun world" if launched() else None)
     if why is not None:
         return TORCH, f"torch executor: {why}", {}
     assert side.folder is not None
@@ -218,6 +219,7 @@ def host_factors(weights: Path) -> tuple[dict[str, dict[str, str]], str | None]:
     """(module → {"lora_A": key, "lora_B": key} in the loader's order, None), or ({}, why not)
     when a tensor of ``weights`` is not a plain 2-D factor of a linear LoRA module of rank below
     min(m, n) in a dtype the numpy executor widens — decided from the header alone."""
+    from deltaspec.engine import routes
     from deltaspec.loaders import lora_keys
     from deltaspec.loaders.header import DTYPES, HeaderError, read_header
 
@@ -237,8 +239,9 @@ def host_factors(weights: Path) -> tuple[dict[str, dict[str, str]], str | None]:
         if set(keys) != {"lora_A", "lora_B"}:
             return {}, f"{name}: not a plain linear LoRA module"
         a, b = entries[keys["lora_A"]], entries[keys["lora_B"]]
-        if len(a.shape) != 2 or len(b.shape) != 2 or b.shape[1] != a.shape[0] \
-                or not 0 < a.shape[0] < min(b.shape[0], a.shape[1]):
+        plain = len(a.shape) == 2 and len(b.shape) == 2 and b.shape[1] == a.shape[0] > 0
+        if not plain or routes.choose(factored=True, inner_rank=a.shape[0],
+                                      shape=(b.shape[0], a.shape[1])) != routes.FACTORED:
             return {}, f"{name}: factor shapes the factored route does not take"
         if a.dtype not in DTYPES or b.dtype not in DTYPES:
             return {}, f"{name}: dtype {a.dtype}/{b.dtype}"

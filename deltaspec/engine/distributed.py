@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from deltaspec.delta import Delta
 from deltaspec.errors import DeltaspecError
+from deltaspec.world import launched
 
 T = TypeVar("T")
 ENV_TIMEOUT = "DELTASPEC_DIST_TIMEOUT"  # seconds a rank may stay silent before the others give up
@@ -104,22 +105,6 @@ class World:
 
 
 _STATE: dict[str, Any] = {"world": None}
-
-
-def launched() -> bool:
-    """True under ``torchrun`` (or another launcher setting ``WORLD_SIZE`` > 1)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
-
-
-def env_rank() -> int:
-    """This process's rank from the launcher's environment (0 when not launched)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
 
 
 def current(device: str = "auto") -> World:
@@ -206,9 +191,11 @@ def assign(costs: Sequence[float], size: int) -> list[int]:
 
 def cost(d: Delta, with_base: bool, vectors_k: int) -> float:
     """Estimated flops of one module's solve (shape and route), for :func:`assign`."""
+    from deltaspec.engine.spectrum import route
+
     m, n = d.shape
-    if d.is_factored:
-        r = max(d.rank_bound, 1)
+    if route(d) == "factored":
+        r = d.rank_bound
         work = 2.0 * (m + n) * r * r + 10.0 * r ** 3
     else:
         s = min(m, n)

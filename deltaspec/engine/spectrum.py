@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from deltaspec.delta import Delta, KronFactor, check_finite, weights_dtype
-from deltaspec.engine import dense, kernels
+from deltaspec.engine import dense, kernels, routes
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.kronecker import kron_solve
 from deltaspec.errors import UsageError
@@ -139,10 +139,10 @@ def truncate(sp: Spectrum, k: int) -> Spectrum:
 
 def route(d: Delta) -> str:
     """The route that solves ``d``: "kronecker", "factored" (inner rank below min(m, n)) or
-    "dense" (Gram / SVD; zero matrices are found there). The only place this is decided."""
-    if d.is_kronecker:
-        return "kronecker"
-    return "factored" if d.is_factored and d.rank_bound < min(d.shape) else "dense"
+    "dense" (Gram / SVD; zero matrices are found there): :func:`deltaspec.engine.routes.choose`,
+    the one place this is decided."""
+    return routes.choose(factored=d.is_factored, inner_rank=d.rank_bound, shape=d.shape,
+                         kronecker=d.is_kronecker)
 
 
 def is_factored_route(d: Delta) -> bool:
