@@ -33,19 +33,25 @@ ANALYSING = ("analyze", "compare", "report", "snapshot", "check")
 
 def flag(default: Any, decl: str, help: str, kind: str = "text", metavar: str | None = None,
          invert: bool = False, commands: tuple[str, ...] = ANALYSING,
-         show_default: bool = False) -> Any:
+         show_default: bool = False, host: bool = False) -> Any:
     """A dataclass field with its command-line spelling: ``decl`` (e.g. ``"--top-k"``), ``help``,
     ``kind`` (``count``: a positive integer, ``positive``: a positive number, ``device``,
     ``switch``: ``--x/--no-x``, ``flag``: present or not, ``text``), ``invert``: the flag sets the
     field to False (``--no-base-discovery`` → ``discover_base=False``), ``commands``: which
-    commands take it.
+    commands take it, ``host``: the numpy executor (:mod:`deltaspec.engine.host`) honours it or
+    has no use for it (else a non-default value sends the plan to the torch executor).
 
     >>> dataclasses.fields(Options)[0].metadata["decl"]
     '--top-k'
     """
     return field(default=default, metadata=dict(decl=decl, help=help, kind=kind, metavar=metavar,
                                                 invert=invert, commands=commands,
-                                                show_default=show_default))
+                                                show_default=show_default, host=host))
+
+
+def core(default: Any, host: bool = False) -> Any:
+    """A field with no flag (the API's only); ``host`` as for :func:`flag`."""
+    return field(default=default, metadata=dict(host=host))
 
 
 @dataclass(frozen=True)
@@ -54,34 +60,34 @@ class Options:
     argument of the same name; fields with a flag are the commands' shared options."""
 
     top_k: int | None = flag(None, "--top-k", "Take every spectral metric over the top K singular "
-                             "values only.", "count")
+                             "values only.", "count", host=True)
     k: int = flag(8, "--k", "Subspace dimension K for similarity and amplification.", "count",
-                  show_default=True)
+                  show_default=True, host=True)
     device: str = flag("auto", "--device", "auto (CUDA when present), cpu, cuda or cuda:N.",
-                       "device", show_default=True)
+                       "device", show_default=True, host=True)
     intruders: bool = flag(False, "--intruders/--no-intruders", "Count intruder dimensions (with "
                            "--base). Costs a full decomposition of every base matrix: slow on "
-                           "large models, hence off by default.", "switch", show_default=True)
+                           "large models, hence off by default.", "switch", show_default=True, host=True)
     include: str | None = flag(None, "--include", "Only modules whose name matches this regular "
-                               "expression.", metavar="REGEX")
-    progress: bool = False  # a tqdm progress bar on stderr (the CLI: a terminal and no -q)
+                               "expression.", metavar="REGEX", host=True)
+    progress: bool = core(False, host=True)  # a progress bar on stderr (CLI: a terminal and no -q)
     allow_modified_base: bool = flag(False, "--allow-modified-base", "Read PiSSA/OLoRA/LoftQ/… "
-                                     "adapters although s·B·A is not their update.", "flag")
+                                     "adapters although s·B·A is not their update.", "flag", host=True)
     lora_alpha: float | None = flag(None, "--lora-alpha", "LoRA α of checkpoints that do not save "
                                     "it (the MTL-LoRA code base's final_checkpoint.pt); without it "
-                                    "their norms are reported with α/r = 1.", "positive", "A")
+                                    "their norms are reported with α/r = 1.", "positive", "A", host=True)
     mtl_temperature: float | None = flag(None, "--mtl-temperature", "MTL-LoRA's softmax "
                                          "temperature over its lora_B heads (not saved; default "
-                                         "1.0, the code base's default).", "positive", "T")
-    shard: tuple[int, int] | None = None  # (rank, world): this process's share of the modules
-    keep_spectra: bool = False  # keep every module's Spectrum in the result (core entry only)
-    vectors: bool = False  # also compute the top-K singular vectors (kept with keep_spectra)
+                                         "1.0, the code base's default).", "positive", "T", host=True)
+    shard: tuple[int, int] | None = core(None)  # (rank, world): this process's share of the modules
+    keep_spectra: bool = core(False)  # keep every module's Spectrum in the result (core entry only)
+    vectors: bool = core(False)  # also compute the top-K singular vectors (kept with keep_spectra)
     discover_base: bool = flag(True, "--no-base-discovery", "Without --base, do not use the base "
-                               "the adapter's config names.", "flag", invert=True)
+                               "the adapter's config names.", "flag", invert=True, host=True)
     revision: str | None = flag(None, "--revision", "Revision (branch, tag or commit) of the Hub "
                                 "ids given without @REV (not --base: write org/name@REV there).",
-                                metavar="REV")
-    adapter_name: str | None = None  # the adapter of a live PeftModel (default: its active one)
+                                metavar="REV", host=True)
+    adapter_name: str | None = core(None, host=True)  # a live PeftModel's adapter (default: active)
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
@@ -160,5 +166,5 @@ def make_options(options: dict[str, Any], public: bool = False) -> Options:
     return Options(**options)
 
 
-__all__ = ["ANALYSING", "CORE_ONLY", "FIELDS", "Options", "cli_fields", "dest", "flag",
+__all__ = ["ANALYSING", "CORE_ONLY", "FIELDS", "Options", "cli_fields", "core", "dest", "flag",
            "from_flags", "make_options"]

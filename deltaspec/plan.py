@@ -37,11 +37,6 @@ from deltaspec.world import launched
 NUMPY, TORCH = "numpy", "torch"
 LORA = "peft-lora"
 DEVICES = ("auto", "cpu")  # a factored update of rank r costs O((m + n)·r²) on any device
-# Options the numpy executor has no use for (base-relative, MTL-LoRA or live-object settings)
-# or honours (the rest must be at their defaults): anything else needs the torch executor
-HOST_OPTIONS = frozenset({"top_k", "k", "include", "allow_modified_base", "progress",
-                          "discover_base", "device", "revision", "intruders", "lora_alpha",
-                          "mtl_temperature", "adapter_name"})
 
 
 @dataclass(frozen=True)
@@ -72,15 +67,27 @@ class Side:
 
 
 @dataclass(frozen=True)
+class HostWork:
+    """What the numpy executor reads, decided from the header: the weights file, the adapter's
+    config, the header's entries and the selected modules' factor keys (module →
+    {"lora_A": key, "lora_B": key}, in the loader's order)."""
+
+    weights: Path
+    config: dict[str, Any]
+    entries: dict[str, Any]
+    modules: dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
 class Plan:
     """The decisions: ``sides`` (after compare's full − full rule), the executor and why, and for
-    the numpy executor each module's factor keys (module → {"lora_A": key, "lora_B": key})."""
+    the numpy executor its work (:class:`HostWork`)."""
 
     sides: tuple[Side, ...]
     options: Options
     executor: str
     reason: str
-    factors: dict[str, dict[str, str]] = field(default_factory=dict)
+    host: HostWork | None = None
     difference: bool = False  # two full checkpoints, no base: the one update ΔW = b − a
 
     @property
@@ -183,14 +190,14 @@ def build(request: Request) -> Plan:
         sides = tuple(Side(s, describe(s), folder, fmt, base_of(folder, request.base, opts),
                            request.config)
                       for (s, folder), fmt in zip(found, formats, strict=True))
-    executor, reason, factors = choose_executor(sides, opts)
-    return Plan(sides, opts, executor, reason, factors, difference)
+    executor, reason, host = choose_executor(sides, opts)
+    return Plan(sides, opts, executor, reason, host, difference)
 
 
-def choose_executor(sides: Sequence[Side], opts: Options) -> tuple[str, str, dict[str, dict[str, str]]]:
-    """(executor, reason, factor keys per module): numpy when one plain PEFT LoRA adapter in
+def choose_executor(sides: Sequence[Side], opts: Options) -> tuple[str, str, HostWork | None]:
+    """(executor, reason, the numpy executor's work): numpy when one plain PEFT LoRA adapter in
     safetensors is analysed without a base on the CPU with options it honours, else torch."""
-    other = sorted(f.name for f in dataclasses.fields(Options) if f.name not in HOST_OPTIONS
+    other = sorted(f.name for f in dataclasses.fields(Options) if not f.metadata.get("host")
                    and getattr(opts, f.name) != f.default)
     side = sides[0]
     why = ("several updates" if len(sides) > 1 else "a live object" if side.folder is None
@@ -200,7 +207,7 @@ def choose_executor(sides: Sequence[Side], opts: Options) -> tuple[str, str, dic
            else f"device {opts.device}" if opts.device not in DEVICES
            else "a torchrun world" if launched() else None)
     if why is not None:
-        return TORCH, f"torch executor: {why}", {}
+        return TORCH, f"torch executor: {why}", None
     assert side.folder is not None
     found = _lora_config(side.folder)
     assert found is not None
@@ -208,45 +215,48 @@ def choose_executor(sides: Sequence[Side], opts: Options) -> tuple[str, str, dic
     from deltaspec.loaders import peft_config
 
     peft_config.check_config(adapter / peft_config.CONFIG, config, opts.allow_modified_base)
-    factors, why = host_factors(adapter / peft_config.WEIGHTS[0])
+    weights = adapter / peft_config.WEIGHTS[0]
+    entries, factors, why = host_factors(weights)
     if why is not None:
-        return TORCH, f"torch executor: {why}", {}
-    pair([list(factors)], opts.include)  # a filter that selects nothing is an error here too
-    return NUMPY, "numpy executor: every module factored, no base, CPU", factors
+        return TORCH, f"torch executor: {why}", None
+    chosen = {n: factors[n] for (n,) in pair([list(factors)], opts.include)}  # none: an error
+    return (NUMPY, "numpy executor: every module factored, no base, CPU",
+            HostWork(weights, config, entries, chosen))
 
 
-def host_factors(weights: Path) -> tuple[dict[str, dict[str, str]], str | None]:
-    """(module → {"lora_A": key, "lora_B": key} in the loader's order, None), or ({}, why not)
-    when a tensor of ``weights`` is not a plain 2-D factor of a linear LoRA module of rank below
-    min(m, n) in a dtype the numpy executor widens — decided from the header alone."""
+def host_factors(weights: Path) -> tuple[dict[str, Any], dict[str, dict[str, str]], str | None]:
+    """(the header's entries, module → {"lora_A": key, "lora_B": key} in the loader's order,
+    None), or ({}, {}, why not) when a tensor of ``weights`` is not a plain 2-D factor of a linear
+    LoRA module of rank below min(m, n) in a dtype the numpy executor widens — decided from the
+    header alone."""
     from deltaspec.engine import routes
     from deltaspec.loaders import lora_keys
     from deltaspec.loaders.header import DTYPES, HeaderError, read_header
 
     if not weights.is_file():
-        return {}, "weights not in safetensors"
+        return {}, {}, "weights not in safetensors"
     try:
         with open(weights, "rb") as fh:
             entries = read_header(fh)
     except HeaderError as exc:  # the torch executor's loader reports it in its own words
-        return {}, f"header not read here ({exc})"
+        return {}, {}, f"header not read here ({exc})"
     g = lora_keys.group(sorted(entries))  # the store's order: the last of two spellings wins alike
     if g.base_layer or g.full or g.tokens or g.other:
-        return {}, "tensors other than LoRA factors"
+        return {}, {}, "tensors other than LoRA factors"
     out = {}
     for name in sorted(g.lora, key=module_order):
         keys = g.lora[name].keys
         if set(keys) != {"lora_A", "lora_B"}:
-            return {}, f"{name}: not a plain linear LoRA module"
+            return {}, {}, f"{name}: not a plain linear LoRA module"
         a, b = entries[keys["lora_A"]], entries[keys["lora_B"]]
         plain = len(a.shape) == 2 and len(b.shape) == 2 and b.shape[1] == a.shape[0] > 0
         if not plain or routes.choose(factored=True, inner_rank=a.shape[0],
                                       shape=(b.shape[0], a.shape[1])) != routes.FACTORED:
-            return {}, f"{name}: factor shapes the factored route does not take"
+            return {}, {}, f"{name}: factor shapes the factored route does not take"
         if a.dtype not in DTYPES or b.dtype not in DTYPES:
-            return {}, f"{name}: dtype {a.dtype}/{b.dtype}"
+            return {}, {}, f"{name}: dtype {a.dtype}/{b.dtype}"
         out[name] = keys
-    return out, None if out else "no LoRA module"
+    return entries, out, None if out else "no LoRA module"
 
 
 def pair(sides: Sequence[Sequence[str]], include: str | None = None,
@@ -297,5 +307,6 @@ def check_shapes(shapes: Sequence[Mapping[str, tuple[int, int]]], items: Sequenc
                                  f"{shapes[i][it[i]]} in {labels[i]}")
 
 
-__all__ = ["NUMPY", "TORCH", "Plan", "Request", "Side", "build", "check_shapes", "choose_executor",
-           "base_of", "describe", "detect", "host_factors", "is_live", "locate", "one_sided", "pair"]
+__all__ = ["NUMPY", "TORCH", "HostWork", "Plan", "Request", "Side", "base_of", "build",
+           "check_shapes", "choose_executor", "describe", "detect", "host_factors", "is_live",
+           "locate", "one_sided", "pair"]

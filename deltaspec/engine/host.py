@@ -23,13 +23,11 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 
 from deltaspec import columns as cols
-from deltaspec.config_files import parse_json_file
 from deltaspec.engine.blas import blas_threads
 from deltaspec.errors import NumericalError
 from deltaspec.loaders import peft_config
-from deltaspec.loaders.header import read_float32, read_header
+from deltaspec.loaders.header import read_float32
 from deltaspec.output import Rows
-from deltaspec.plan import pair
 from deltaspec.result import Analysis
 from deltaspec.rows import side_metrics
 
@@ -42,25 +40,20 @@ ONE_THREAD_RANK = 64
 
 def run(plan: Plan) -> Analysis:
     """Execute ``plan`` (its executor is ``numpy``): one row and σ per selected module."""
-    side = plan.sides[0]
-    assert side.folder is not None and plan.factors
-    adapter = peft_config.find_adapter_dir(side.folder)
-    assert adapter is not None
-    config = parse_json_file(adapter / peft_config.CONFIG)
-    weights = adapter / peft_config.WEIGHTS[0]
+    work = plan.host
+    assert work is not None, plan.reason
+    weights, config = work.weights, work.config
     rows, sigmas = [], {}
     with open(weights, "rb") as fh:
-        entries = read_header(fh)
-        for (name,) in pair([list(plan.factors)], plan.options.include):
-            keys = plan.factors[name]
-            a = read_float32(fh, entries[keys["lora_A"]])
-            b = read_float32(fh, entries[keys["lora_B"]])
+        for name, keys in work.modules.items():
+            a = read_float32(fh, work.entries[keys["lora_A"]])
+            b = read_float32(fh, work.entries[keys["lora_B"]])
             r, shape = a.shape[0], (b.shape[0], a.shape[1])  # r < min(shape): the plan checked
             b = b * np.float32(peft_config.scale(config, name, r))  # float32, as the loader's B·s
-            for what, t in (("A", a), ("B", b)):
+            for part, t in (("lora_A", a), ("lora_B", b)):
                 if not np.isfinite(t).all():
-                    raise NumericalError(f"{weights}: {name} ({what} factor): "
-                                         f"{int((~np.isfinite(t)).sum())} NaN/Inf value(s)")
+                    raise NumericalError(f"{weights}: {keys[part]}: {int((~np.isfinite(t)).sum())} "
+                                         f"NaN/Inf value(s) in a tensor of shape {t.shape}")
             values = factored_values(b, a)
             rows.append(cols.identity(name, "lora", shape, r, "factored")
                         | side_metrics(values, shape, plan.options))
