@@ -67,8 +67,8 @@ def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Rows:
-    """A result as plain rows (dicts in ``columns`` order), as the torch-free route of the command
-    line (:mod:`deltaspec.lite`) makes it: every format is rendered without pandas, and CSV/JSON
+    """A result table as plain rows (dicts in ``columns`` order): the table of every
+    :class:`~deltaspec.result.Analysis`. Every format is rendered without pandas, and CSV/JSON
     are byte for byte what the rows' frame (:func:`deltaspec.columns.frame`) gives."""
 
     rows: list[dict[str, Any]]

@@ -5,7 +5,7 @@ suffixed ``64_``), each with its own thread pool sized at load time to every cor
 many tiny steps (the QR of a skinny LoRA factor: 4096×16) or memory-bound ones with a barrier per
 column (the tridiagonal reduction), threads that wait on each other cost more than they give: on
 2 cores the 448 factor QRs of a 224-module adapter take 0.31 s on two threads and 0.15 s on one.
-No torch here: the torch-free CLI route (:mod:`deltaspec.lite`) uses it too.
+No torch here: the numpy executor (:mod:`deltaspec.engine.host`) uses it too.
 """
 
 from __future__ import annotations

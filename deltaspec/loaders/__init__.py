@@ -5,7 +5,7 @@ The table and :func:`load` / :func:`detect_format` live in :mod:`deltaspec.loade
 are imported on first use: the modules that need no tensors (adapter configs
 :mod:`~deltaspec.loaders.peft_config`, LoRA key names :mod:`~deltaspec.loaders.lora_keys`, the Hub
 :mod:`~deltaspec.loaders.sources`, base discovery :mod:`~deltaspec.loaders.discovery`) import
-without torch, which the command line's torch-free route (:mod:`deltaspec.lite`) relies on.
+without torch, which the torch-free plan (:mod:`deltaspec.plan`) and numpy executor rely on.
 """
 
 from __future__ import annotations
