@@ -1,13 +1,15 @@
-"""The command line's shared options, declared once, and their one mapping to
-:class:`deltaspec.options.Options`.
+"""The command line's shared options, generated from the metadata of
+:class:`deltaspec.options.Options` (each field's flag, help, value kind and commands: see
+:func:`deltaspec.options.flag`), and their one mapping back (:func:`to_options`).
 
 Every command that analyses (analyze, compare, report, snapshot, check) takes
-:func:`analysis_options`: ``--base``, ``--no-base-discovery``, ``--revision``, ``--include``,
-``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--allow-modified-base``,
-``--lora-alpha``, ``--mtl-temperature``,
-``-q``; a command may change a help text or a default (``check`` reads K and top-K from its
-baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one that
-writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
+:func:`analysis_options`: ``--base`` and ``-q`` (declared here: a source and an output setting,
+not options of the analysis) and one flag per :class:`~deltaspec.options.Options` field that has
+one (``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--include``,
+``--allow-modified-base``, ``--lora-alpha``, ``--mtl-temperature``, ``--no-base-discovery``,
+``--revision``, …); a command may change a help text or a default (``check`` reads K and top-K
+from its baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one
+that writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
 .csv), else ``table``. Older spellings stay as hidden aliases. Nothing here imports torch, numpy
 or pandas: ``--help`` and argument errors stay fast.
 """

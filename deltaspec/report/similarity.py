@@ -48,12 +48,13 @@ def _chance(n: int, k: int) -> tuple[float, float]:
 def similarity_table(labels: list[str], names: dict[str, list[str]],
                      raw: dict[str, dict[str, Spectrum]], k: int) -> pd.DataFrame:
     """Per pair of labels and common module: φ(K, K) of the left and right singular vectors, and
-    the chance level of φ for random subspaces of the same size (``chance_*``: mean, ``*_sd``)."""
+    the chance level of φ for random subspaces of the same size (``chance_*``: mean, ``*_sd``).
+    ``names``: per label, the module names as the plan paired them (index-aligned:
+    :func:`deltaspec.plan.pair`)."""
     rows = []
     for a, b in itertools.combinations(labels, 2):
-        by_key = {match_key(n): n for n in names[b]}
-        for na in names[a]:
-            sa, sb = raw[a][na], raw[b][by_key[match_key(na)]]
+        for na, nb in zip(names[a], names[b], strict=True):
+            sa, sb = raw[a][na], raw[b][nb]
             row: dict[str, Any] = {"label_a": a, "label_b": b, "pair": f"{a} vs {b}",
                                    "module": na, "layer": layer_of(na), "kind": kind_of(na)}
             for side in ("left", "right"):
@@ -89,12 +90,12 @@ def pick_module(names: list[str], module: str | None) -> str:
 
 def similarity_grids(labels: list[str], names: dict[str, list[str]],
                      raw: dict[str, dict[str, Spectrum]], module: str, k: int) -> list[SimilarityGrid]:
-    """φ(i, j) of the left singular vectors of ``module`` for every pair of labels."""
+    """φ(i, j) of the left singular vectors of ``module`` (a name of the first label's) for every
+    pair of labels; ``names`` index-aligned as in :func:`similarity_table`."""
     grids = []
-    key = match_key(module)
+    j = names[labels[0]].index(module)
     for a, b in itertools.combinations(labels, 2):
-        na = next(n for n in names[a] if match_key(n) == key)
-        nb = next(n for n in names[b] if match_key(n) == key)
+        na, nb = names[a][j], names[b][j]
         ua, ub = _vectors(raw[a][na], k, "left"), _vectors(raw[b][nb], k, "left")
         grid = M.subspace_similarity_grid(ua, ub).numpy() if ua.shape[1] and ub.shape[1] \
             else np.zeros((ua.shape[1], ub.shape[1]))
