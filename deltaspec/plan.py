@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +259,17 @@ def host_factors(weights: Path) -> tuple[dict[str, Any], dict[str, dict[str, str
     return entries, out, None if out else "no LoRA module"
 
 
+def partner(names: Sequence[str]) -> Callable[[str], str | None]:
+    """name → the same module among ``names`` (any prefix spelling: :func:`~deltaspec.names.match_key`),
+    or None — the pairing rule of :func:`pair`, for a lookup that reports misses itself.
+
+    >>> partner(["base_model.model.m.q"])("m.q"), partner(["m.q"])("m.k")
+    ('base_model.model.m.q', None)
+    """
+    keyed = {match_key(n): n for n in names}
+    return lambda name: keyed.get(match_key(name))
+
+
 def pair(sides: Sequence[Sequence[str]], include: str | None = None,
          modules: Sequence[str] | None = None,
          labels: Sequence[str] | None = None) -> list[tuple[str, ...]]:
@@ -274,15 +285,18 @@ def pair(sides: Sequence[Sequence[str]], include: str | None = None,
     labels = list(labels or [chr(ord("A") + i) for i in range(len(sides))])
     first = list(sides[0])
     if modules is not None:
-        by_key = {match_key(n): n for n in first}
-        missing = [m for m in modules if match_key(m) not in by_key]
+        own = partner(first)
+        missing = [m for m in modules if own(m) is None]
         if missing:
             raise DeltaspecError(f"module {missing[0]!r} is not in {labels[0]} "
                                  f"(e.g. {', '.join(first[:3])})")
-        first = list(dict.fromkeys(by_key[match_key(m)] for m in modules))
-    keyed = [{match_key(n): n for n in s} for s in sides[1:]]
-    items = [(n, *(k[match_key(n)] for k in keyed)) for n in first
-             if all(match_key(n) in k for k in keyed)]
+        first = list(dict.fromkeys(str(own(m)) for m in modules))
+    finders = [partner(s) for s in sides[1:]]
+    items: list[tuple[str, ...]] = []
+    for n in first:
+        found = [find(n) for find in finders]
+        if all(f is not None for f in found):
+            items.append((n, *(str(f) for f in found)))
     if not items:
         raise DeltaspecError(f"{' and '.join(labels)} have no module in common")
     if include:
@@ -309,4 +323,4 @@ def check_shapes(shapes: Sequence[Mapping[str, tuple[int, int]]], items: Sequenc
 
 __all__ = ["NUMPY", "TORCH", "HostWork", "Plan", "Request", "Side", "base_of", "build",
            "check_shapes", "choose_executor", "describe", "detect", "host_factors", "is_live",
-           "locate", "one_sided", "pair"]
+           "locate", "one_sided", "pair", "partner"]

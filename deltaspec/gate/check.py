@@ -69,9 +69,9 @@ from deltaspec.gate.snapshot import (
     take_snapshot,
     write_baseline,
 )
-from deltaspec.names import match_key
 from deltaspec.options import Options, make_options
 from deltaspec.output import fmt_number as fmt
+from deltaspec.plan import partner
 
 # Options a check takes from its baseline unless given (the rest: the command's, as any command's)
 FROM_BASELINE = ("k", "top_k", "include", "intruders")
@@ -222,7 +222,7 @@ def compare(current: dict[str, ModuleRecord], baseline: Baseline, rules: Rules |
             source: str = "the checked update") -> Outcome:
     """Compare module records of the checked update with the baseline's (paired by name)."""
     rules = rules or Rules()
-    by_key = {match_key(n): n for n in current}
+    find = partner(list(current))
     checks: list[Check] = []
     modules, ignored, seen = [], [], set()
     for name, ref in baseline.modules.items():
@@ -230,7 +230,7 @@ def compare(current: dict[str, ModuleRecord], baseline: Baseline, rules: Rules |
             ignored.append(name)
             continue
         modules.append(name)
-        cur_name = by_key.get(match_key(name))
+        cur_name = find(name)
         if cur_name is None:
             checks.append(Check(name, "present", "yes", "no", "present", False,
                                 f"module missing: in the baseline, not in {source}"))
