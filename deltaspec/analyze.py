@@ -75,7 +75,8 @@ def spectra(path: Any, base: Any = None, k: int | None = None,
     """Module name → :class:`Spectrum` of the update at ``path`` (values, and top-k vectors)."""
     opts = make_options(options, public=True)
     # k=None with vectors: every vector (the engine's -1); else the top k values (and vectors)
-    opts = dataclasses.replace(opts, vectors=vectors, k=opts.k if k is None else k)
+    opts = dataclasses.replace(opts, vectors=vectors, k=opts.k if k is None else k,
+                               keep_spectra=True)  # spectra: the torch executor (the plan says so)
     out = execute(build(Request((path,), base, opts)), metrics=False,
                   vectors_k=-1 if (vectors and k is None) else None).spectra
     if k is None:
