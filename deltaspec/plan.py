@@ -12,7 +12,7 @@ then, once each:
 - applies ``compare``'s rule: two full checkpoints and no base are the one update ΔW = b − a;
 - chooses the executor, as data with its reason: ``numpy`` (:mod:`deltaspec.engine.host`) when one
   plain LoRA adapter in safetensors is analysed without a base on the CPU — the route of each of its
-  modules decided from the header's shapes — else ``torch`` (:func:`deltaspec.analyze.run`).
+  modules decided from the header's shapes — else ``torch`` (:func:`deltaspec.loop.run_plan`).
 
 Modules are selected and paired in one place, :func:`pair` (by
 :func:`~deltaspec.names.match_key`, for 1, 2 or N sides); a module filter that selects nothing is an
