@@ -69,11 +69,11 @@ def _spectrum(values: np.ndarray, shape: tuple[int, int]) -> Spectrum:
 
 
 def common_k(metrics: pd.DataFrame) -> int:
-    """The K of the fair entropy: the smallest structural rank among the modules (at least 2)."""
-    dims = [min(_shape(s)) for s in metrics["shape"]]
-    if not dims or min(dims) < 2:
-        return 1
-    return max(2, min(int(min(metrics["rank_bound"].astype(int))), min(dims)))
+    """The K of the fair entropy (:func:`deltaspec.report.data.fair_k`) of a table's modules."""
+    from deltaspec.report.data import fair_k
+
+    return fair_k([int(b) for b in metrics["rank_bound"]],
+                  [min(_shape(s)) for s in metrics["shape"]])
 
 
 def _side(df: pd.DataFrame, suffix: str) -> pd.DataFrame:

@@ -176,11 +176,23 @@ def _topk_columns(df: pd.DataFrame, spectra: dict[str, Spectrum], top_k: int) ->
     return df
 
 
+def fair_k(bounds: Sequence[int], dims: Sequence[int]) -> int:
+    """The K of the report's fair entropy: the smallest structural rank among the compared
+    modules (``bounds``), within their smallest dimension (``dims``), at least 2 (1 when a
+    module is a vector).
+
+    >>> fair_k([16, 4096], [4096, 4096]), fair_k([1], [8]), fair_k([3], [1])
+    (16, 2, 1)
+    """
+    if not dims or min(dims) < 2:
+        return 1
+    return max(2, min(min(bounds), min(dims)))
+
+
 def common_top_k(loaded: dict[str, Deltas], names: dict[str, list[str]]) -> int:
-    """The common K: the smallest structural rank among the compared modules (at least 2)."""
-    bounds = [loaded[label][n].rank_bound for label, ns in names.items() for n in ns]
-    dims = [min(loaded[label][n].shape) for label, ns in names.items() for n in ns]
-    return max(2, min(min(bounds), min(dims))) if min(dims) >= 2 else 1
+    """The common K (:func:`fair_k`) of the modules ``names`` of the ``loaded`` updates."""
+    return fair_k([loaded[label][n].rank_bound for label, ns in names.items() for n in ns],
+                  [min(loaded[label][n].shape) for label, ns in names.items() for n in ns])
 
 
 def _metrics(labels: list[str], frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -298,6 +310,7 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
         module=chosen, only_in={lb: v for lb, v in only.items() if v}, raw=raw, runs=runs)
 
 
-__all__ = ["ReportData", "SimilarityGrid", "check_labels", "collect", "common_top_k", "kind_order",
+__all__ = ["ReportData", "SimilarityGrid", "check_labels", "collect", "common_top_k", "fair_k",
+           "kind_order",
            "parse_updates", "pick_module", "similarity_grids", "similarity_table", "spectra_table",
            "spectrum_key"]
