@@ -1,5 +1,5 @@
 """The one shape of a result: :class:`Analysis`, what both executors of a plan return — a
-pandas-free table (:class:`~deltaspec.output.Rows`, columns of :mod:`deltaspec.columns`), the
+pandas-free table (``rows``: :class:`~deltaspec.output.Rows`, columns of :mod:`deltaspec.columns`), the
 singular values and (when asked) the spectra. The public ``analyze``/``compare`` build the
 DataFrame at the boundary (:meth:`Analysis.frame`). Imports neither torch nor pandas.
 """
@@ -19,15 +19,16 @@ if TYPE_CHECKING:
 class Analysis:
     """What an executor returns.
 
-    ``table``: one row per module (:mod:`deltaspec.columns`); ``spectra``: module (A's name) →
-    its :class:`~deltaspec.engine.spectrum.Spectrum`, or (A's, B's) in a comparison — filled with
+    ``rows``: the table, one row per module (:mod:`deltaspec.columns`), pandas-free (``table``:
+    the same as a DataFrame); ``spectra``: module (A's name) → its
+    :class:`~deltaspec.engine.spectrum.Spectrum`, or (A's, B's) in a comparison — filled with
     ``keep_spectra``; ``skipped``: (tensor, reason) the loaders passed over; ``only_a``/``only_b``:
     modules of one side only (a comparison); ``with_base``: whether base-relative metrics were
     computed; ``sigmas``: module → σ (or (σ_A, σ_B)) as float64 numpy arrays; ``notes``: the
     loaders' remarks (e.g. an unsaved α); ``executor``: which executor made it, and why.
     """
 
-    table: Rows
+    rows: Rows
     spectra: dict[str, Any] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)
@@ -41,7 +42,12 @@ class Analysis:
         """The table as a DataFrame (typed columns of :func:`deltaspec.columns.frame`)."""
         from deltaspec import columns as cols
 
-        return cols.frame(self.table.rows, self.table.columns)
+        return cols.frame(self.rows.rows, self.rows.columns)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The table as a DataFrame (:meth:`frame`; what ``.table`` was before the rows)."""
+        return self.frame()
 
 
 __all__ = ["Analysis"]

@@ -304,14 +304,14 @@ def test_zero_update_subfolder_and_conv1d_adapters(tmp_path, llama, gpt2):
                              fan_in_fan_out=True)
     for folder in (zero, named, conv):
         assert_parity(folder)
-    assert all(r["fro_norm"] == 0.0 for r in host.run(plan_of(zero)).table.rows)
+    assert all(r["fro_norm"] == 0.0 for r in host.run(plan_of(zero)).rows.rows)
 
 
 def test_a_full_rank_module_takes_the_torch_executor(tmp_path, llama):
     folder, _ = F.lora_adapter(llama[0], tmp_path / "a", r=32, target_modules=["q_proj"])
     plan = plan_of(folder)
     assert plan.executor == TORCH and "factor shapes" in plan.reason  # r = min(m, n): dense
-    assert {r["route"] for r in loop.run_plan(plan).table.rows} == {"dense"}
+    assert {r["route"] for r in loop.run_plan(plan).rows.rows} == {"dense"}
 
 
 def test_kind_means_are_pandas_groupby_means():

@@ -48,7 +48,7 @@ def analyze_cmd(path: str, **kw: Any) -> None:
     from deltaspec.execute import analyse  # a plain LoRA adapter: the numpy executor, no torch
 
     result = analyse((path,), kw["base"], to_options(kw))
-    emit(result.table, kw, result_notes(result.skipped, [], [], result.notes))
+    emit(result.rows, kw, result_notes(result.skipped, [], [], result.notes))
 
 
 @click.command("compare")
@@ -68,7 +68,7 @@ def compare_cmd(a: str, b: str, **kw: Any) -> None:
     from deltaspec.execute import analyse
 
     result = analyse((a, b), kw["base"], to_options(kw))
-    emit(result.table, kw, result_notes(result.skipped, result.only_a, result.only_b,
+    emit(result.rows, kw, result_notes(result.skipped, result.only_a, result.only_b,
                                           result.notes))
 
 

@@ -58,7 +58,7 @@ def run(plan: Plan) -> Analysis:
             rows.append(cols.identity(name, "lora", shape, r, "factored")
                         | side_metrics(values, shape, plan.options))
             sigmas[name] = values
-    return Analysis(table=Rows(rows, cols.analyze_columns(False)), sigmas=sigmas,
+    return Analysis(rows=Rows(rows, cols.analyze_columns(False)), sigmas=sigmas,
                     executor=plan.reason)
 
 
