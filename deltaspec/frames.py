@@ -153,8 +153,20 @@ def _similarity(df: pd.DataFrame, labels: list[str], kind_order: Any) -> pd.Data
     return out.reset_index(drop=True)
 
 
+def as_report_data(data: Any) -> Any:
+    """What a figure draws: a typed result (:class:`~deltaspec.result.Analysis`) or a frame
+    ``analyze``/``compare`` returned → its :class:`~deltaspec.report.ReportData`; anything else
+    (report data, its tables) as is."""
+    from deltaspec.result import Analysis
+
+    if isinstance(data, Analysis):
+        return report_data(attach(data.frame(), data.sigmas, data.k))
+    return report_data(data) if is_result(data) else data
+
+
 NO_SPECTRA = ("this table carries no singular values (they live in df.attrs['spectra'], which "
               "pd.concat of different runs drops): plot the frame analyze/compare returned, or "
               "use deltaspec.plot_democracy({label: update, …})")
 
-__all__ = ["ATTR", "NO_SPECTRA", "Sigmas", "attach", "common_k", "is_result", "report_data", "sigma"]
+__all__ = ["ATTR", "NO_SPECTRA", "Sigmas", "as_report_data", "attach", "common_k", "is_result",
+           "report_data", "sigma"]

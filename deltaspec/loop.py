@@ -104,7 +104,7 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     notes = list(dict.fromkeys([*getattr(a, "notes", []), *(getattr(b, "notes", []) if b else [])]))
     return Analysis(Rows([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
-                    with_base, {n: sigmas[n] for n in order if n in sigmas}, notes)
+                    with_base, {n: sigmas[n] for n in order if n in sigmas}, notes, k=opts.k)
 
 
 def _solve_rows(sides: list[Mapping[str, Delta]], items: list[Item], opts: Options,

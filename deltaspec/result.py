@@ -25,7 +25,8 @@ class Analysis:
     ``keep_spectra``; ``skipped``: (tensor, reason) the loaders passed over; ``only_a``/``only_b``:
     modules of one side only (a comparison); ``with_base``: whether base-relative metrics were
     computed; ``sigmas``: module → σ (or (σ_A, σ_B)) as float64 numpy arrays; ``notes``: the
-    loaders' remarks (e.g. an unsaved α); ``executor``: which executor made it, and why.
+    loaders' remarks (e.g. an unsaved α); ``executor``: which executor made it, and why; ``k``:
+    the K of the pairwise columns. Figures draw it directly (:mod:`deltaspec.plots`).
     """
 
     rows: Rows
@@ -37,6 +38,7 @@ class Analysis:
     sigmas: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     executor: str = ""
+    k: int = 8  # the subspace dimension K of the pairwise columns
 
     def frame(self) -> pd.DataFrame:
         """The table as a DataFrame (typed columns of :func:`deltaspec.columns.frame`)."""

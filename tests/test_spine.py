@@ -186,3 +186,18 @@ def test_pair_is_the_one_pairing_for_n_sides():
 
 def test_a_torch_tensor_is_not_a_path():
     assert P.is_live({"w": torch.zeros(1)}) and not P.is_live(Path("x"))
+
+
+def test_figures_draw_the_typed_result(llama_lora):
+    from matplotlib.figure import Figure
+
+    from deltaspec import plots
+    from deltaspec.execute import execute
+
+    result = execute(P.build(P.Request((llama_lora[0],), options=Options(include="q_proj"))))
+    assert result.executor.startswith("numpy executor")
+    fig = plots.plot_spectra(result)
+    assert isinstance(fig, Figure) and fig.axes
+    frame_fig = plots.plot_spectra(deltaspec.analyze(llama_lora[0], include="q_proj"))
+    got = [ln.get_ydata().tolist() for ln in fig.axes[0].get_lines()]
+    assert got == [ln.get_ydata().tolist() for ln in frame_fig.axes[0].get_lines()]

@@ -59,7 +59,7 @@ def run(plan: Plan) -> Analysis:
                         | side_metrics(values, shape, plan.options))
             sigmas[name] = values
     return Analysis(rows=Rows(rows, cols.analyze_columns(False)), sigmas=sigmas,
-                    executor=plan.reason)
+                    executor=plan.reason, k=plan.options.k)
 
 
 def factored_values(b: np.ndarray, a: np.ndarray) -> np.ndarray:

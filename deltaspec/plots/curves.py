@@ -194,8 +194,7 @@ def plot_entropy_summary(data: Any, *, ax: Any = None, reference: Any = None) ->
 def _summary(data: Any) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame) and "normalized_entropy_topk_std" in data.columns:
         return data
-    if frames.is_result(data):
-        data = frames.report_data(data)
+    data = frames.as_report_data(data)
     from deltaspec.report.verdict import summary_table
 
     return summary_table(_table(data, "metrics"))

@@ -26,9 +26,9 @@ BAND_NOTE = "line: median across layers, band: 10–90 %"
 
 def _table(data: Any, attr: str) -> Any:
     """The ``attr`` table of a ReportData, or ``data`` itself when it already is the table; a
-    frame ``analyze``/``compare`` returned is turned into the report's tables first."""
-    if frames.is_result(data):
-        data = frames.report_data(data)
+    typed result, or a frame ``analyze``/``compare`` returned, is turned into the report's tables
+    first (:func:`deltaspec.frames.as_report_data`)."""
+    data = frames.as_report_data(data)
     if isinstance(data, pd.DataFrame) or not hasattr(data, attr):
         return data
     table = getattr(data, attr)
