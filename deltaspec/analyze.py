@@ -26,7 +26,7 @@ from deltaspec.engine.pipeline import Solved, shard, solve_stream
 from deltaspec.engine.spectrum import Spectrum, completed, resolve_device, route
 from deltaspec.errors import DeltaspecError, ShapeError
 from deltaspec.loaders import Deltas, detect_format, load
-from deltaspec.loaders.live import describe
+from deltaspec.loaders.sources.live import describe
 from deltaspec.names import match_key
 from deltaspec.options import Options, make_options
 

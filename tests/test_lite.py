@@ -272,7 +272,7 @@ def test_kind_means_are_pandas_groupby_means():
 
 
 def test_a_base_to_download_is_left_to_the_full_route(llama_lora, tmp_path, monkeypatch):
-    from deltaspec.loaders import sources
+    from deltaspec.loaders.sources import hub as sources
 
     folder = _copy(llama_lora[0], tmp_path / "named")
     cfg = json.loads((folder / "adapter_config.json").read_text())

@@ -232,7 +232,7 @@ def test_boft_butterfly_is_pefts(n, blocks, size, factors):
     is PEFT's own, and W·Mᵀ applied factor by factor is W times PEFT's product matrix."""
     from peft.tuners.boft.layer import BOFTLayer
 
-    from deltaspec.loaders import boft
+    from deltaspec.loaders.peft import boft
 
     g = torch.Generator().manual_seed(0)
     rot = boft.cayley(torch.randn(factors, blocks, size, size, generator=g, dtype=torch.float64))

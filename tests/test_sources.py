@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import deltaspec
 from deltaspec.cli import main
 from deltaspec.errors import CheckpointError, DeltaspecWarning
-from deltaspec.loaders import sources
+from deltaspec.loaders.sources import hub as sources
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

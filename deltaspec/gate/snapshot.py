@@ -227,7 +227,7 @@ def take_snapshot(path: str | Path, base: str | Path | None = None, *, sketch: i
     from deltaspec import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    from deltaspec.loaders.live import describe
+    from deltaspec.loaders.sources.live import describe
 
     return Baseline(source=describe(path), modules=records_from(result, k, sketch), k=k,
                     top_k=opts.top_k, base=None if base is None else describe(base),

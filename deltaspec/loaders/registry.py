@@ -6,7 +6,7 @@ Every format is one module of this package exposing the contract of
 ``load(folder, base, opts, skipped) -> dict[str, Delta]``. ``FORMATS`` holds one row per format,
 (name, module), tried in order: the first module whose ``detect`` accepts the folder loads it.
 PEFT adapters are told apart by the ``peft_type`` of their ``adapter_config.json``
-(:func:`deltaspec.loaders.peft_common.detector`), so each PEFT method has its own module.
+(:func:`deltaspec.loaders.peft.common.detector`), so each PEFT method has its own module.
 
 Adding a format:
 
@@ -31,28 +31,15 @@ from typing import Any
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError, UsageError
-from deltaspec.loaders import (
-    adalora,
-    boft,
-    discovery,
-    fourierft,
-    full,
-    ia3,
-    live,
-    loha,
-    lokr,
-    lora_moe,
-    mixlora,
-    mtl_lora,
-    multilora,
-    oft,
-    peft_common,
-    peft_lora,
-    sources,
-    vera,
-)
+from deltaspec.loaders import full
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
 from deltaspec.loaders.contract import FormatModule, LoadOptions
+from deltaspec.loaders.multi import lora_moe, mixlora, mtl_lora, multilora
+from deltaspec.loaders.peft import adalora, boft, fourierft, ia3, loha, lokr, oft, vera
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import lora as peft_lora
+from deltaspec.loaders.sources import discovery, live
+from deltaspec.loaders.sources import hub as sources
 from deltaspec.loaders.store import exists, read_json
 from deltaspec.names import PEFT_PREFIX, module_order
 
@@ -89,7 +76,7 @@ FORMATS: tuple[tuple[str, FormatModule], ...] = (
 
 def resolve(path: str | Path, revision: str | None = None) -> Path:
     """The checkpoint folder for ``path``: a folder, a weights file inside one, or a Hugging Face
-    Hub id ``org/name[@revision]`` (cached or downloaded: :mod:`deltaspec.loaders.sources`)."""
+    Hub id ``org/name[@revision]`` (cached or downloaded: :mod:`deltaspec.loaders.sources.hub`)."""
     p = sources.locate(path, revision)
     if not exists(p):
         raise CheckpointError(f"{p}: no such file or directory")
@@ -133,7 +120,7 @@ def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
         path: the checkpoint folder (or a weights file in it), a Hugging Face Hub id
             ``org/name[@revision]`` (from the local cache, else downloaded), or a live object: a
             PeftModel, an ``nn.Module`` or state dict of a full model, a PEFT adapter state dict
-            (with ``config``) — see :mod:`deltaspec.loaders.live`.
+            (with ``config``) — see :mod:`deltaspec.loaders.sources.live`.
         base: the base model (folder, Hub id, ``nn.Module`` or state dict): required for full
             checkpoints and DoRA, optional otherwise (it orients GPT-2 Conv1D weights, turns
             modules_to_save into deltas and enables the base-relative metrics). Omitted, the
@@ -204,7 +191,7 @@ def _live_format(obj: Any) -> str:
 def _load_live(obj: Any, base: Any, opts: LoadOptions, skipped: list[tuple[str, str]], *,
                config: Any, adapter_name: str | None,
                discover_base: bool) -> tuple[str, str, dict[str, Delta]]:
-    """(format, what errors call it, deltas) of a live object (see :mod:`deltaspec.loaders.live`)."""
+    """(format, what errors call it, deltas) of a live object (see :mod:`deltaspec.loaders.sources.live`)."""
     base_ck = _base(base, None, False) if base is not None else None
     if live.is_peft_model(obj):
         adapter, own = live.peft_model(obj, adapter_name)

@@ -41,7 +41,7 @@ from deltaspec.analyze import run
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
-from deltaspec.loaders.live import describe
+from deltaspec.loaders.sources.live import describe
 from deltaspec.names import kind_order, match_key
 from deltaspec.options import Options, make_options
 from deltaspec.report.similarity import (

@@ -1,7 +1,7 @@
 """The tensor names of a PEFT LoRA adapter, sorted by role: each adapted module's parts
 (``lora_A``, ``lora_B``, ``lora_B.bias``, embedding factors, DoRA's magnitude), saved base layers,
 full weights (``modules_to_save``) and trainable-token deltas. No torch here: the LoRA loader
-(:mod:`deltaspec.loaders.peft_lora`) and the torch-free CLI route (:mod:`deltaspec.lite`) read
+(:mod:`deltaspec.loaders.peft.lora`) and the torch-free CLI route (:mod:`deltaspec.lite`) read
 an adapter's keys through this one grouping.
 
 >>> g = group(["base_model.model.l.q.lora_A.weight", "base_model.model.l.q.lora_B.weight",

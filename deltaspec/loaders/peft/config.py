@@ -24,7 +24,7 @@ MODIFIES_BASE = ("pissa", "olora", "corda", "lora_ga", "loftq")
 UNSUPPORTED_OPTIONS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora",
                        "arrow_config", "kasa_config", "target_parameters", "layer_replication")
 DEFAULT_R, DEFAULT_ALPHA = 8, 8
-# A PEFT fork's adapter (HydraLoRA, LoRAMoE: deltaspec.loaders.lora_moe) though its peft_type is LORA.
+# A PEFT fork's adapter (HydraLoRA, LoRAMoE: deltaspec.loaders.multi.lora_moe) though its peft_type is LORA.
 MOE_FORK_KEY = "lora_nums"
 
 CONFIG = "adapter_config.json"

@@ -1,7 +1,7 @@
 """Mixture-of-LoRA-experts adapters: one static ΔW per expert; the router is not folded in.
 
-Shared helpers of the two formats :mod:`deltaspec.loaders.mixlora` and
-:mod:`deltaspec.loaders.lora_moe`.
+Shared helpers of the two formats :mod:`deltaspec.loaders.multi.mixlora` and
+:mod:`deltaspec.loaders.multi.lora_moe`.
 
 A router weighs the experts per token (input-dependent), so no single ΔW is the update: each
 expert's own ΔW is reported as a row ``<parent>.experts.<e>.<kind>``, and router tensors are listed

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError
-from deltaspec.loaders import peft_common
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped
-from deltaspec.loaders.moe import CONFIG, ROUTER, expert_delta, lora_scale, open_store
+from deltaspec.loaders.multi.moe import CONFIG, ROUTER, expert_delta, lora_scale, open_store
+from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.store import read_json
 from deltaspec.names import indexed
 

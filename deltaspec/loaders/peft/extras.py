@@ -15,10 +15,11 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
-from deltaspec.loaders import peft_common, peft_config
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx, Grouped
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import config as peft_config
+from deltaspec.loaders.peft.common import Ctx, Grouped
 from deltaspec.names import has_conv1d, is_conv1d, match_key
 
 NO_BASE = "{what}; pass --base to analyse it"

@@ -9,7 +9,7 @@ class of the code base (``<m>`` is the module path, e.g. ``model.layers.0.self_a
     mlora      <m>.lora_A (1, r, in)  .lora_lambdas (T, r, r) or (T, r)  .lora_B (nB, out, r)
                .lora_B_w (T, nB)  [.lora_scaler ()]
                ΔW_t = (Σ_b softmax(w_t/τ)_b·B_b)·Λ_t·A·α/r [·sigmoid(scaler)], one per task t
-    moelora    see :mod:`deltaspec.loaders.mtl_tasks`: one ΔW per task t      (MMOELoraLinear)
+    moelora    see :mod:`deltaspec.loaders.multi.mtl_tasks`: one ΔW per task t      (MMOELoraLinear)
     dora       <m>.lora_A.weight  .lora_B.weight  .lora_weight_m_wdecomp.weight (out, 1)
                ΔW = m ⊙ V/‖V‖_row − W, V = W + B·A·α/r (needs the base and α)    (DoRALinear)
                magnitude only (``Wdecompose``): ΔW = (m/‖W‖_row − 1) ⊙ W
@@ -31,10 +31,10 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
-from deltaspec.loaders import mtl_tasks, multilora
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Noted, Skipped
-from deltaspec.loaders.mtl_tasks import DEFAULT_TEMPERATURE, Ctx
+from deltaspec.loaders.multi import mtl_tasks, multilora
+from deltaspec.loaders.multi.mtl_tasks import DEFAULT_TEMPERATURE, Ctx
 from deltaspec.loaders.store import TensorStore
 from deltaspec.names import indexed, strip_peft_prefix
 

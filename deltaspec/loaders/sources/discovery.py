@@ -3,7 +3,7 @@
 PEFT (and deltaspec's reference trainer) record the base an adapter was trained on in
 ``adapter_config.json`` / ``multilora_config.json``. When no base is given, :func:`choose_base`
 uses it if it resolves — an existing folder, or a Hub id cached or downloadable (see
-:mod:`deltaspec.loaders.sources`) — and says so; when a base is given, it warns if the base is not
+:mod:`deltaspec.loaders.sources.hub`) — and says so; when a base is given, it warns if the base is not
 the one the adapter names (the shapes are checked later, module by module, and a mismatch there is
 an error). ``discover_base=False`` (CLI ``--no-base-discovery``) turns discovery off.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from deltaspec.config_files import parse_json_file
 from deltaspec.errors import DeltaspecError, DeltaspecWarning
-from deltaspec.loaders import sources
+from deltaspec.loaders.sources import hub as sources
 
 CONFIGS = ("adapter_config.json", "multilora_config.json")
 KEY = "base_model_name_or_path"

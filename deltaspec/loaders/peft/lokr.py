@@ -16,11 +16,12 @@ from pathlib import Path
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta, KronFactor
 from deltaspec.errors import CheckpointError
-from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped
-from deltaspec.loaders.loha import factor_pair, factor_value, lycoris_scale
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Ctx
+from deltaspec.loaders.peft.loha import factor_pair, factor_value, lycoris_scale
 
 PEFT_TYPES = ("LOKR",)
 detect = peft_common.detector(*PEFT_TYPES)

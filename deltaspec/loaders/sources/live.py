@@ -31,7 +31,7 @@ import torch
 from deltaspec.errors import CheckpointError, UsageError
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.peft.common import Ctx
 from deltaspec.loaders.store import TensorStore
 
 # Where PEFT keeps a wrapped module's original weights; dropped from the base keys.
@@ -54,7 +54,7 @@ class MemoryAdapter:
         return Path(f"{self.source} config")
 
     def context(self, base: Checkpoint | None, skipped: Skipped) -> Ctx:
-        """The builders' context, as :func:`deltaspec.loaders.peft_common.open_adapter` makes it
+        """The builders' context, as :func:`deltaspec.loaders.peft.common.open_adapter` makes it
         for a folder."""
         return Ctx(self.store, self.config, base, self.source, self.config_path, skipped)
 

@@ -19,7 +19,7 @@ import torch
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
 from deltaspec.loaders.checkpoint import Checkpoint, needs_transpose
 from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_config import CONFIG, WEIGHTS, find_adapter_dir
+from deltaspec.loaders.peft.config import CONFIG, WEIGHTS, find_adapter_dir
 from deltaspec.loaders.store import TensorStore, read_json
 from deltaspec.names import strip_peft_prefix
 
@@ -83,7 +83,7 @@ def open_adapter(path: Path, base: Checkpoint | None,
                  skipped: Skipped) -> Ctx:
     """The adapter at ``path`` (its config read, its weights opened lazily) as a :class:`Ctx`."""
     context = getattr(path, "context", None)
-    if callable(context):  # an adapter in memory (deltaspec.loaders.live.MemoryAdapter)
+    if callable(context):  # an adapter in memory (deltaspec.loaders.sources.live.MemoryAdapter)
         return context(base, skipped)
     folder = find_adapter_dir(path)
     if folder is None:

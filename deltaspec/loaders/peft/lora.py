@@ -1,7 +1,7 @@
 """PEFT LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``).
 
 ΔW = B·A·s with s = α/r (α/√r with rsLoRA), per-module α from ``alpha_pattern`` resolved the way
-PEFT resolves it (:mod:`deltaspec.loaders.peft_config`); r is the tensors' own rank. Key names are
+PEFT resolves it (:mod:`deltaspec.loaders.peft.config`); r is the tensors' own rank. Key names are
 those PEFT 0.21 writes (adapter name stripped; an unstripped one is tolerated)::
 
     <module>.lora_A.weight (r, in[, k…])   <module>.lora_B.weight (out, r[, 1…])   <module>.lora_B.bias
@@ -27,10 +27,13 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UsageError
-from deltaspec.loaders import lora_keys, peft_common, peft_config, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import config as peft_config
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft import keys as lora_keys
+from deltaspec.loaders.peft.common import Ctx
 
 PEFT_TYPES = ("LORA",)
 detect = peft_common.detector(*PEFT_TYPES)

@@ -17,10 +17,11 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
-from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Ctx
 
 PEFT_TYPES = ("FOURIERFT",)
 detect = peft_common.detector(*PEFT_TYPES)

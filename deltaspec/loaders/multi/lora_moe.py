@@ -17,10 +17,11 @@ from pathlib import Path
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
-from deltaspec.loaders import peft_common, peft_config
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped
-from deltaspec.loaders.moe import CONFIG, ROUTER, config_of, expert_delta, lora_scale, open_store
+from deltaspec.loaders.multi.moe import CONFIG, ROUTER, config_of, expert_delta, lora_scale, open_store
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import config as peft_config
 from deltaspec.loaders.store import read_json
 from deltaspec.names import indexed, strip_peft_prefix
 
