@@ -16,21 +16,23 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders.checkpoint import TIED_HEAD, Checkpoint, open_weights_exists
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source, folder_of
 from deltaspec.names import is_conv1d, match_key
 
 
-def detect(folder: Path) -> bool:
-    """True when ``folder`` holds HF model weights (single, sharded or pickled)."""
-    return open_weights_exists(folder)
+def detect(folder: Source) -> bool:
+    """True for a full model in memory, or a folder holding HF model weights (single, sharded or
+    pickled)."""
+    return isinstance(folder, Checkpoint) or (isinstance(folder, Path) and open_weights_exists(folder))
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Deltas of every 2-D weight that the fine-tuned checkpoint and its base share."""
     if base is None:
-        raise CheckpointError(f"{folder}: a full checkpoint needs its base (--base) to give an update")
-    ft = folder if isinstance(folder, Checkpoint) else Checkpoint(folder)  # or a model in memory
+        raise CheckpointError(f"{getattr(folder, 'folder', folder)}: a full checkpoint needs its "
+                              "base (--base) to give an update")
+    ft = folder if isinstance(folder, Checkpoint) else Checkpoint(folder_of(folder, "full models"))
     bs = base
     model_type = ft.model_type or bs.model_type
     out: dict[str, Delta] = {}

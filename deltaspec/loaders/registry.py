@@ -4,7 +4,9 @@ use through :mod:`deltaspec.loaders`, so that the package's torch-free modules s
 Every format is one module of this package exposing the contract of
 :mod:`deltaspec.loaders.contract`: ``detect(folder) -> bool`` and
 ``load(folder, base, opts, skipped) -> dict[str, Delta]``. ``FORMATS`` holds one row per format,
-(name, module), tried in order: the first module whose ``detect`` accepts the folder loads it.
+(name, module), tried in order by :func:`dispatch`: the first module whose ``detect`` accepts
+the source loads it — a folder, an adapter in memory (a PeftModel's, or a state dict with its
+config) or a full model in memory alike.
 PEFT adapters are told apart by the ``peft_type`` of their ``adapter_config.json``
 (:func:`deltaspec.loaders.peft.common.detector`), so each PEFT method has its own module.
 
@@ -33,14 +35,14 @@ from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError, UsageError
 from deltaspec.loaders import full
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
-from deltaspec.loaders.contract import FormatModule, LoadOptions
+from deltaspec.loaders.contract import FormatModule, LoadOptions, Source
 from deltaspec.loaders.multi import lora_moe, mixlora, mtl_lora, multilora
 from deltaspec.loaders.peft import adalora, boft, fourierft, ia3, loha, lokr, oft, vera
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import lora as peft_lora
 from deltaspec.loaders.sources import discovery, live
 from deltaspec.loaders.sources import hub as sources
-from deltaspec.loaders.store import exists, read_json
+from deltaspec.loaders.store import exists
 from deltaspec.names import PEFT_PREFIX, module_order
 
 
@@ -83,20 +85,29 @@ def resolve(path: str | Path, revision: str | None = None) -> Path:
     return p.parent if p.is_file() else p
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: Any) -> str:
     """The name of the format of the checkpoint at ``path`` (or of a live object)."""
     if live.is_live(path):
-        return _live_format(path)
-    folder = resolve(path)
+        return dispatch(_live_source(path, None, config=None, adapter_name=None,
+                                     discover_base=False)[0])[0]
+    return dispatch(resolve(path))[0]
+
+
+def dispatch(source: Source) -> tuple[str, FormatModule]:
+    """(name, module) of the first format in :data:`FORMATS` whose ``detect`` claims ``source``
+    — a folder or an object in memory alike — or a one-line error saying what it is not."""
     for name, module in FORMATS:
-        if module.detect(folder):
-            return name
-    adapter = peft_common.find_adapter_dir(folder)
-    if adapter is not None:
-        kind = read_json(adapter / peft_common.CONFIG).get("peft_type")
-        raise UnsupportedError(f"{adapter / peft_common.CONFIG}: peft_type {kind!r} is not "
-                               f"supported (deltaspec reads {', '.join(supported_peft_types())} "
-                               "adapters, MultiLoRA checkpoints and full fine-tunes)")
+        if module.detect(source):
+            return name, module
+    config = peft_common.adapter_config(source)
+    if config is not None:
+        where = getattr(source, "source", None) or \
+            (peft_common.find_adapter_dir(Path(str(source))) or Path(str(source))) / peft_common.CONFIG
+        raise UnsupportedError(f"{where}: peft_type {config.get('peft_type')!r} is not supported "
+                               f"(deltaspec reads {', '.join(supported_peft_types())} adapters, "
+                               "MultiLoRA, MTL-LoRA and mixture-of-LoRA checkpoints and full "
+                               "fine-tunes)")
+    folder = Path(str(source))
     orphan = next((w for w in peft_common.WEIGHTS if (folder / w).is_file()), None)
     if orphan is not None:
         raise ConfigError(f"{folder / peft_common.CONFIG}: missing (needed to read {orphan}: it "
@@ -145,13 +156,17 @@ def load(path: Any, base: Any = None, *, allow_modified_base: bool = False,
     opts = LoadOptions(allow_modified_base=allow_modified_base, lora_alpha=lora_alpha,
                        mtl_temperature=mtl_temperature)
     if live.is_live(path) or config is not None:
-        fmt, where, items = _load_live(path, base, opts, skipped, config=config,
-                                       adapter_name=adapter_name, discover_base=discover_base)
+        source, base_ck = _live_source(path, base, config=config, adapter_name=adapter_name,
+                                       discover_base=discover_base)
     else:
-        folder = resolve(path, revision)
-        fmt, where = detect_format(folder), str(folder)
-        module = next(m for name, m in FORMATS if name == fmt)
-        items = module.load(folder, _base(base, folder, discover_base), opts, skipped)
+        source = resolve(path, revision)
+        base_ck = _base(base, source, discover_base)
+    fmt, module = dispatch(source)
+    where = str(getattr(source, "source", None) or getattr(source, "folder", source))
+    if isinstance(source, Checkpoint) and base_ck is None:
+        raise UsageError(f"{where}: a full model gives an update only against its base: pass "
+                         "base= (a folder, a Hub id, an nn.Module or a state dict)")
+    items = module.load(source, base_ck, opts, skipped)
     if not items:
         why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
             if skipped else ""
@@ -172,43 +187,22 @@ def _base(base: Any, folder: Path | None, discover: bool) -> Checkpoint | None:
     return base_for(path)
 
 
-def _peft_module(peft_type: Any, where: str) -> tuple[str, FormatModule]:
-    kind = str(peft_type).upper()
-    for name, module in FORMATS:
-        if kind in getattr(module, "PEFT_TYPES", ()):
-            return name, module
-    raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not supported (deltaspec reads "
-                           f"{', '.join(supported_peft_types())} adapters)")
-
-
-def _live_format(obj: Any) -> str:
-    if live.is_peft_model(obj):
-        name = live.active_adapter(obj, None)
-        return _peft_module(live.as_json(obj.peft_config[name]).get("peft_type"), "PeftModel")[0]
-    return "full"
-
-
-def _load_live(obj: Any, base: Any, opts: LoadOptions, skipped: list[tuple[str, str]], *,
-               config: Any, adapter_name: str | None,
-               discover_base: bool) -> tuple[str, str, dict[str, Delta]]:
-    """(format, what errors call it, deltas) of a live object (see :mod:`deltaspec.loaders.sources.live`)."""
+def _live_source(obj: Any, base: Any, *, config: Any, adapter_name: str | None,
+                 discover_base: bool) -> tuple[Source, Checkpoint | None]:
+    """(the source, its base) of a live object (see :mod:`deltaspec.loaders.sources.live`): a
+    PeftModel's adapter with its own base, an adapter state dict with its config, or a full
+    model as a :class:`Checkpoint`."""
     base_ck = _base(base, None, False) if base is not None else None
     if live.is_peft_model(obj):
         adapter, own = live.peft_model(obj, adapter_name)
-        base_ck = base_ck or (own if discover_base else None)
-    elif config is not None:
-        adapter = live.adapter_state(obj, config)
-    elif live.is_state_dict(obj) and any(k.startswith(PEFT_PREFIX) for k in obj):
+        return adapter, base_ck or (own if discover_base else None)
+    if config is not None:
+        return live.adapter_state(obj, config), base_ck
+    if live.is_state_dict(obj) and any(k.startswith(PEFT_PREFIX) for k in obj):
         raise UsageError("<adapter state dict>: a PEFT adapter's tensors need its config: pass "
                          "config= (its PeftConfig, or adapter_config.json as a dict)")
-    else:
-        ft = live.full_checkpoint(obj, "<fine-tuned model>")
-        if base_ck is None:
-            raise UsageError(f"{ft.folder}: a full model gives an update only against its base: "
-                             "pass base= (a folder, a Hub id, an nn.Module or a state dict)")
-        return "full", str(ft.folder), full.load(ft, base_ck, opts, skipped)  # type: ignore[arg-type]
-    fmt, module = _peft_module(adapter.config.get("peft_type"), adapter.source)
-    return fmt, adapter.source, module.load(adapter, base_ck, opts, skipped)  # type: ignore[arg-type]
+    return live.full_checkpoint(obj, "<fine-tuned model>"), base_ck
 
 
-__all__ = ["FORMATS", "Checkpoint", "Deltas", "LoadOptions", "detect_format", "load", "resolve"]
+__all__ = ["FORMATS", "Checkpoint", "Deltas", "LoadOptions", "detect_format", "dispatch", "load",
+           "resolve"]

@@ -14,15 +14,13 @@ weight is the shared ``model.layers.{L}.mlp.{proj}``.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
-from deltaspec.loaders.multi.moe import CONFIG, ROUTER, expert_delta, lora_scale, open_store
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source
+from deltaspec.loaders.multi.moe import ROUTER, expert_delta, lora_scale
 from deltaspec.loaders.peft import common as peft_common
-from deltaspec.loaders.store import read_json
 from deltaspec.names import indexed
 
 PEFT_TYPES = ("MIXLORA",)
@@ -32,15 +30,14 @@ _KEY = re.compile(r"^mixlora\.layers\.(?P<layer>\d+)\.(?:(?P<attn>self_attn)|exp
 _GATE = re.compile(r"^mixlora\.layers\.\d+\.gate\.weight$")
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every attention LoRA and every FFN expert's ΔW of a MixLoRA adapter."""
-    folder = peft_common.find_adapter_dir(folder) or folder
-    config = read_json(folder / CONFIG)
+    ctx = peft_common.open_adapter(folder, base, skipped)
+    config, store, source = ctx.config, ctx.store, ctx.source
     expert_cfg = config | (config.get("expert_lora") or {})
     if config.get("use_dora") or expert_cfg.get("use_dora"):
-        raise UnsupportedError(f"{folder / CONFIG}: MixLoRA with use_dora is not supported")
-    store, source = open_store(folder)
+        raise UnsupportedError(f"{ctx.config_path}: MixLoRA with use_dora is not supported")
     pairs: dict[tuple[str, str, bool], dict[str, str]] = {}
     for key in store:
         m = _KEY.match(key)
@@ -62,7 +59,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
                                   "partner")
         cfg = expert_cfg if expert else config
         out[name] = expert_delta(store, source, name, keys["A"], keys["B"],
-                                 lambda r, c=cfg: lora_scale(c, r, folder / CONFIG),
+                                 lambda r, c=cfg: lora_scale(c, r, ctx.config_path),
                                  "mixlora" if expert else "lora", base, base_name)
     if not out:
         raise CheckpointError(f"{source}: holds no MixLoRA tensors")

@@ -25,34 +25,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from deltaspec import delta as _delta
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError, ConfigError
+from deltaspec.errors import ConfigError
+from deltaspec.loaders import build
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.store import TensorStore, read_json
+from deltaspec.loaders.store import TensorStore
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ROUTER = "router: input-dependent, not folded into ΔW"
-
-
-def config_of(folder: Path) -> dict[str, Any] | None:
-    """The folder's adapter_config.json, or None when it has none (or an unreadable one)."""
-    try:
-        return read_json(folder / CONFIG) if (folder / CONFIG).is_file() else None
-    except (ConfigError, CheckpointError):
-        return None
-
-
-def open_store(folder: Path) -> tuple[TensorStore, str]:
-    """The adapter's weights (safetensors or a torch.save'd .bin) and the file's name."""
-    weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no adapter_model.safetensors or adapter_model.bin "
-                              f"next to {CONFIG}")
-    return TensorStore.from_files([weights]), str(weights)
 
 
 def lora_scale(config: dict[str, Any], r: int, where: Path) -> float:
@@ -64,19 +45,8 @@ def lora_scale(config: dict[str, Any], r: int, where: Path) -> float:
 
 
 def expert_delta(store: TensorStore, source: str, name: str, a_key: str, b_key: str, scale_of: Any,
-          method: str, base: Checkpoint | None, base_name: str) -> Delta:
+                 method: str, base: Checkpoint | None, base_name: str) -> Delta:
     """The factored ΔW = B·A·s of one expert (``scale_of(r)`` gives s)."""
-    a_shape, b_shape = store.shape(a_key), store.shape(b_key)
-    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
-        raise CheckpointError(f"{source}: tensor {b_key!r} has shape {b_shape}, which does not "
-                              f"match {a_key!r} of shape {a_shape} ((out, r) and (r, in))")
-    r, shape = a_shape[0], (b_shape[0], a_shape[1])
-    s = scale_of(r)
-
-    def load() -> _delta.Factors:
-        return store.get(b_key).to(torch.float32) * s, store.get(a_key).to(torch.float32)
-
-    return _delta.factored(name, shape, load, method=method, source=source, rank=r,
-                           base=base.oriented(base_name, shape) if base is not None else None)
-
-
+    f = build.lora_factors(store, source, name, a_key, b_key, scale_of)
+    return build.factored(name, f, method=method, source=source,
+                          base=base.oriented(base_name, f.shape) if base is not None else None)

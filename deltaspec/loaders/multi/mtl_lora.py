@@ -31,10 +31,11 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
+from deltaspec.loaders import build
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Noted, Skipped
+from deltaspec.loaders.contract import LoadOptions, Noted, Skipped, Source, folder_of
 from deltaspec.loaders.multi import mtl_tasks, multilora
-from deltaspec.loaders.multi.mtl_tasks import DEFAULT_TEMPERATURE, Ctx
+from deltaspec.loaders.multi.mtl_tasks import DEFAULT_TEMPERATURE, MtlCheckpoint
 from deltaspec.loaders.store import TensorStore
 from deltaspec.names import indexed, strip_peft_prefix
 
@@ -51,19 +52,19 @@ def find_weights(folder: Path) -> Path | None:
     return pts[0] if len(pts) == 1 else None
 
 
-def detect(folder: Path) -> bool:
+def detect(folder: Source) -> bool:
     """True for a folder holding the code base's ``final_checkpoint.pt`` (or one ``.pt`` file)."""
-    return find_weights(folder) is not None
+    return isinstance(folder, Path) and find_weights(folder) is not None
 
 
-def _multilora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _multilora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     ctx.shape(keys, "lora_A", 3, mod)
     stacked = {part: keys[f"lora_{part}"] for part in ("A", "B", "scaling") if f"lora_{part}" in keys}
     r = ctx.store.shape(keys["lora_A"])[1]
     return {mod: multilora.stacked_delta(ctx.store, mod, stacked, ctx.scale(r), ctx.base)}
 
 
-def _mlora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _mlora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     one, r, d_in = ctx.shape(keys, "lora_A", 3, mod)
     n_b, d_out, r_b = ctx.shape(keys, "lora_B", 3, mod)
     tasks, n_w = ctx.shape(keys, "lora_B_w", 2, mod)
@@ -107,27 +108,25 @@ def _mlora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     return out
 
 
-def _lora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
-    r, d_in = ctx.shape(keys, "lora_A.weight", 2, mod)
-    d_out, r_b = ctx.shape(keys, "lora_B.weight", 2, mod)
-    if r_b != r:
-        raise CheckpointError(f"{ctx.source}: {mod}: lora_B.weight {(d_out, r_b)} does not match "
-                              f"lora_A.weight {(r, d_in)}")
-    s = ctx.scale(r)
-
-    def load() -> _delta.Factors:
-        return ctx.get(keys["lora_B.weight"]) * s, ctx.get(keys["lora_A.weight"])
-
-    return {mod: _delta.factored(mod, (d_out, d_in), load, method="lora", source=ctx.source,
-                                 rank=r, base=ctx.base_weight(mod, (d_out, d_in)))}
+def _lora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+    return {mod: _factored(ctx, mod, keys, "lora")}
 
 
-def _dora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _factored(ctx: MtlCheckpoint, mod: str, keys: dict[str, str], method: str) -> Delta:
+    ctx.shape(keys, "lora_A.weight", 2, mod)
+    ctx.shape(keys, "lora_B.weight", 2, mod)
+    f = build.lora_factors(ctx.store, ctx.source, mod, keys["lora_A.weight"], keys["lora_B.weight"],
+                           ctx.scale)
+    return build.factored(mod, f, method=method, source=ctx.source,
+                          base=ctx.base_weight(mod, f.shape))
+
+
+def _dora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     """DoRALinear's merge: W′ = m / ‖V‖_row · V with V = W + B·A·α/r (V = W with Wdecompose)."""
     m_shape = ctx.shape(keys, "lora_weight_m_wdecomp.weight", 2, mod)
     factored = "lora_A.weight" in keys or "lora_B.weight" in keys
     if factored:
-        lora = _lora(ctx, mod, keys)[mod]
+        lora = _factored(ctx, mod, keys, "lora")
         shape = lora.shape
         if ctx.alpha is None:
             raise UsageError(f"{ctx.source}: {mod} is a DoRA module: its ΔW depends on α "
@@ -146,23 +145,18 @@ def _dora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     if ctx.base is None:
         raise UsageError(f"{ctx.source}: {mod} is a DoRA module; its update depends on the base "
                          "weight, so pass --base")
-    base = ctx.base.oriented(mod, shape)
-
-    def load() -> torch.Tensor:
-        w0 = base().to(torch.float64)
-        v = w0 + lora.dense(torch.float64) if factored else w0
-        m = ctx.get(keys["lora_weight_m_wdecomp.weight"]).to(torch.float64)
-        return (m / v.norm(dim=1, keepdim=True) * v - w0).to(torch.float32)
-
-    return {mod: _delta.dense(mod, shape, load, method="dora", source=ctx.source, base=base)}
+    return {mod: build.dora(mod, shape, lora.factors if factored else None,
+                            ctx.base.oriented(mod, shape),
+                            lambda: ctx.get(keys["lora_weight_m_wdecomp.weight"]), axis=1,
+                            source=ctx.source)}
 
 
-def _unsupported(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _unsupported(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     raise UnsupportedError(f"{ctx.source}: {mod}: the merged-projection MTL-LoRA layer "
                            f"(mLoRAMergedLinear: {', '.join(sorted(keys))}) is not supported")
 
 
-Builder = Callable[[Ctx, str, dict[str, str]], dict[str, Delta]]
+Builder = Callable[[MtlCheckpoint, str, dict[str, str]], dict[str, Delta]]
 
 # (variant, does this module's set of parts belong to it, builder): the first match builds it.
 VARIANTS: list[tuple[str, Callable[[set[str]], bool], Builder]] = [
@@ -189,10 +183,11 @@ def _group(store: TensorStore, skipped: Skipped) -> dict[str, dict[str, str]]:
     return parts
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's ΔW (one per task for MTL-LoRA / MoELoRA) in a ``final_checkpoint.pt``;
     notes say which unsaved settings (α, temperature) were assumed."""
+    folder = folder_of(folder, "MTL-LoRA checkpoints")
     weights = find_weights(folder)
     if weights is None:
         raise CheckpointError(f"{folder}: no {WEIGHTS} here or in {folder / 'checkpoint'}")
@@ -200,7 +195,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{what} must be a positive number, not {value!r}")
     store = TensorStore.from_files([weights])
-    ctx = Ctx(store, str(weights), base, opts.lora_alpha, opts.mtl_temperature)
+    ctx = MtlCheckpoint(store, str(weights), base, opts.lora_alpha, opts.mtl_temperature)
     out: dict[str, Delta] = {}
     for mod, keys in _group(store, skipped).items():
         variant = next((v for v in VARIANTS if v[1](set(keys))), None)
@@ -213,7 +208,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     return Noted(out, _notes(ctx))
 
 
-def _notes(ctx: Ctx) -> list[str]:
+def _notes(ctx: MtlCheckpoint) -> list[str]:
     notes = []
     if "alpha" in ctx.uses:
         notes.append(f"{ctx.source} does not save α: norms are reported with α/r = 1 (pass "

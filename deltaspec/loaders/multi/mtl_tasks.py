@@ -34,7 +34,7 @@ DEFAULT_TEMPERATURE = 1.0  # mlora_finetune.py's --temperature default (its scri
 
 
 @dataclass
-class Ctx:
+class MtlCheckpoint:
     """What every variant builder needs; ``uses`` collects the unsaved settings the rows rely on."""
 
     store: TensorStore
@@ -95,7 +95,7 @@ def is_moelora(parts: set[str]) -> bool:
     return GATE in parts or EMBEDDING in parts or any(_EXPERT.match(p) for p in parts)
 
 
-def _experts(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, dict[int, str]]:
+def _experts(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, dict[int, str]]:
     """side (A/B) → expert index → key (the ``mlp.weight`` copy preferred)."""
     found: dict[str, dict[int, str]] = {"A": {}, "B": {}}
     for part, key in sorted(keys.items(), key=lambda kv: "mlp." in kv[0]):
@@ -112,7 +112,7 @@ def _experts(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, dict[int, st
     return found
 
 
-def moelora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def moelora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     """One factored ΔW_t = [g_t,1·B₁|…]·[A₁;…]·α/r per task t."""
     found = _experts(ctx, mod, keys)
     n = len(found["A"])

@@ -17,7 +17,7 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source, folder_of
 from deltaspec.loaders.store import TensorStore, read_json
 from deltaspec.names import strip_peft_prefix
 
@@ -26,14 +26,15 @@ WEIGHTS = "multilora_model.safetensors"
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<part>A|B|scaling)(?:\.weight)?$")
 
 
-def detect(folder: Path) -> bool:
+def detect(folder: Source) -> bool:
     """True for a folder with ``multilora_config.json``."""
-    return (folder / CONFIG).is_file()
+    return isinstance(folder, Path) and (folder / CONFIG).is_file()
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a MultiLoRA folder."""
+    folder = folder_of(folder, "MultiLoRA checkpoints")
     config = read_json(folder / CONFIG)
     alpha, r = config.get("lora_alpha", config.get("alpha")), config.get("r")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not isinstance(r, int) \

@@ -10,18 +10,16 @@ for D/2ⁱ blocks of H/2. Applied to W factor by factor (never an in×in matrix)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import extras as peft_extras
-from deltaspec.loaders.peft.common import Ctx
+from deltaspec.loaders.peft.common import Adapter
 
 PEFT_TYPES = ("BOFT",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -29,7 +27,7 @@ PARTS = ("boft_R", "boft_s")
 NEEDS_BASE = "a BOFT update rotates and scales the base weight (ΔW = W·Mᵀ ⊙ s − W)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT BOFT adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="BOFT",
@@ -70,7 +68,7 @@ def rotate(w: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     assert bs is not None  # NEEDS_BASE
     for part in PARTS:
         if part not in keys:

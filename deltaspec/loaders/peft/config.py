@@ -48,8 +48,8 @@ def check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) 
     """Raise a one-line error naming ``path`` unless deltaspec reads this adapter exactly."""
     peft_type = config.get("peft_type")
     if str(peft_type).upper() != "LORA":
-        raise UnsupportedError(f"{path}: peft_type {peft_type!r} is not supported "
-                               "(deltaspec reads LORA adapters and MultiLoRA checkpoints)")
+        raise UnsupportedError(f"{path}: peft_type {peft_type!r} is not a LoRA adapter's (this "
+                               "reader takes peft_type LORA; the other methods have their own)")
     init = str(config.get("init_lora_weights", True)).lower()
     if any(init.startswith(m) for m in MODIFIES_BASE) and not allow_modified_base:
         raise UnsupportedError(

@@ -10,7 +10,6 @@ are not saved either, so the base is needed (for the shapes only; ΔW does not d
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -18,10 +17,10 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import extras as peft_extras
-from deltaspec.loaders.peft.common import Ctx
+from deltaspec.loaders.peft.common import Adapter
 
 PEFT_TYPES = ("FOURIERFT",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -29,7 +28,7 @@ PARTS = ("fourierft_spectrum",)
 NEEDS_BASE = "a FourierFT adapter does not save the shapes of its modules (only their spectra)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT FourierFT adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped)
@@ -42,7 +41,7 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     groups = peft_common.group(ctx, PARTS)
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
     out = {}
-    for name, keys in groups.modules.items():
+    for name, keys in groups.parts():
         shape = bs.canonical_shape(name, fan_in_fan_out)
         out[name] = _module(ctx, name, keys["fourierft_spectrum"], shape, seed, float(scaling),
                             bs.oriented(name, shape, fan_in_fan_out))
@@ -55,7 +54,7 @@ def frequencies(shape: tuple[int, int], n: int, seed: int) -> tuple[torch.Tensor
     return flat // shape[1], flat % shape[1]
 
 
-def _module(ctx: Ctx, name: str, key: str, shape: tuple[int, int], seed: int, scaling: float,
+def _module(ctx: Adapter, name: str, key: str, shape: tuple[int, int], seed: int, scaling: float,
             base: Callable[[], torch.Tensor]) -> Delta:
     stored = ctx.shape(key)
     if len(stored) != 1 or not 0 < stored[0] <= shape[0] * shape[1]:

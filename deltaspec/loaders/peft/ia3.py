@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -21,10 +20,10 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import extras as peft_extras
-from deltaspec.loaders.peft.common import Ctx
+from deltaspec.loaders.peft.common import Adapter
 
 PEFT_TYPES = ("IA3",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -32,14 +31,14 @@ PARTS = ("ia3_l",)
 NEEDS_BASE = "an IA3 update rescales the base weight (ΔW = W·(diag(l) − I) or (diag(l) − I)·W)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT IA³ adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="IA3",
                                     module=_module, needs_base=NEEDS_BASE)
 
 
-def is_feedforward(ctx: Ctx, name: str) -> bool:
+def is_feedforward(ctx: Adapter, name: str) -> bool:
     """PEFT's ``_check_target_module_feedforward`` on the module path ``name``."""
     spec = ctx.config.get("feedforward_modules") or []
     if isinstance(spec, str):
@@ -51,7 +50,7 @@ def is_feedforward(ctx: Ctx, name: str) -> bool:
     return any(name.endswith(str(k)) for k in spec)
 
 
-def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     assert bs is not None  # NEEDS_BASE
     key = keys["ia3_l"]
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
@@ -87,7 +86,7 @@ def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) ->
                         bias=None if ff else _bias(ctx, bs, name, scale, shape[0]))
 
 
-def _bias(ctx: Ctx, bs: Checkpoint, name: str, scale: Callable[[], torch.Tensor],
+def _bias(ctx: Adapter, bs: Checkpoint, name: str, scale: Callable[[], torch.Tensor],
           out: int) -> Callable[[], torch.Tensor] | None:
     """Δb = (l − 1) ⊙ b of an attention-type module with a bias (None without one)."""
     key = bs.find(name + ".bias")

@@ -11,33 +11,31 @@ r and α per module from ``rank_pattern`` / ``alpha_pattern`` as PEFT resolves t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import config as peft_config
 from deltaspec.loaders.peft import extras as peft_extras
-from deltaspec.loaders.peft.common import Ctx
+from deltaspec.loaders.peft.common import Adapter
 
 PEFT_TYPES = ("LOHA",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT LoHa adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoHa",
                                     module=_module)
 
 
-def lycoris_scale(ctx: Ctx, name: str) -> tuple[int, float]:
+def lycoris_scale(ctx: Adapter, name: str) -> tuple[int, float]:
     """(r, α/r) of module ``name``: ``rank_pattern`` / ``alpha_pattern`` resolved as PEFT does."""
     r = peft_config.pattern_value(ctx.config.get("rank_pattern"), name, ctx.config.get("r", 8))
     alpha = peft_config.pattern_value(ctx.config.get("alpha_pattern"), name,
@@ -49,7 +47,7 @@ def lycoris_scale(ctx: Ctx, name: str) -> tuple[int, float]:
     return r, alpha / r
 
 
-def factor_pair(ctx: Ctx, name: str, a: str, b: str, t: str | None) -> tuple[tuple[int, int], int]:
+def factor_pair(ctx: Adapter, name: str, a: str, b: str, t: str | None) -> tuple[tuple[int, int], int]:
     """Shape (out, in·k…) and rank of one factor w_a·w_b (Tucker: with core ``t``), checked."""
     a_shape, b_shape = ctx.shape(a), ctx.shape(b)
     if t is None:
@@ -65,7 +63,7 @@ def factor_pair(ctx: Ctx, name: str, a: str, b: str, t: str | None) -> tuple[tup
     return (a_shape[1], b_shape[1] * t_shape[2] * t_shape[3]), a_shape[0]
 
 
-def factor_value(ctx: Ctx, a: str, b: str, t: str | None) -> _delta.Factors:
+def factor_value(ctx: Adapter, a: str, b: str, t: str | None) -> _delta.Factors:
     """(B, A) of one factor in float64: (w_a, w_b), or Tucker (w_aᵀ, (t ×₂ w_bᵀ) flattened)."""
     wa, wb = ctx.get64(a), ctx.get64(b)
     if t is None:
@@ -74,7 +72,7 @@ def factor_value(ctx: Ctx, a: str, b: str, t: str | None) -> _delta.Factors:
     return wa.T, core.reshape(core.shape[0], -1)
 
 
-def _module(ctx: Ctx, _base: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, _base: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     tucker = "hada_t1" in keys or "hada_t2" in keys
     needed = PARTS if tucker else PARTS[:4]
     for part in needed:

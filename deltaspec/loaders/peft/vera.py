@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -21,10 +20,10 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import LoadOptions, Skipped
+from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import extras as peft_extras
-from deltaspec.loaders.peft.common import Ctx
+from deltaspec.loaders.peft.common import Adapter
 
 PEFT_TYPES = ("VERA",)
 detect = peft_common.detector(*PEFT_TYPES)
@@ -33,7 +32,7 @@ SHARED = ("vera_A", "vera_B")
 NEEDS_BASE = "a VeRA adapter does not save each module's input size (the shared vera_A is sliced to it)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
+def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT VeRA adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped)
@@ -41,21 +40,21 @@ def load(folder: Path, base: Checkpoint | None, opts: LoadOptions,
     groups = peft_common.group(ctx, PARTS, SHARED)
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
     shapes = {}
-    for name, keys in groups.modules.items():
+    for name, keys in groups.parts():
         for part in PARTS:
             if part not in keys:
                 raise CheckpointError(f"{ctx.source}: module {name!r} has no {part} tensor")
         shapes[name] = bs.canonical_shape(name, fan_in_fan_out)
     projections = _projections(ctx, groups.shared, shapes)
     out = {name: _module(ctx, name, keys, shapes[name], projections, fan_in_fan_out)
-           for name, keys in groups.modules.items()}
+           for name, keys in groups.parts()}
     return peft_extras.finish(ctx, out, groups, "VeRA")
 
 
 Projections = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _projections(ctx: Ctx, shared: dict[str, str], shapes: dict[str, tuple[int, int]]) -> Projections:
+def _projections(ctx: Adapter, shared: dict[str, str], shapes: dict[str, tuple[int, int]]) -> Projections:
     """A thunk of the shared (vera_A, vera_B) in float64: as saved, or regenerated like PEFT."""
     if "vera_A" in shared and "vera_B" in shared:
         return lambda: (ctx.get64(shared["vera_A"]), ctx.get64(shared["vera_B"]))
@@ -83,7 +82,7 @@ def _kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tens
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
-def _module(ctx: Ctx, name: str, keys: dict[str, str], shape: tuple[int, int],
+def _module(ctx: Adapter, name: str, keys: dict[str, str], shape: tuple[int, int],
             projections: Projections, fan_in_fan_out: bool) -> Delta:
     b_shape, d_shape = ctx.shape(keys["vera_lambda_b"]), ctx.shape(keys["vera_lambda_d"])
     if b_shape != (shape[0],) or len(d_shape) != 1:

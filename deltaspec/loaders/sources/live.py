@@ -31,7 +31,7 @@ import torch
 from deltaspec.errors import CheckpointError, UsageError
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft.common import Ctx
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.loaders.store import TensorStore
 
 # Where PEFT keeps a wrapped module's original weights; dropped from the base keys.
@@ -53,10 +53,10 @@ class MemoryAdapter:
         """What error messages call the config."""
         return Path(f"{self.source} config")
 
-    def context(self, base: Checkpoint | None, skipped: Skipped) -> Ctx:
+    def context(self, base: Checkpoint | None, skipped: Skipped) -> Adapter:
         """The builders' context, as :func:`deltaspec.loaders.peft.common.open_adapter` makes it
         for a folder."""
-        return Ctx(self.store, self.config, base, self.source, self.config_path, skipped)
+        return Adapter(self.store, self.config, base, self.source, self.config_path, skipped)
 
 
 def is_live(obj: Any) -> bool:
