@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from deltaspec import patterns
 from deltaspec.errors import UsageError
 
 
@@ -47,11 +47,7 @@ class Options:
         if isinstance(self.k, bool) or self.k < 1:
             raise UsageError(f"k must be a positive integer, not {self.k}")
         if self.include is not None:
-            try:
-                re.compile(self.include)
-            except re.error as exc:
-                raise UsageError(f"include: invalid regular expression {self.include!r} "
-                                 f"({exc})") from None
+            patterns.check(self.include, "include")  # the one bounded matcher (one-line errors)
         for name in ("lora_alpha", "mtl_temperature"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float))

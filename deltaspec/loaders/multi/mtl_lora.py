@@ -36,19 +36,27 @@ from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Noted, Skipped, Source, folder_of
 from deltaspec.loaders.multi import mtl_tasks, multilora
 from deltaspec.loaders.multi.mtl_tasks import DEFAULT_TEMPERATURE, MtlCheckpoint
+from deltaspec.loaders.sources.discovery import holds_model_weights
 from deltaspec.loaders.store import TensorStore
 from deltaspec.names import indexed, strip_peft_prefix
 
 WEIGHTS = "final_checkpoint.pt"
+# .pt files trainers write beside weights: never an MTL-LoRA checkpoint.
+NOT_ADAPTERS = ("optimizer.pt", "scheduler.pt", "value_head.pt", "training_args.pt", "rng_state.pt",
+                "scaler.pt")
 _PREFIXES = ("module.",)  # DeepSpeed/DDP wrappers (the code base strips "module." on load)
 
 
 def find_weights(folder: Path) -> Path | None:
-    """``final_checkpoint.pt`` in ``folder`` or its ``checkpoint/``, else the folder's only ``.pt``."""
+    """``final_checkpoint.pt`` in ``folder`` or its ``checkpoint/``, else the folder's only ``.pt``
+    — not in a model folder (a full fine-tune's ``scheduler.pt``, TRL's ``value_head.pt``) and
+    not a trainer's own file."""
     for candidate in (folder / WEIGHTS, folder / "checkpoint" / WEIGHTS):
         if candidate.is_file():
             return candidate
-    pts = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    if not folder.is_dir() or holds_model_weights(folder):
+        return None
+    pts = sorted(p for p in folder.glob("*.pt") if p.name not in NOT_ADAPTERS)
     return pts[0] if len(pts) == 1 else None
 
 

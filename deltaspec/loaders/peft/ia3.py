@@ -11,14 +11,14 @@ channel. Dense (the update is a rescaled base weight).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
 
 from deltaspec import delta as _delta
+from deltaspec import patterns
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
+from deltaspec.errors import CheckpointError, UnsupportedError
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -42,11 +42,7 @@ def is_feedforward(ctx: Adapter, name: str) -> bool:
     """PEFT's ``_check_target_module_feedforward`` on the module path ``name``."""
     spec = ctx.config.get("feedforward_modules") or []
     if isinstance(spec, str):
-        try:
-            return re.fullmatch(spec, name) is not None
-        except re.error as exc:
-            raise ConfigError(f"{ctx.config_path}: feedforward_modules {spec!r} is not a valid "
-                              f"pattern ({exc})") from None
+        return patterns.fullmatch(spec, name, f"{ctx.config_path}: feedforward_modules")
     return any(name.endswith(str(k)) for k in spec)
 
 
