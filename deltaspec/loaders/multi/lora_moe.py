@@ -16,13 +16,15 @@ import re
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
-from deltaspec.loaders.multi.moe import ROUTER, expert_delta, lora_scale
+from deltaspec.loaders.multi.moe import LORA_SCHEMA, ROUTER, announced, expert_delta, lora_scale
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import config as peft_config
 from deltaspec.names import indexed, strip_peft_prefix
 
+SCHEMA: schema.Schema = LORA_SCHEMA | {"lora_nums": schema.Key("int", 1, schema.MAX_COUNT, required=True)}
 _KEY = re.compile(r"^(?P<mod>.+?)\.lora_(?P<part>A|B|route)(?P<i>\d*)(?:\.[^.]+)?\.weight$")
 
 
@@ -38,7 +40,7 @@ def detect(folder: Source) -> bool:
 def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every expert's ΔW of a HydraLoRA (shared lora_A) or LoRAMoE (lora_A{i}) adapter."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
     config, store, source = ctx.config, ctx.store, ctx.source
     modules: dict[str, dict[str, str]] = {}
     for key in store:
@@ -63,6 +65,9 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
             out[name] = expert_delta(store, source, name, a_key, keys[f"B{i}"],
                                      lambda r: lora_scale(config, r, ctx.config_path),
                                      "hydralora" if shared else "loramoe", base, mod)
+    announced(ctx.config_path, peft_config.MOE_FORK_KEY, config[peft_config.MOE_FORK_KEY],
+              {mod: [int(p[1:]) for p in keys if p.startswith("B") and p[1:]]
+               for mod, keys in modules.items()})
     if not out:
         raise CheckpointError(f"{source}: holds no HydraLoRA/LoRAMoE expert tensors")
     return out

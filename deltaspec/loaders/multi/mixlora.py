@@ -17,9 +17,10 @@ import re
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
-from deltaspec.loaders.multi.moe import ROUTER, expert_delta, lora_scale
+from deltaspec.loaders.multi.moe import LORA_SCHEMA, ROUTER, announced, expert_delta, lora_scale
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.names import indexed
 
@@ -28,14 +29,20 @@ detect = peft_common.detector(*PEFT_TYPES)
 _KEY = re.compile(r"^mixlora\.layers\.(?P<layer>\d+)\.(?:(?P<attn>self_attn)|experts\.(?P<e>\d+))"
                   r"\.(?P<proj>[^.]+)\.lora_(?P<side>A|B)\.weight$")
 _GATE = re.compile(r"^mixlora\.layers\.\d+\.gate\.weight$")
+SCHEMA: schema.Schema = LORA_SCHEMA | {
+    "num_experts": schema.Key("int", 1, schema.MAX_COUNT),
+    "top_k": schema.Key("int", 1, schema.MAX_COUNT),
+    "expert_lora": schema.Key("mapping"),
+}
 
 
 def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every attention LoRA and every FFN expert's ΔW of a MixLoRA adapter."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
     config, store, source = ctx.config, ctx.store, ctx.source
     expert_cfg = config | (config.get("expert_lora") or {})
+    schema.check(expert_cfg, LORA_SCHEMA, f"{ctx.config_path}: expert_lora")
     if config.get("use_dora") or expert_cfg.get("use_dora"):
         raise UnsupportedError(f"{ctx.config_path}: MixLoRA with use_dora is not supported")
     pairs: dict[tuple[str, str, bool], dict[str, str]] = {}
@@ -51,6 +58,11 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
             base_name = f"{block}.mlp.{m['proj']}"
             name = indexed(base_name, "experts", int(m["e"]))
         pairs.setdefault((name, base_name, not m["attn"]), {})[m["side"]] = key
+    experts: dict[str, list[int]] = {}
+    for (name, base_name, expert), _ in pairs.items():
+        if expert:
+            experts.setdefault(base_name, []).append(int(name.split(".experts.")[1].split(".")[0]))
+    announced(ctx.config_path, "num_experts", config.get("num_experts"), experts)
     out = {}
     for (name, base_name, expert), keys in pairs.items():
         if set(keys) != {"A", "B"}:

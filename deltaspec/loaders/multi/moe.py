@@ -27,20 +27,37 @@ from typing import Any
 
 from deltaspec.delta import Delta
 from deltaspec.errors import ConfigError
-from deltaspec.loaders import build
+from deltaspec.loaders import build, schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.store import TensorStore
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 ROUTER = "router: input-dependent, not folded into ΔW"
+# The LoRA keys both layouts' configs share (α required: it scales every expert).
+LORA_SCHEMA: schema.Schema = {
+    "lora_alpha": schema.Key("number", required=True),
+    "r": schema.Key("int", 1, schema.MAX_RANK),
+    "use_rslora": schema.Key("bool"),
+    "use_dora": schema.Key("bool"),
+}
+
+
+def announced(where: Path, key: str, count: Any, found: dict[str, list[int]]) -> None:
+    """A one-line ConfigError when the config announces ``count`` experts (``key``) but a
+    module (``found``: module → the expert indices saved) holds another number of them."""
+    if count is None:
+        return
+    for mod, indices in found.items():
+        if sorted(indices) != list(range(count)):
+            raise ConfigError(f"{where}: {key} is {count} but {mod} saves {len(indices)} "
+                              f"expert(s) ({', '.join(map(str, sorted(indices)[:8]))})")
 
 
 def lora_scale(config: dict[str, Any], r: int, where: Path) -> float:
     """α/r, or α/√r with ``use_rslora``."""
-    alpha = config.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        raise ConfigError(f"{where}: needs a numeric 'lora_alpha', not {alpha!r}")
+    schema.check(config, LORA_SCHEMA, where)
+    alpha = config["lora_alpha"]
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 

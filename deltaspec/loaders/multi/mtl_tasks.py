@@ -45,7 +45,10 @@ class MtlCheckpoint:
     uses: set[str] = field(default_factory=set)
 
     def scale(self, r: int) -> float:
-        """α/r, or 1 when α was not given (noted)."""
+        """α/r, or 1 when α was not given (noted); a rank below 1 is refused."""
+        if r < 1:
+            raise CheckpointError(f"{self.source}: a module of rank {r}; every adapter module "
+                                  "needs rank ≥ 1")
         if self.alpha is None:
             self.uses.add("alpha")
             return 1.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -22,6 +23,12 @@ PEFT_TYPES = ("ADALORA",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("lora_A", "lora_B", "lora_E")
 EPS = 1e-5  # PEFT adds it to ranknum
+SCHEMA: schema.Schema = {
+    "lora_alpha": schema.Key("number"),
+    "init_r": schema.Key("int", 1, schema.MAX_RANK),
+    "target_r": schema.Key("int", 0, schema.MAX_RANK),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 # LoraConfig options AdaLoRA inherits but whose adapters are not B·(A⊙E)·α/ranknum.
 UNSUPPORTED = {"use_dora": peft_common.truthy, "lora_bias": peft_common.truthy,
                "use_qalora": peft_common.truthy, "layer_replication": peft_common.truthy,
@@ -33,7 +40,7 @@ UNSUPPORTED = {"use_dora": peft_common.truthy, "lora_bias": peft_common.truthy,
 def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT AdaLoRA adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
     peft_common.check_options(ctx, UNSUPPORTED)
     groups = peft_common.group(ctx, PARTS)
     out = {}

@@ -15,6 +15,7 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -24,6 +25,12 @@ from deltaspec.loaders.peft.common import Adapter
 PEFT_TYPES = ("BOFT",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("boft_R", "boft_s")
+SCHEMA: schema.Schema = {
+    "boft_block_size": schema.Key("int", 0, schema.MAX_RANK),
+    "boft_block_num": schema.Key("int", 0, schema.MAX_RANK),
+    "boft_n_butterfly_factor": schema.Key("int", 0, 64),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 NEEDS_BASE = "a BOFT update rotates and scales the base weight (ΔW = W·Mᵀ ⊙ s − W)"
 
 
@@ -31,7 +38,7 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT BOFT adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="BOFT",
-                                    module=_module, needs_base=NEEDS_BASE)
+                                    module=_module, needs_base=NEEDS_BASE, config_schema=SCHEMA)
 
 
 def butterfly_perm(n: int, blocks: int, r: int, factors: int) -> torch.Tensor:
@@ -80,6 +87,11 @@ def _module(ctx: Adapter, bs: Checkpoint | None, name: str, keys: dict[str, str]
             or (s_shape == (1, shape[0]) and shape[0] not in (1, shape[1])):
         raise ShapeError(f"{ctx.source}: {name}: boft_R {r_shape} / boft_s {s_shape} do not fit "
                          f"the base's {shape} weight")
+    n_fac, d, h = r_shape[:3]
+    if n_fac < 1 or (n_fac > 1 and (h < 2 or h % 2 or d % 2 ** (n_fac - 1))):
+        raise ShapeError(f"{ctx.source}: {keys['boft_R']} has shape {r_shape}: {n_fac} butterfly "
+                         f"factor(s) need blocks of an even size ≥ 2 (not {h}) and a block count "
+                         f"divisible by 2^{n_fac - 1} (not {d})")
     base = bs.oriented(name, shape, None)
 
     def load() -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint, needs_transpose
 from deltaspec.loaders.contract import Skipped, Source
 from deltaspec.loaders.peft import keys
@@ -87,9 +88,17 @@ class Adapter:
         return lambda: (self.get(key).T if transpose else self.get(key)).reshape(shape)
 
 
-def open_adapter(path: Source, base: Checkpoint | None,
-                 skipped: Skipped) -> Adapter:
-    """The adapter at ``path`` (its config read, its weights opened lazily) as a :class:`Adapter`."""
+def open_adapter(path: Source, base: Checkpoint | None, skipped: Skipped,
+                 config_schema: schema.Schema | None = None) -> Adapter:
+    """The adapter at ``path`` (its config read and checked against the format's
+    ``config_schema`` before anything else, its weights opened lazily) as an :class:`Adapter`."""
+    ctx = _open(path, base, skipped)
+    if config_schema is not None:
+        schema.check(ctx.config, config_schema, ctx.config_path)
+    return ctx
+
+
+def _open(path: Source, base: Checkpoint | None, skipped: Skipped) -> Adapter:
     if not isinstance(path, Path):  # an adapter in memory (sources.live.MemoryAdapter)
         opened = None if isinstance(path, Checkpoint) else path.context(base, skipped)
         if not isinstance(opened, Adapter):

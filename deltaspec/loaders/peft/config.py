@@ -16,6 +16,7 @@ from typing import Any
 
 from deltaspec import patterns
 from deltaspec.errors import ConfigError, UnsupportedError, UsageError
+from deltaspec.loaders import schema
 
 # init_lora_weights values whose initialisation rewrote the base weight (W_res = W − s·B₀A₀, or a
 # quantised residual): s·B·A of such an adapter is not its update of the original base.
@@ -26,6 +27,14 @@ UNSUPPORTED_OPTIONS = ("use_qalora", "alora_invocation_tokens", "velora_config",
 DEFAULT_R, DEFAULT_ALPHA = 8, 8
 # A PEFT fork's adapter (HydraLoRA, LoRAMoE: deltaspec.loaders.multi.lora_moe) though its peft_type is LORA.
 MOE_FORK_KEY = "lora_nums"
+
+# adapter_config.json of a LoRA adapter: the keys deltaspec's arithmetic reads (schema.check).
+SCHEMA: schema.Schema = {
+    "r": schema.Key("int", 1, schema.MAX_RANK), "lora_alpha": schema.Key("number"),
+    "use_rslora": schema.Key("bool"), "fan_in_fan_out": schema.Key("bool"),
+    "use_dora": schema.Key("bool"), "rank_pattern": schema.Key("mapping"),
+    "alpha_pattern": schema.Key("mapping"), "lora_bias": schema.Key("bool"),
+}
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -60,11 +69,7 @@ def check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) 
         if config.get(option):
             raise UnsupportedError(f"{path}: adapters with {option}={config[option]!r} are not "
                                    "supported (their update is not s·B·A)")
-    if "r" in config and not _is_rank(config["r"]):
-        raise ConfigError(f"{path}: 'r' must be a positive integer, not {config['r']!r:.80} "
-                          "(PEFT refuses it too)")
-    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
-        raise ConfigError(f"{path}: 'lora_alpha' must be a number, not {config['lora_alpha']!r:.80}")
+    schema.check(config, SCHEMA, path)
     _check_patterns(path, "rank_pattern", config.get("rank_pattern"), _is_rank, "a positive integer")
     _check_patterns(path, "alpha_pattern", config.get("alpha_pattern"), _is_number, "a number")
 

@@ -14,6 +14,7 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -136,11 +137,12 @@ ModuleFn = Callable[[Adapter, Checkpoint | None, str, dict[str, str]], Delta]
 
 
 def load_modules(folder: Source, base: Checkpoint | None, skipped: Skipped, *, parts: tuple[str, ...],
-                 what: str, module: ModuleFn, needs_base: str | None = None) -> dict[str, Delta]:
+                 what: str, module: ModuleFn, needs_base: str | None = None,
+                 config_schema: schema.Schema | None = None) -> dict[str, Delta]:
     """The body every simple PEFT loader shares: open the adapter, require the base (when
     ``needs_base`` says why), group the keys by ``parts``, one ``module(ctx, base, name, keys)``
     per adapted module, then :func:`finish`."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
+    ctx = peft_common.open_adapter(folder, base, skipped, config_schema)
     bs = peft_common.require_base(ctx, needs_base) if needs_base else None
     groups = peft_common.group(ctx, parts)
     out = {name: module(ctx, bs, name, keys) for name, keys in groups.parts()}

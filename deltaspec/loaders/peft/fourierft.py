@@ -16,6 +16,7 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -25,13 +26,19 @@ from deltaspec.loaders.peft.common import Adapter
 PEFT_TYPES = ("FOURIERFT",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("fourierft_spectrum",)
+SCHEMA: schema.Schema = {
+    "random_loc_seed": schema.Key("int", 0, schema.MAX_SEED),
+    "scaling": schema.Key("number"),
+    "n_frequency": schema.Key("int", 1, schema.MAX_COUNT),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 NEEDS_BASE = "a FourierFT adapter does not save the shapes of its modules (only their spectra)"
 
 
 def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT FourierFT adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
     bs = peft_common.require_base(ctx, NEEDS_BASE)
     seed, scaling = ctx.config.get("random_loc_seed", 777), ctx.config.get("scaling", 150.0)
     if not isinstance(seed, int) or isinstance(seed, bool) or \

@@ -19,6 +19,7 @@ from deltaspec import delta as _delta
 from deltaspec import patterns
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -28,6 +29,8 @@ from deltaspec.loaders.peft.common import Adapter
 PEFT_TYPES = ("IA3",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("ia3_l",)
+SCHEMA: schema.Schema = {"feedforward_modules": schema.Key("strs"), "target_modules": schema.Key("strs"),
+                         "fan_in_fan_out": schema.Key("bool")}
 NEEDS_BASE = "an IA3 update rescales the base weight (ΔW = W·(diag(l) − I) or (diag(l) − I)·W)"
 
 
@@ -35,7 +38,7 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT IA³ adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="IA3",
-                                    module=_module, needs_base=NEEDS_BASE)
+                                    module=_module, needs_base=NEEDS_BASE, config_schema=SCHEMA)
 
 
 def is_feedforward(ctx: Adapter, name: str) -> bool:

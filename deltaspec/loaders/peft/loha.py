@@ -2,7 +2,9 @@
 
 The Hadamard product of two rank-r products is the product of their row-wise Khatri–Rao
 products: (B₁A₁) ⊙ (B₂A₂) = (B₁ ⊙ᵣ B₂)·(A₁ᵀ ⊙ᵣ A₂ᵀ)ᵀ with (B₁ ⊙ᵣ B₂)[i, (p, q)] = B₁[i, p]·B₂[i, q],
-so ΔW is an exact factored delta of rank ≤ r₁·r₂, never formed. Keys (PEFT ``loha/layer.py``):
+so ΔW is an exact factored delta of rank ≤ r₁·r₂, never formed — unless r₁·r₂ ≥ min(out, in),
+where those factors would outweigh ΔW itself and ΔW is formed densely instead (memory checked
+first). Keys (PEFT ``loha/layer.py``):
 ``hada_w{1,2}_a`` (out, r), ``hada_w{1,2}_b`` (r, in·k…); with ``use_effective_conv2d`` (Tucker)
 ``hada_t{1,2}`` (r, r, kh, kw) and ``hada_w{1,2}_a`` (r, out), ``hada_w{1,2}_b`` (r, in), each
 factor being W = w_aᵀ·(t ×₂ w_bᵀ) flattened to (out, in·kh·kw) — conv modules flatten like LoRA's.
@@ -14,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from deltaspec import delta as _delta
-from deltaspec.delta import Delta
+from deltaspec.delta import Delta, check_bytes
 from deltaspec.errors import CheckpointError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -26,13 +29,22 @@ from deltaspec.loaders.peft.common import Adapter
 PEFT_TYPES = ("LOHA",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+SCHEMA: schema.Schema = {
+    "r": schema.Key("int", 1, schema.MAX_RANK),
+    "alpha": schema.Key("number"),
+    "rank_pattern": schema.Key("mapping"),
+    "alpha_pattern": schema.Key("mapping"),
+    "use_effective_conv2d": schema.Key("bool"),
+    "decompose_both": schema.Key("bool"),
+    "decompose_factor": schema.Key("int", -1, schema.MAX_RANK),
+}
 
 
 def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT LoHa adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoHa",
-                                    module=_module)
+                                    module=_module, config_schema=SCHEMA)
 
 
 def lycoris_scale(ctx: Adapter, name: str) -> tuple[int, float]:
@@ -85,6 +97,16 @@ def _module(ctx: Adapter, _base: Checkpoint | None, name: str, keys: dict[str, s
                               f"{shape1} and {shape2}")
     _, s = lycoris_scale(ctx, name)
 
+    base = ctx.base_weight(name, shape1, None)
+    if r1 * r2 >= min(shape1):  # the Khatri–Rao factors would outweigh ΔW itself: go dense
+        check_bytes(8 * (shape1[0] * shape1[1] + (r1 + r2) * sum(shape1)), f"{ctx.source}: {name}")
+
+        def dense() -> torch.Tensor:
+            (b1, a1), (b2, a2) = (factor_value(ctx, *side) for side in sides)
+            return (b1 @ a1) * (b2 @ a2) * s
+
+        return _delta.dense(name, shape1, dense, method="loha", source=ctx.source, base=base)
+
     def load() -> _delta.Factors:
         (b1, a1), (b2, a2) = (factor_value(ctx, *side) for side in sides)
         b = (b1[:, :, None] * b2[:, None, :]).reshape(shape1[0], r1 * r2)  # row-wise Khatri–Rao
@@ -92,4 +114,4 @@ def _module(ctx: Adapter, _base: Checkpoint | None, name: str, keys: dict[str, s
         return b * s, a
 
     return _delta.factored(name, shape1, load, method="loha", source=ctx.source, rank=r1 * r2,
-                           base=ctx.base_weight(name, shape1, None))
+                           base=base)

@@ -18,6 +18,7 @@ from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
 from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft import loha
 from deltaspec.loaders.peft.common import Adapter
 from deltaspec.loaders.peft.loha import factor_pair, factor_value, lycoris_scale
 
@@ -30,7 +31,7 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's Kronecker ΔW in a PEFT LoKr adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoKr",
-                                    module=_module)
+                                    module=_module, config_schema=loha.SCHEMA)
 
 
 Side = tuple[str, str | None, str | None]  # (full key | a key, b key, Tucker core key)

@@ -18,6 +18,7 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError, UnsupportedError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import LoadOptions, Skipped, Source
 from deltaspec.loaders.peft import common as peft_common
@@ -27,6 +28,17 @@ from deltaspec.loaders.peft.common import Adapter
 PEFT_TYPES = ("OFT",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("oft_R", "oft_embedding_R")
+MAX_NEUMANN_TERMS = 1000  # num_cayley_neumann_terms drives a loop of matrix products (PEFT: 5)
+SCHEMA: schema.Schema = {
+    "coft": schema.Key("bool"),
+    "eps": schema.Key("number", 0, 1000000.0),
+    "coft_eps": schema.Key("number", 0, 1000000.0),
+    "use_cayley_neumann": schema.Key("bool"),
+    "block_share": schema.Key("bool"),
+    "num_cayley_neumann_terms": schema.Key("int", 0, MAX_NEUMANN_TERMS),
+    "r": schema.Key("int", 0, schema.MAX_RANK),
+    "oft_block_size": schema.Key("int", 0, schema.MAX_RANK),
+}
 NEEDS_BASE = "an OFT update rotates the base weight (ΔW = W·(Rᵀ − I))"
 
 
@@ -34,7 +46,7 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT OFT adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="OFT",
-                                    module=_module, needs_base=NEEDS_BASE)
+                                    module=_module, needs_base=NEEDS_BASE, config_schema=SCHEMA)
 
 
 def skew(vec: torch.Tensor, b: int) -> torch.Tensor:

@@ -92,6 +92,12 @@ def is_state_dict(obj: Any) -> bool:
 
 def store_of(tensors: Mapping[str, torch.Tensor], label: str) -> TensorStore:
     """A :class:`TensorStore` over tensors in memory (no copy; ``label`` names them in errors)."""
+    for key, t in tensors.items():
+        why = "is on the meta device (no values: load the weights first)" if t.is_meta else \
+            f"has {t.layout} layout (deltaspec reads dense tensors: call .to_dense())" \
+            if t.layout != torch.strided else ""
+        if why:
+            raise UsageError(f"{label}: tensor {key!r} {why}")
     where = Path(label)
     store = TensorStore(dict.fromkeys(tensors, where))
     store._handles[where] = dict(tensors)  # a dict handle: TensorStore reads it as a state dict
@@ -110,8 +116,9 @@ def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: set[tuple[Any, ...]] = set()
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
+        plain = t.numel() and t.layout == torch.strided and not t.is_meta  # else refused later
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 t.stride()) if t.numel() else None
+                 t.stride()) if plain else None
         if ident is not None and ident in seen:
             continue
         if ident is not None:
