@@ -143,8 +143,9 @@ def load_modules(folder: Source, base: Checkpoint | None, skipped: Skipped, *, p
     ``needs_base`` says why), group the keys by ``parts``, one ``module(ctx, base, name, keys)``
     per adapted module, then :func:`finish`."""
     ctx = peft_common.open_adapter(folder, base, skipped, config_schema)
-    bs = peft_common.require_base(ctx, needs_base) if needs_base else None
     groups = peft_common.group(ctx, parts)
+    matching(ctx, groups, what)  # before asking for a base: a wrong peft_type says so first
+    bs = peft_common.require_base(ctx, needs_base) if needs_base else None
     out = {name: module(ctx, bs, name, keys) for name, keys in groups.parts()}
     return finish(ctx, out, groups, what)
 
@@ -155,10 +156,8 @@ def finish(ctx: Adapter, out: dict[str, Delta], groups: Groups, what: str, *,
     them, trainable token rows) to the adapted modules' deltas ``out``; list every other key in
     ``.skipped``. ``require``: an adapter with no ``what`` module at all is refused (its
     peft_type is likely wrong)."""
-    if require and not groups.modules:
-        first = next(iter(ctx.store.keys()), "")
-        raise CheckpointError(f"{ctx.source}: holds no {what} tensor (the first key is {first!r}); "
-                              f"is peft_type {ctx.config.get('peft_type')!r} right?")
+    if require:
+        matching(ctx, groups, what)
     for name, keys in groups.base_layer.items():
         if name not in out:  # a base layer without an adapter on it is loaded as a full weight
             groups.full.setdefault(name, keys)
@@ -171,6 +170,16 @@ def finish(ctx: Adapter, out: dict[str, Delta], groups: Groups, what: str, *,
     if not out and not ctx.skipped:
         raise CheckpointError(f"{ctx.source}: the adapter holds no {what} tensors")
     return out
+
+
+def matching(ctx: Adapter, groups: Groups, what: str) -> None:
+    """A one-line error when the adapter holds no ``what`` tensor at all: its config's
+    peft_type does not match its tensors."""
+    if not groups.modules:
+        first = next(iter(ctx.store.keys()), "")
+        raise CheckpointError(f"{ctx.config_path}: the config's peft_type "
+                              f"{ctx.config.get('peft_type')!r} does not match its tensors (no "
+                              f"{what} tensor in {ctx.source}; the first key is {first!r})")
 
 
 def module_bias(ctx: Adapter, name: str, out: int) -> Callable[[], torch.Tensor] | None:

@@ -39,13 +39,14 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT FourierFT adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
-    bs = peft_common.require_base(ctx, NEEDS_BASE)
     seed, scaling = ctx.config.get("random_loc_seed", 777), ctx.config.get("scaling", 150.0)
     if not isinstance(seed, int) or isinstance(seed, bool) or \
             not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise ConfigError(f"{ctx.config_path}: needs an integer random_loc_seed and a numeric "
                           "scaling")
     groups = peft_common.group(ctx, PARTS)
+    peft_extras.matching(ctx, groups, "FourierFT")
+    bs = peft_common.require_base(ctx, NEEDS_BASE)
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
     out = {}
     for name, keys in groups.parts():

@@ -43,8 +43,9 @@ def load(folder: Source, base: Checkpoint | None, opts: LoadOptions,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT VeRA adapter folder."""
     ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
-    bs = peft_common.require_base(ctx, NEEDS_BASE)
     groups = peft_common.group(ctx, PARTS, SHARED)
+    peft_extras.matching(ctx, groups, "VeRA")
+    bs = peft_common.require_base(ctx, NEEDS_BASE)
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
     shapes = {}
     for name, keys in groups.parts():
