@@ -24,7 +24,7 @@ from deltaspec.engine import distributed, relative
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.pipeline import Solved, shard, solve_stream
 from deltaspec.engine.spectrum import Spectrum, completed, resolve_device, route
-from deltaspec.errors import DeltaspecError, ShapeError
+from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, detect_format, load
 from deltaspec.loaders.sources.live import describe
 from deltaspec.names import match_key
@@ -95,7 +95,11 @@ def select(a: Mapping[str, Delta], b: Mapping[str, Delta] | None, opts: Options,
         only_a = sorted(set(a) - {na for na, _ in items}) if modules is None else []
         only_b = sorted(set(b) - paired) if modules is None else []
     if opts.include:
-        items = [it for it in items if patterns.search(opts.include, it[0], "include")]
+        kept = [it for it in items if patterns.search(opts.include, it[0], "include")]
+        if items and not kept:  # analysing nothing is an error, as in report
+            raise UsageError(f"--include {opts.include!r:.80} matches none of the {len(items)} "
+                             f"modules (e.g. {items[0][0]})")
+        items = kept
     if opts.shard:
         mine = set(shard([it[0] for it in items], *opts.shard))
         items = [it for it in items if it[0] in mine]

@@ -289,6 +289,10 @@ def run_check(path: str | Path, baseline: Baseline | str | Path, rules: Rules | 
         kept = {n: r for n, r in baseline.modules.items() if patterns.search(opts.include, n, "include")}
         left_out = [n for n in baseline.modules if n not in kept]
         checked = dataclasses.replace(baseline, modules=kept)
+    if not checked.modules:  # a gate that checks nothing must not pass
+        what = f" with --include {checked.include!r:.80}" if checked.include else ""
+        raise UsageError(f"{baseline.path or 'baseline'}: no module to check (the baseline was "
+                         f"made{what} and holds none{', or --include left none' if left_out else ''})")
     result = run_analysis(path, base, opts)
     outcome = compare(records_from(result, baseline.k), checked, rules, source=str(path))
     outcome.ignored += left_out
