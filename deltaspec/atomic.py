@@ -30,7 +30,9 @@ def this_rank_writes() -> bool:
     True
     """
     env = os.environ
-    return env.get("WORLD_SIZE", "1").strip() in ("", "1") or env.get("RANK", "0").strip() in ("", "0")
+    rank = env.get("RANK", "0").strip()
+    # a RANK that is no rank (garbage) speaks, so that its one-line error is seen
+    return env.get("WORLD_SIZE", "1").strip() in ("", "1") or rank in ("", "0") or not rank.isdigit()
 
 
 def output_error(path: str | Path, exc: OSError, what: str = "cannot write") -> OutputError:
