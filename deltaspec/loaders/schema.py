@@ -5,7 +5,8 @@ in one line naming the file and the key. No torch here (the torch-free route che
 A schema maps a key to a :class:`Key`: its kind (``int``, ``number``, ``bool``, ``str``,
 ``mapping``, ``list``, ``strs`` — a string or a list of strings), an inclusive range for numbers,
 and whether it is required. Absent keys take the loader's default; ``None`` is accepted for
-optional keys (PEFT writes ``null`` for unset options). Every number that drives a loop or an
+optional keys (PEFT writes ``null`` for unset options) and removed from the config, so that the
+loader's default applies as for a missing key. Every number that drives a loop or an
 allocation has an upper bound here (a rank, a seed, a count of terms), so a file cannot ask for
 10¹² iterations.
 
@@ -58,6 +59,7 @@ def check(config: Any, schema: Schema, where: str | Path) -> None:
             continue
         value = config[name]
         if value is None and not key.required:
+            del config[name]  # null is "unset": the loader's default applies, as for a missing key
             continue
         if not _fits(value, key):
             raise ConfigError(f"{where}: {name!r} must be {_describe(key)}, not {value!r:.80}")
