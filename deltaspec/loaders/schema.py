@@ -4,9 +4,9 @@ in one line naming the file and the key. No torch here (the torch-free route che
 
 A schema maps a key to a :class:`Key`: its kind (``int``, ``number``, ``bool``, ``str``,
 ``mapping``, ``list``, ``strs`` — a string or a list of strings), an inclusive range for numbers,
-and whether it is required. Absent keys take the loader's default; ``None`` is accepted for
-optional keys (PEFT writes ``null`` for unset options) and removed from the config, so that the
-loader's default applies as for a missing key. Every number that drives a loop or an
+and whether it is required. Absent keys take the loader's default; ``null`` is accepted only for
+keys marked ``nullable`` (PEFT writes ``null`` for those when unset) and is then removed from the
+config, so that the loader's default applies as for a missing key. Every number that drives a loop or an
 allocation has an upper bound here (a rank, a seed, a count of terms), so a file cannot ask for
 10¹² iterations.
 
@@ -42,6 +42,7 @@ class Key:
     lo: float | None = None
     hi: float | None = None
     required: bool = False
+    nullable: bool = False  # null means unset (PEFT writes null for these); else null is refused
 
 
 Schema = dict[str, Key]
@@ -58,7 +59,7 @@ def check(config: Any, schema: Schema, where: str | Path) -> None:
                 raise ConfigError(f"{where}: {name!r} is missing")
             continue
         value = config[name]
-        if value is None and not key.required:
+        if value is None and key.nullable:
             del config[name]  # null is "unset": the loader's default applies, as for a missing key
             continue
         if not _fits(value, key):

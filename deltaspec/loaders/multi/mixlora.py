@@ -32,7 +32,7 @@ _GATE = re.compile(r"^mixlora\.layers\.\d+\.gate\.weight$")
 SCHEMA: schema.Schema = LORA_SCHEMA | {
     "num_experts": schema.Key("int", 1, schema.MAX_COUNT),
     "top_k": schema.Key("int", 1, schema.MAX_COUNT),
-    "expert_lora": schema.Key("mapping"),
+    "expert_lora": schema.Key("mapping", nullable=True),
 }
 
 

@@ -32,8 +32,8 @@ MOE_FORK_KEY = "lora_nums"
 SCHEMA: schema.Schema = {
     "r": schema.Key("int", 1, schema.MAX_RANK), "lora_alpha": schema.Key("number"),
     "use_rslora": schema.Key("bool"), "fan_in_fan_out": schema.Key("bool"),
-    "use_dora": schema.Key("bool"), "rank_pattern": schema.Key("mapping"),
-    "alpha_pattern": schema.Key("mapping"), "lora_bias": schema.Key("bool"),
+    "use_dora": schema.Key("bool"), "rank_pattern": schema.Key("mapping", nullable=True),
+    "alpha_pattern": schema.Key("mapping", nullable=True), "lora_bias": schema.Key("bool"),
 }
 
 CONFIG = "adapter_config.json"

@@ -29,8 +29,11 @@ from deltaspec.loaders.peft.common import Adapter
 PEFT_TYPES = ("IA3",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("ia3_l",)
-SCHEMA: schema.Schema = {"feedforward_modules": schema.Key("strs"), "target_modules": schema.Key("strs"),
-                         "fan_in_fan_out": schema.Key("bool")}
+SCHEMA: schema.Schema = {
+    "feedforward_modules": schema.Key("strs", nullable=True),
+    "target_modules": schema.Key("strs", nullable=True),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 NEEDS_BASE = "an IA3 update rescales the base weight (ΔW = W·(diag(l) − I) or (diag(l) − I)·W)"
 
 

@@ -32,8 +32,8 @@ PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2
 SCHEMA: schema.Schema = {
     "r": schema.Key("int", 1, schema.MAX_RANK),
     "alpha": schema.Key("number"),
-    "rank_pattern": schema.Key("mapping"),
-    "alpha_pattern": schema.Key("mapping"),
+    "rank_pattern": schema.Key("mapping", nullable=True),
+    "alpha_pattern": schema.Key("mapping", nullable=True),
     "use_effective_conv2d": schema.Key("bool"),
     "decompose_both": schema.Key("bool"),
     "decompose_factor": schema.Key("int", -1, schema.MAX_RANK),
