@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltaspec import patterns
-from deltaspec.errors import UsageError
+from deltaspec.errors import ConfigError, UsageError
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,10 @@ class Options:
         if isinstance(self.k, bool) or self.k < 1:
             raise UsageError(f"k must be a positive integer, not {self.k}")
         if self.include is not None:
-            patterns.check(self.include, "include")  # the one bounded matcher (one-line errors)
+            try:  # the one bounded matcher's verdict, as a usage error of this option
+                patterns.check(self.include, "include")
+            except ConfigError as exc:
+                raise UsageError(str(exc)) from None
         for name in ("lora_alpha", "mtl_temperature"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float))

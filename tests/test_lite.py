@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from deltaspec import columns as cols
 from deltaspec.analyze import run_paths
 from deltaspec.cli import main
+from deltaspec.errors import DeltaspecWarning
 from deltaspec.lite import analyze_rows, factored_values, read_float32, read_header
 from deltaspec.options import Options
 from deltaspec.output import Rows, render, to_records
@@ -214,7 +215,7 @@ def test_cli_table_and_notes_match_the_full_route(llama_lora, tmp_path, monkeypa
     full = CliRunner().invoke(main, ["analyze", str(folder)])
     assert lite.exit_code == full.exit_code == 0
     assert lite.output == full.output  # 4-digit table, the discovery note and the hidden-column hint
-    assert "org/not-cached" in lite.output and "not available" in lite.output
+    assert "org/not-cached" in lite.output and "not used" in lite.output
 
 
 def _raw(header: dict | list, data: bytes) -> bytes:
@@ -271,7 +272,8 @@ def test_kind_means_are_pandas_groupby_means():
         np.testing.assert_allclose([float(x) for x in got[2:]], means.to_numpy(float), rtol=1e-3)
 
 
-def test_a_base_to_download_is_left_to_the_full_route(llama_lora, tmp_path, monkeypatch):
+def test_a_named_base_to_download_is_never_downloaded(llama_lora, tmp_path, monkeypatch):
+    """Discovery never downloads: the torch-free route runs, with a note saying how to fetch."""
     from deltaspec.loaders.sources import hub as sources
 
     folder = _copy(llama_lora[0], tmp_path / "named")
@@ -282,9 +284,8 @@ def test_a_base_to_download_is_left_to_the_full_route(llama_lora, tmp_path, monk
     monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: True)
     monkeypatch.setattr(sources, "cached_folder", lambda repo, revision=None: None)
     monkeypatch.setattr(sources, "hub_folder", lambda *a, **k: pytest.fail("downloaded"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no note either: the full route downloads and says so
-        assert analyze_rows(str(folder), None, Options()) is None
+    with pytest.warns(DeltaspecWarning, match="does not download: pass --base org/on-the-hub"):
+        assert analyze_rows(str(folder), None, Options()) is not None
 
 
 @pytest.mark.parametrize("text", [
