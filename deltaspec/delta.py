@@ -133,11 +133,30 @@ class Delta:
             b, a = self.factors(torch.float64)
             return (b @ a).to(dtype)
         if self._kron is not None:
+            check_bytes(8 * self.shape[0] * self.shape[1], f"{self.label}: the dense Kronecker product")
             w1, w2 = (as_matrix(f) for f in self.kron_factors(torch.float64))
             return torch.kron(w1, w2).to(dtype)
         assert self._dense is not None
         w = weights_dtype(self._dense(), self.label, integers=True)
         return check_finite(w.to(dtype), self.label)
+
+def memory_budget() -> int:
+    """Bytes one structured delta may allocate when it is expanded: half the machine's memory."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def check_bytes(nbytes: int, what: str) -> None:
+    """A one-line :class:`CheckpointError` when ``what`` would allocate more than
+    :func:`memory_budget` — estimated from config and shapes, before allocating."""
+    if nbytes > memory_budget():
+        raise CheckpointError(f"{what} would need {nbytes / 2**30:.1f} GiB (more than half this "
+                              f"machine's memory, {memory_budget() / 2**30:.1f} GiB)")
+
 
 def as_matrix(f: KronFactor) -> torch.Tensor:
     """A Kronecker factor as a matrix (a (B, A) pair multiplied out)."""

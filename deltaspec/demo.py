@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -94,7 +95,7 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0,
     return write_report({m: ckpt / m for m in METHODS}, out / "report", base=ckpt / "base",
                         extra_tables={"training": table}, reference=reference,
                         title="deltaspec demo: LoRA vs MultiLoRA vs full fine-tuning",
-                        progress=log is not None)
+                        progress=log is not None and sys.stderr.isatty())  # no bars in logs
 
 
 def _matching_reference(quick: bool, seed: int, wanted: bool,

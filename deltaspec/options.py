@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltaspec.errors import UsageError
+from deltaspec import patterns
+from deltaspec.errors import ConfigError, UsageError
 
 # The commands that analyse: every one takes every option that has a flag (unless it says otherwise)
 ANALYSING = ("analyze", "compare", "report", "snapshot", "check")
@@ -95,11 +95,10 @@ class Options:
         if isinstance(self.k, bool) or self.k < 1:
             raise UsageError(f"k must be a positive integer, not {self.k}")
         if self.include is not None:
-            try:
-                re.compile(self.include)
-            except re.error as exc:
-                raise UsageError(f"include: invalid regular expression {self.include!r} "
-                                 f"({exc})") from None
+            try:  # the one bounded matcher's verdict, as a usage error of this option
+                patterns.check(self.include, "include")
+            except ConfigError as exc:
+                raise UsageError(str(exc)) from None
         for name in ("lora_alpha", "mtl_temperature"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float))

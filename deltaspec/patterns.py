@@ -30,6 +30,8 @@ C: Any = importlib.import_module("re._constants" if sys.version_info >= (3, 11) 
 P: Any = importlib.import_module("re._parser" if sys.version_info >= (3, 11) else "sre_parse")
 
 MAX_STATES = 20_000  # NFA size bound: x{1000}{1000} is refused, not expanded
+MAX_PATTERN = 2_000  # characters of one pattern
+MAX_NAME = 4_096  # characters of one name matched
 _LOOPS = (C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", C.MAX_REPEAT))
 _NONREGULAR = {C.GROUPREF, C.GROUPREF_EXISTS, C.ASSERT, C.ASSERT_NOT,
                getattr(C, "ATOMIC_GROUP", None), getattr(C, "POSSESSIVE_REPEAT", None)} - {None}
@@ -37,12 +39,28 @@ _NONREGULAR = {C.GROUPREF, C.GROUPREF_EXISTS, C.ASSERT, C.ASSERT_NOT,
 
 def peft_match(key: str, name: str, where: str = "pattern") -> bool:
     """``re.match(rf"(.*\\.)?({key})$", name)`` is not None, in bounded time (PEFT's rule)."""
-    return _compiled(rf"(.*\.)?({key})$", where, key)(name, False)
+    return _compiled(rf"(.*\.)?({key})$", where, key)(_name(name, where), "match")
 
 
 def search(pattern: str, name: str, where: str = "pattern") -> bool:
     """``re.search(pattern, name)`` is not None, in bounded time."""
-    return _compiled(pattern, where, pattern)(name, True)
+    return _compiled(pattern, where, pattern)(_name(name, where), "search")
+
+
+def fullmatch(pattern: str, name: str, where: str = "pattern") -> bool:
+    """``re.fullmatch(pattern, name)`` is not None, in bounded time.
+
+    >>> fullmatch("(a?){30}a{30}", "a" * 30), fullmatch(".*mlp.*", "model.layers.0.mlp.up_proj")
+    (True, True)
+    """
+    return _compiled(pattern, where, pattern)(_name(name, where), "full")
+
+
+def _name(name: str, where: str) -> str:
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"{where}: a name of {len(name)} characters is longer than {MAX_NAME}: "
+                          "too long to match")
+    return name
 
 
 def check(pattern: str, where: str, key: str | None = None) -> None:
@@ -51,7 +69,10 @@ def check(pattern: str, where: str, key: str | None = None) -> None:
 
 
 @functools.lru_cache(maxsize=512)
-def _compiled(pattern: str, where: str, key: str) -> Callable[[str, bool], bool]:
+def _compiled(pattern: str, where: str, key: str) -> Callable[[str, str], bool]:
+    if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
+        raise ConfigError(f"{where}: pattern {key!r:.100} is not a string of at most "
+                          f"{MAX_PATTERN} characters")
     try:
         rx = re.compile(pattern)
         tree = P.parse(pattern)
@@ -59,7 +80,7 @@ def _compiled(pattern: str, where: str, key: str) -> Callable[[str, bool], bool]
         raise ConfigError(f"{where}: invalid regular expression {key!r:.100} ({exc})") from None
     loops, nested, nonregular = _shape(tree)
     if not nested and loops <= 2:
-        return lambda s, anywhere: (rx.search if anywhere else rx.match)(s) is not None
+        return lambda s, how: getattr(rx, how if how != "full" else "fullmatch")(s) is not None
     if nonregular:
         raise ConfigError(f"{where}: key {key!r:.100} nests repetitions and uses a "
                           "back-reference or look-around: it cannot be matched in bounded time")
@@ -82,7 +103,7 @@ def _shape(tree: Any) -> tuple[int, bool, bool]:
             nonregular |= op in _NONREGULAR
             nested |= op is C.BRANCH and depth > 0  # (a|aa)+: ambiguous alternatives in a loop
             inner = depth
-            if op in _LOOPS and av[1] > 1:
+            if op in _LOOPS and (av[0], av[1]) != (1, 1):  # a?, a*, a{2,3}, a{30}: every repeat
                 loops, nested, inner = loops + 1, nested or depth > 0, depth + 1
             for child in _children(op, av):
                 stack.append((child, inner))
@@ -171,14 +192,16 @@ class _Nfa:
             return nxt
         raise _TooBig  # unreachable: non-regular ops are refused before
 
-    def run(self, s: str, anywhere: bool) -> bool:
-        """Whether the program matches ``s`` from the start (or, ``anywhere``, at some position)."""
+    def run(self, s: str, how: str) -> bool:
+        """Whether the program matches ``s`` from the start (``how``: "match"), at some position
+        ("search") or as a whole ("full")."""
         current: set[int] = set()
+        anywhere = how == "search"
         for i in range(len(s) + 1):
             if anywhere or i == 0:
                 current.add(self.start)
             closed = self._closure(current, s, i)
-            if "match" in closed:
+            if "match" in closed and (how != "full" or i == len(s)):
                 return True
             ch = s[i] if i < len(s) else None
             current = {self.prog[pc][2] for pc in closed if pc != "match" and ch is not None

@@ -102,14 +102,14 @@ def is_live(source: Any) -> bool:
 
 
 def describe(source: Any) -> str:
-    """How messages and reports name a source (no torch: see :func:`deltaspec.loaders.live.describe`).
+    """How messages and reports name a source (no torch: see :func:`deltaspec.loaders.sources.live.describe`).
 
     >>> describe("runs/lora")
     'runs/lora'
     """
     if not is_live(source):
         return str(source)
-    from deltaspec.loaders.live import describe as live_describe
+    from deltaspec.loaders.sources.live import describe as live_describe
 
     return live_describe(source)
 
@@ -121,10 +121,10 @@ def locate(source: Any, revision: str | None) -> Path | None:
         return None
     if os.path.isdir(source):  # the common case, decided without the loaders (or torch)
         return Path(source)
-    from deltaspec.loaders import sources
+    from deltaspec.loaders.sources import hub
     from deltaspec.loaders.store import exists
 
-    p = sources.locate(source, revision)
+    p = hub.locate(source, revision)
     if not exists(p):
         raise CheckpointError(f"{p}: no such file or directory")
     return p.parent if p.is_file() else p
@@ -143,7 +143,7 @@ def detect(source: Any, folder: Path | None) -> str:
 def _lora_config(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """(adapter folder, config) of a PEFT LoRA adapter (not a MoE fork), else None."""
     from deltaspec.config_files import parse_json_file
-    from deltaspec.loaders import peft_config
+    from deltaspec.loaders.peft import config as peft_config
 
     try:
         adapter = peft_config.find_adapter_dir(folder)
@@ -164,10 +164,10 @@ def base_of(folder: Path | None, base: Any, opts: Options) -> Any:
     if folder is None:
         if base is None:
             return None
-        from deltaspec.loaders import sources
+        from deltaspec.loaders.sources import hub
 
-        return sources.locate(base, what="base model")
-    from deltaspec.loaders import discovery
+        return hub.locate(base, what="base model")
+    from deltaspec.loaders.sources import discovery
 
     return discovery.choose_base(folder, base, discover=opts.discover_base)
 
@@ -212,7 +212,7 @@ def choose_executor(sides: Sequence[Side], opts: Options) -> tuple[str, str, Hos
     found = _lora_config(side.folder)
     assert found is not None
     adapter, config = found
-    from deltaspec.loaders import peft_config
+    from deltaspec.loaders.peft import config as peft_config
 
     peft_config.check_config(adapter / peft_config.CONFIG, config, opts.allow_modified_base)
     weights = adapter / peft_config.WEIGHTS[0]
@@ -230,8 +230,8 @@ def host_factors(weights: Path) -> tuple[dict[str, Any], dict[str, dict[str, str
     LoRA module of rank below min(m, n) in a dtype the numpy executor widens — decided from the
     header alone."""
     from deltaspec.engine import routes
-    from deltaspec.loaders import lora_keys
     from deltaspec.loaders.header import DTYPES, HeaderError, read_header
+    from deltaspec.loaders.peft import keys as lora_keys
 
     if not weights.is_file():
         return {}, {}, "weights not in safetensors"
@@ -300,9 +300,11 @@ def pair(sides: Sequence[Sequence[str]], include: str | None = None,
     if not items:
         raise DeltaspecError(f"{' and '.join(labels)} have no module in common")
     if include:
-        items = [it for it in items if patterns.search(include, it[0], "include")]
-        if not items:
-            raise UsageError(f"--include {include!r} selects no module (e.g. {first[0]})")
+        kept = [it for it in items if patterns.search(include, it[0], "include")]
+        if not kept:
+            raise UsageError(f"--include {include!r:.80} matches none of the {len(items)} "
+                             f"modules, so it selects no module (e.g. {items[0][0]})")
+        items = kept
     return items
 
 

@@ -29,8 +29,10 @@ def env_rank() -> int:
 
 def this_rank_writes() -> bool:
     """False on the ranks other than 0 of a ``torchrun`` job: they hold the same result as rank 0,
-    which alone writes every output."""
-    return not launched() or env_rank() == 0
+    which alone writes every output; a ``RANK`` that is no rank (garbage) speaks too, so that its
+    one-line error is seen."""
+    rank = os.environ.get("RANK", "0").strip()
+    return not launched() or not rank.isdigit() or int(rank) == 0
 
 
 __all__ = ["env_rank", "launched", "this_rank_writes"]

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import factories as F
-import pytest
-import torch
+# Hermetic by configuration, set once before anything imports huggingface_hub (which reads these
+# at import): a temporary Hugging Face cache, the Hub offline, deltaspec's own caches (solver
+# calibration, the demo's pretrained base) in the same temporary folder — nothing under ~.
+_CACHE = tempfile.mkdtemp(prefix="deltaspec-tests-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.update({"HF_HOME": os.path.join(_CACHE, "hf"), "HF_HUB_CACHE": os.path.join(_CACHE, "hf", "hub"),
+                   "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "DELTASPEC_CACHE_DIR": os.path.join(_CACHE, "deltaspec"),
+                   "DELTASPEC_CACHE": os.path.join(_CACHE, "deltaspec-demo")})
+
+import factories as F  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The solver routes are chosen by measuring on a user's machine; tests check each route by name
 # instead (tests/test_solvers.py), so every test run takes the same, documented default.

@@ -24,6 +24,7 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the demo_dir fixture runs the whole demo (minutes)
 def test_demo_writes_report_with_training_table(demo_dir):
     report = demo_dir / "report"
     assert (report / "index.html").is_file()
@@ -71,6 +72,7 @@ def test_same_seed_gives_identical_summary_numbers(demo_dir, tmp_path):
     assert "id='show-ref'" not in (out / "report" / "index.html").read_text()  # quick: no overlay
 
 
+@pytest.mark.slow  # the demo_dir fixture runs the whole demo (minutes)
 def test_reference_results_round_trip(demo_dir, tmp_path):
     path = write_reference_results(demo_dir / "report", tmp_path / "ref.json")
     tables = load_reference_results(path)

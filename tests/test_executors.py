@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from hubcache import offline_env
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,7 +30,7 @@ from deltaspec import loop
 from deltaspec.cli import main
 from deltaspec.engine import host
 from deltaspec.engine.host import factored_values
-from deltaspec.errors import DeltaspecError
+from deltaspec.errors import DeltaspecError, DeltaspecWarning
 from deltaspec.loaders.header import read_float32, read_header
 from deltaspec.options import Options
 from deltaspec.output import Rows, render, to_records
@@ -223,12 +224,18 @@ def test_cli_answers_without_torch_or_pandas(llama_lora, tmp_path):
     np.testing.assert_allclose(got["normalized_entropy"], want["normalized_entropy"], rtol=1e-11)
 
 
-def test_cli_output_is_the_same_on_either_executor(llama_lora, monkeypatch):
-    numpy_run = CliRunner().invoke(main, ["analyze", str(llama_lora[0]), "--top-k", "3"])
+def test_cli_output_is_the_same_on_either_executor(llama_lora, tmp_path, monkeypatch):
+    folder = _copy(llama_lora[0], tmp_path / "named")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path":
+                                                                  "org/not-cached"}))
+    offline_env(monkeypatch, tmp_path / "cache")
+    numpy_run = CliRunner().invoke(main, ["analyze", str(folder), "--top-k", "3"])
     monkeypatch.setattr("deltaspec.execute.NUMPY", "none")  # every plan runs on torch
-    torch_run = CliRunner().invoke(main, ["analyze", str(llama_lora[0]), "--top-k", "3"])
+    torch_run = CliRunner().invoke(main, ["analyze", str(folder), "--top-k", "3"])
     assert numpy_run.exit_code == torch_run.exit_code == 0
-    assert numpy_run.output == torch_run.output  # 4-digit table and the hidden-column hint
+    assert numpy_run.output == torch_run.output  # 4-digit table, the discovery note, the hint
+    assert "org/not-cached" in numpy_run.output and "not used" in numpy_run.output
 
 
 def _raw(header: dict | list, data: bytes) -> bytes:
@@ -330,6 +337,23 @@ def test_kind_means_are_pandas_groupby_means():
         got = line.split()
         assert got[0] == kind and int(got[1]) == int((df["kind"] == kind).sum())
         np.testing.assert_allclose([float(x) for x in got[2:]], means.to_numpy(float), rtol=1e-3)
+
+
+def test_a_named_base_to_download_is_never_downloaded(llama_lora, tmp_path, monkeypatch):
+    """Discovery never downloads: the plan keeps the numpy executor, with a note saying how to
+    fetch the base."""
+    from deltaspec.loaders.sources import hub
+
+    folder = _copy(llama_lora[0], tmp_path / "named")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path":
+                                                                  "org/on-the-hub"}))
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub, "cached_folder", lambda repo, revision=None: None)
+    monkeypatch.setattr(hub, "hub_folder", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.warns(DeltaspecWarning, match="does not download: pass --base org/on-the-hub"):
+        assert plan_of(folder).executor == NUMPY
 
 
 def test_blas_threads_sets_and_restores():

@@ -12,7 +12,7 @@ import torch
 
 import deltaspec
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
-from deltaspec.loaders import peft_config
+from deltaspec.loaders.peft import config as peft_config
 from deltaspec.loaders.store import TensorStore
 
 TOL = 1e-6

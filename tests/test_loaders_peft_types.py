@@ -219,9 +219,10 @@ def test_a_typed_adapter_with_foreign_keys_names_them(tmp_path, llama_lora):
     shutil.copytree(folder, tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text()) | {"peft_type": "LOKR"}
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: holds no LoKr tensor "
-                                              r"\(the first key is '.*lora_.*'\); is peft_type "
-                                              r"'LOKR' right\?$"):
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: the config's peft_type 'LOKR' "
+                                              r"does not match its tensors \(no LoKr tensor in .*"
+                                              r"adapter_model\.safetensors; the first key is "
+                                              r"'.*lora_.*'\)$"):
         deltaspec.load(tmp_path / "a")
 
 
@@ -232,7 +233,7 @@ def test_boft_butterfly_is_pefts(n, blocks, size, factors):
     is PEFT's own, and W·Mᵀ applied factor by factor is W times PEFT's product matrix."""
     from peft.tuners.boft.layer import BOFTLayer
 
-    from deltaspec.loaders import boft
+    from deltaspec.loaders.peft import boft
 
     g = torch.Generator().manual_seed(0)
     rot = boft.cayley(torch.randn(factors, blocks, size, size, generator=g, dtype=torch.float64))

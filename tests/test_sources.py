@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import deltaspec
 from deltaspec.cli import main
 from deltaspec.errors import CheckpointError, DeltaspecWarning
-from deltaspec.loaders import sources
+from deltaspec.loaders.sources import hub as sources
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -190,5 +190,5 @@ def test_discovery_with_an_unreachable_hub_is_one_note(unreachable_hub, tmp_path
     with pytest.warns(DeltaspecWarning) as notes:
         df = deltaspec.analyze(adapter)
     texts = [str(n.message) for n in notes]
-    assert len(texts) == 1 and "org/elsewhere" in texts[0] and "cannot be reached" in texts[0]
+    assert len(texts) == 1 and "org/elsewhere" in texts[0] and "does not download" in texts[0]
     assert "relative_norm" not in df.columns or df["relative_norm"].isna().all()

@@ -70,8 +70,15 @@ class _Group(click.Group):
                 warnings.simplefilter("always", DeltaspecWarning)
                 warnings.showwarning = _note
                 _SHOWN.clear()
-                return super().invoke(ctx)
-        except (DeltaspecError, OSError) as exc:
+                _PENDING.clear()
+                try:
+                    result = super().invoke(ctx)
+                except click.exceptions.Exit:  # a verdict's own exit status (check: 1)
+                    _flush()
+                    raise
+            _flush()
+            return result
+        except (DeltaspecError, OSError) as exc:  # the error alone: no warning before it
             click.echo(error_line(exc), err=True)
             ctx.exit(2)
         except _HELP_ERRORS:
@@ -85,6 +92,14 @@ class _Group(click.Group):
 
 
 _SHOWN: set[str] = set()
+_PENDING: list[str] = []  # "warning: …" lines, printed only when the command succeeds
+
+
+def _flush() -> None:
+    """Say the pending warnings: the command ran (an error says its one line alone)."""
+    for message in _PENDING:
+        click.echo(f"deltaspec: {message}", err=True)
+    _PENDING.clear()
 
 
 def _note(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -98,7 +113,10 @@ def _note(message: Warning | str, category: type[Warning], filename: str, lineno
         if str(message) in _SHOWN or (quiet and str(message).startswith("note:")):
             return  # each said once; -q keeps the warnings, drops the notes
         _SHOWN.add(str(message))
-        click.echo(f"deltaspec: {message}", err=True)
+        if str(message).startswith("warning:"):
+            _PENDING.append(str(message))
+        else:
+            click.echo(f"deltaspec: {message}", err=True)
     elif os.environ.get("DELTASPEC_SHOW_WARNINGS"):
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 

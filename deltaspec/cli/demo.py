@@ -44,7 +44,7 @@ def demo(out: str, quick: bool, seed: int, cache_dir: str | None, no_reference: 
         if not quiet:
             click.echo(f"[{time.perf_counter() - start:6.1f}s] {msg}", err=True)
 
-    index = run_demo(out, quick=quick, seed=seed, cache_dir=cache_dir, log=log,
+    index = run_demo(out, quick=quick, seed=seed, cache_dir=cache_dir, log=None if quiet else log,
                      device=resolve_device(device), threads=threads, with_reference=not no_reference)
     summary = json.loads((index.parent / "summary.json").read_text())
     click.echo(summary.get("verdict", {}).get("text", "") if isinstance(summary.get("verdict"), dict)

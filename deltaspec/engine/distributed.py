@@ -107,6 +107,20 @@ class World:
 _STATE: dict[str, Any] = {"world": None}
 
 
+def _env_int(name: str, default: str | None, lo: int, hi: int | None = None) -> int:
+    """A launcher variable as an integer in [lo, hi], or a one-line error naming it."""
+    raw = os.environ.get(name, default)
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = None
+    if raw is None or value is None or value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f"≥ {lo}"
+        raise DistributedError(f"environment variable {name}={str(raw)[:40]!r}: expected an "
+                               f"integer {bound} (set by torchrun)")
+    return value
+
+
 def current(device: str = "auto") -> World:
     """The world this process runs in, forming the group on first use under a launcher."""
     world = _STATE["world"]
@@ -136,8 +150,9 @@ def _adopt() -> World:
 
 def _form(device: str) -> World:
     """Join the launcher's rendezvous (``env://``) and initialise NCCL or gloo."""
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    size = _env_int("WORLD_SIZE", None, 1)
+    rank = _env_int("RANK", None, 0, size - 1)
+    local = _env_int("LOCAL_RANK", "0", 0)
     wait = timedelta(seconds=timeout_s())
     try:
         store, _, _ = next(dist.rendezvous("env://", rank, size, timeout=wait))

@@ -25,8 +25,8 @@ import numpy as np
 from deltaspec import columns as cols
 from deltaspec.engine.blas import blas_threads
 from deltaspec.errors import NumericalError
-from deltaspec.loaders import peft_config
 from deltaspec.loaders.header import read_float32
+from deltaspec.loaders.peft import config as peft_config
 from deltaspec.output import Rows
 from deltaspec.result import Analysis
 from deltaspec.rows import side_metrics

@@ -245,7 +245,7 @@ def stage(stager: Stager, sides: Sequence[Mapping[str, Delta]], job: Job, with_b
     else:
         ops, bases = [], []
         for d in deltas[0]:
-            op = operand(d, dev, move=stager.move)
+            op = _operand(d, stager, with_base or len(sides) > 1)
             ops.append(op)
             bases.append(_base_operand(d, op, stager) if with_base else None)
             for _, t in op.dense:
@@ -260,6 +260,14 @@ def stage(stager: Stager, sides: Sequence[Mapping[str, Delta]], job: Job, with_b
         st.event.synchronize()  # the host copies are done: the mapped pages are free to go
         releaser.read([*st.ops[0], *st.bases[0]])
     return st
+
+
+def _operand(d: Delta, stager: Stager, needed: bool) -> Operand:
+    """ΔW of ``d`` on the device — but a Kronecker delta is solved from its factors, so its dense
+    product is formed only where base-relative or pairwise metrics need the matrix (``needed``)."""
+    if route(d) == "kronecker" and not needed:
+        return Operand(d.shape, stager.device, d.label)
+    return operand(d, stager.device, move=stager.move)
 
 
 def _base_operand(d: Delta, op: Operand, stager: Stager) -> Operand | None:

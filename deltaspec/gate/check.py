@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deltaspec import patterns
 from deltaspec.errors import UsageError
 from deltaspec.gate.rules import (
     DEFAULT_TOLERANCES,
@@ -288,10 +288,17 @@ def run_check(path: str | Path, baseline: Baseline | str | Path, rules: Rules | 
     checked = baseline
     left_out: list[str] = []
     if opts.include and opts.include != baseline.include:
-        kept = {n: r for n, r in baseline.modules.items() if re.search(opts.include, n)}
+        kept = {n: r for n, r in baseline.modules.items() if patterns.search(opts.include, n, "include")}
         left_out = [n for n in baseline.modules if n not in kept]
         checked = dataclasses.replace(baseline, modules=kept)
-    result = run_analysis(path, base, opts)
+    where = baseline.path or "baseline"
+    if not baseline.modules:  # a gate that checks nothing must not pass
+        what = f" with --include {baseline.include!r:.80}" if baseline.include else ""
+        raise UsageError(f"{where}: no module to check (the baseline was made{what} and holds none)")
+    result = run_analysis(path, base, opts)  # an --include that selects nothing: the plan says so
+    if not checked.modules:
+        raise UsageError(f"{where}: no module to check (--include {opts.include!r:.80} left none of "
+                         "the baseline's)")
     outcome = compare(records_from(result, baseline.k), checked, rules, source=str(path))
     outcome.ignored += left_out
     return outcome

@@ -227,7 +227,7 @@ def take_snapshot(path: str | Path, base: str | Path | None = None, *, sketch: i
     from deltaspec import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    from deltaspec.loaders.live import describe
+    from deltaspec.loaders.sources.live import describe
 
     return Baseline(source=describe(path), modules=records_from(result, k, sketch), k=k,
                     top_k=opts.top_k, base=None if base is None else describe(base),
@@ -302,21 +302,41 @@ def from_json(data: dict[str, Any], where: str) -> Baseline:
         raise ConfigError(f"{where}: malformed baseline ({type(exc).__name__}: {exc})") from None
 
 
+def _metric(v: Any, where: str) -> float | None:
+    """A stored metric: a finite number, or null (NaN is stored as null); never a string."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{where} must be a finite number or null, not {v!r:.40}")
+    return float(v)
+
+
 def _positive(x: Any) -> int | None:
     return x if isinstance(x, int) and not isinstance(x, bool) and x > 0 else None
 
 
 def _record(name: str, m: dict[str, Any], sketch: int, where: str) -> ModuleRecord:
-    shape = tuple(int(x) for x in m["shape"])
-    if len(shape) != 2:
-        raise ConfigError(f"{where}: module {name!r}: shape must have two entries")
-    metrics = {str(key): (None if v is None else float(v)) for key, v in m["metrics"].items()}
+    dims = [_positive(x) for x in m["shape"]]
+    if len(dims) != 2 or dims[0] is None or dims[1] is None:
+        raise ConfigError(f"{where}: module {name!r}: shape must be two positive integers")
+    shape = (dims[0], dims[1])
+    metrics = {str(key): _metric(v, f"{where}: module {name!r}: metric {key!r}")
+               for key, v in m["metrics"].items()}
     left = right = None
     vec = m.get("vectors")
     if vec:
-        kk = int(vec["k"])
+        kk = _positive(vec["k"])
+        if kk is None or kk > min(shape):
+            raise ConfigError(f"{where}: module {name!r}: vectors k must be an integer in "
+                              f"[1, {min(shape)}], not {vec['k']!r:.40}")
         left = _decode(vec["left"], kk, sketch, f"{where}: module {name!r} (left)")
         right = _decode(vec["right"], kk, sketch, f"{where}: module {name!r} (right)")
+        for side, basis, rows in (("left", left, shape[0]), ("right", right, shape[1])):
+            want = sketch if basis.sketch else rows
+            if basis.matrix.shape[0] != want or (basis.sketch and sketch >= rows):
+                raise ConfigError(f"{where}: module {name!r} ({side}): {basis.matrix.shape[0]} "
+                                  f"vector rows do not fit shape {shape} (sketch dimension "
+                                  f"{sketch})")
     layer = m.get("layer")
     return ModuleRecord(name=name, kind=str(m["kind"]), layer=None if layer is None else int(layer),
                         method=str(m["method"]), shape=(shape[0], shape[1]),

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from deltaspec.errors import CheckpointError, ShapeError
+from deltaspec.loaders.sources.discovery import MODEL_WEIGHTS, holds_model_weights
 from deltaspec.loaders.store import TensorStore, exists, open_weights, read_json
 from deltaspec.names import guess_model_type, has_conv1d, is_conv1d, match_key
 
 WEIGHT_STEMS = ("model", "pytorch_model")
 TIED_HEAD = "lm_head.weight"
 EMBED_KEYS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = MODEL_WEIGHTS  # declared with the torch-free check (sources/discovery.py)
 
 
 class Checkpoint:
@@ -131,8 +131,7 @@ def needs_transpose(stored: tuple[int, ...], shape: tuple[int, int], conv: bool,
 
 def open_weights_exists(folder: Path) -> bool:
     """True when ``folder`` holds HF model weights (single, sharded or pickled)."""
-    return any((folder / n).is_file() for n in WEIGHT_FILES) \
-        or any(folder.glob("model-*-of-*.safetensors")) or any(folder.glob("pytorch_model-*-of-*.bin"))
+    return holds_model_weights(folder)
 
 
 def base_for(base: Path | None) -> Checkpoint | None:

@@ -16,22 +16,25 @@ from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
 from deltaspec.loaders.checkpoint import TIED_HEAD, Checkpoint, open_weights_exists
-from deltaspec.loaders.contract import Skipped
+from deltaspec.loaders.contract import Noted, Skipped, Source, folder_of
+from deltaspec.loaders.sources.discovery import same_model
 from deltaspec.names import is_conv1d, match_key
 from deltaspec.options import Options
 
 
-def detect(folder: Path) -> bool:
-    """True when ``folder`` holds HF model weights (single, sharded or pickled)."""
-    return open_weights_exists(folder)
+def detect(folder: Source) -> bool:
+    """True for a full model in memory, or a folder holding HF model weights (single, sharded or
+    pickled)."""
+    return isinstance(folder, Checkpoint) or (isinstance(folder, Path) and open_weights_exists(folder))
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Deltas of every 2-D weight that the fine-tuned checkpoint and its base share."""
     if base is None:
-        raise CheckpointError(f"{folder}: a full checkpoint needs its base (--base) to give an update")
-    ft = folder if isinstance(folder, Checkpoint) else Checkpoint(folder)  # or a model in memory
+        raise CheckpointError(f"{getattr(folder, 'folder', folder)}: a full checkpoint needs its "
+                              "base (--base) to give an update")
+    ft = folder if isinstance(folder, Checkpoint) else Checkpoint(folder_of(folder, "full models"))
     bs = base
     model_type = ft.model_type or bs.model_type
     out: dict[str, Delta] = {}
@@ -65,7 +68,25 @@ def load(folder: Path, base: Checkpoint | None, opts: Options,
                               f"matrices of {getattr(folder, 'folder', folder)} have a counterpart "
                               "in this base: is --base the model it was fine-tuned from?")
     _tied_head(ft, bs, out, paired, skipped)
-    return out
+    return Noted(out, _notes(ft, bs))
+
+
+def _notes(ft: Checkpoint, bs: Checkpoint) -> list[str]:
+    """Files of the fine-tune's folder that are not weights (ignored), and a base other than
+    the one its config.json names (``_name_or_path``)."""
+    notes = []
+    if isinstance(ft.folder, Path) and ft.folder.is_dir():
+        extra = sorted(p.name for p in ft.folder.glob("*.p[t]*") if p.suffix in (".pt", ".pth"))
+        if extra:
+            notes.append(f"{ft.folder}: ignored {len(extra)} file(s) that hold no model weights "
+                         f"({', '.join(extra[:4])}{', …' if len(extra) > 4 else ''})")
+    named = ft.config.get("_name_or_path")
+    own = str(ft.folder) in (named, str(Path(str(named)).expanduser()))
+    if isinstance(named, str) and named.strip() and not own and not str(bs.folder).startswith("<") \
+            and not same_model(named, str(bs.folder), bs.folder):
+        notes.append(f"{bs.folder} is not the base {ft.folder}/config.json names ({named!r}); "
+                     "the shapes fit, so the update is taken against it")
+    return notes
 
 
 def _tied_head(ft: Checkpoint, bs: Checkpoint, out: dict[str, Delta], paired: set[str],

@@ -4,9 +4,11 @@ use through :mod:`deltaspec.loaders`, so that the package's torch-free modules s
 Every format is one module of this package exposing the contract of
 :mod:`deltaspec.loaders.contract`: ``detect(folder) -> bool`` and
 ``load(folder, base, opts, skipped) -> dict[str, Delta]``. ``FORMATS`` holds one row per format,
-(name, module), tried in order: the first module whose ``detect`` accepts the folder loads it.
+(name, module), tried in order by :func:`dispatch`: the first module whose ``detect`` accepts
+the source loads it — a folder, an adapter in memory (a PeftModel's, or a state dict with its
+config) or a full model in memory alike.
 PEFT adapters are told apart by the ``peft_type`` of their ``adapter_config.json``
-(:func:`deltaspec.loaders.peft_common.detector`), so each PEFT method has its own module.
+(:func:`deltaspec.loaders.peft.common.detector`), so each PEFT method has its own module.
 
 Adding a format:
 
@@ -31,28 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError, UsageError
-from deltaspec.loaders import (
-    adalora,
-    boft,
-    fourierft,
-    full,
-    ia3,
-    live,
-    loha,
-    lokr,
-    lora_moe,
-    mixlora,
-    mtl_lora,
-    multilora,
-    oft,
-    peft_common,
-    peft_lora,
-    sources,
-    vera,
-)
+from deltaspec.loaders import full
 from deltaspec.loaders.checkpoint import Checkpoint, base_for
-from deltaspec.loaders.contract import FormatModule
-from deltaspec.loaders.store import exists, read_json
+from deltaspec.loaders.contract import FormatModule, Source
+from deltaspec.loaders.multi import lora_moe, mixlora, mtl_lora, multilora
+from deltaspec.loaders.peft import adalora, boft, fourierft, ia3, loha, lokr, oft, vera
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import lora as peft_lora
+from deltaspec.loaders.sources import hub as sources
+from deltaspec.loaders.sources import live
+from deltaspec.loaders.store import exists
 from deltaspec.names import PEFT_PREFIX, module_order
 from deltaspec.options import Options, make_options
 
@@ -92,27 +82,35 @@ FORMATS: tuple[tuple[str, FormatModule], ...] = (
 
 def resolve(path: str | Path, revision: str | None = None) -> Path:
     """The checkpoint folder for ``path``: a folder, a weights file inside one, or a Hugging Face
-    Hub id ``org/name[@revision]`` (cached or downloaded: :mod:`deltaspec.loaders.sources`)."""
+    Hub id ``org/name[@revision]`` (cached or downloaded: :mod:`deltaspec.loaders.sources.hub`)."""
     p = sources.locate(path, revision)
     if not exists(p):
         raise CheckpointError(f"{p}: no such file or directory")
     return p.parent if p.is_file() else p
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: Any) -> str:
     """The name of the format of the checkpoint at ``path`` (or of a live object)."""
     if live.is_live(path):
-        return _live_format(path)
-    folder = resolve(path)
+        return dispatch(_live_source(path, None, Options(discover_base=False), config=None)[0])[0]
+    return dispatch(resolve(path))[0]
+
+
+def dispatch(source: Source) -> tuple[str, FormatModule]:
+    """(name, module) of the first format in :data:`FORMATS` whose ``detect`` claims ``source``
+    — a folder or an object in memory alike — or a one-line error saying what it is not."""
     for name, module in FORMATS:
-        if module.detect(folder):
-            return name
-    adapter = peft_common.find_adapter_dir(folder)
-    if adapter is not None:
-        kind = read_json(adapter / peft_common.CONFIG).get("peft_type")
-        raise UnsupportedError(f"{adapter / peft_common.CONFIG}: peft_type {kind!r} is not "
-                               f"supported (deltaspec reads {', '.join(supported_peft_types())} "
-                               "adapters, MultiLoRA checkpoints and full fine-tunes)")
+        if module.detect(source):
+            return name, module
+    config = peft_common.adapter_config(source)
+    if config is not None:
+        where = getattr(source, "source", None) or \
+            (peft_common.find_adapter_dir(Path(str(source))) or Path(str(source))) / peft_common.CONFIG
+        raise UnsupportedError(f"{where}: peft_type {config.get('peft_type')!r} is not supported "
+                               f"(deltaspec reads {', '.join(supported_peft_types())} adapters, "
+                               "MultiLoRA, MTL-LoRA and mixture-of-LoRA checkpoints and full "
+                               "fine-tunes)")
+    folder = Path(str(source))
     orphan = next((w for w in peft_common.WEIGHTS if (folder / w).is_file()), None)
     if orphan is not None:
         raise ConfigError(f"{folder / peft_common.CONFIG}: missing (needed to read {orphan}: it "
@@ -133,7 +131,7 @@ def load(path: Any, base: Any = None, *, config: Any = None, **options: Any) -> 
         path: the checkpoint folder (or a weights file in it), a Hugging Face Hub id
             ``org/name[@revision]`` (from the local cache, else downloaded), or a live object: a
             PeftModel, an ``nn.Module`` or state dict of a full model, a PEFT adapter state dict
-            (with ``config``) — see :mod:`deltaspec.loaders.live`.
+            (with ``config``) — see :mod:`deltaspec.loaders.sources.live`.
         base: the base model (folder, Hub id, ``nn.Module`` or state dict): required for full
             checkpoints and DoRA, optional otherwise (it orients GPT-2 Conv1D weights, turns
             modules_to_save into deltas and enables the base-relative metrics). Omitted, the
@@ -167,11 +165,17 @@ def load_side(side: Side, opts: Options) -> Deltas:
     format when detected, its decided base) read with ``opts``."""
     skipped: list[tuple[str, str]] = []
     if side.folder is None:
-        fmt, where, items = _load_live(side.given, side.base, opts, skipped, config=side.config)
+        source, base_ck = _live_source(side.given, side.base, opts, config=side.config)
+        fmt, module = dispatch(source)
     else:
-        fmt, where = side.format or detect_format(side.folder), str(side.folder)
-        module = next(m for name, m in FORMATS if name == fmt)
-        items = module.load(side.folder, _checkpoint(side.base), opts, skipped)
+        source, base_ck = side.folder, _checkpoint(side.base)
+        fmt, module = (side.format, dict(FORMATS)[side.format]) if side.format \
+            else dispatch(source)
+    where = str(getattr(source, "source", None) or getattr(source, "folder", source))
+    if isinstance(source, Checkpoint) and base_ck is None:
+        raise UsageError(f"{where}: a full model gives an update only against its base: pass "
+                         "base= (a folder, a Hub id, an nn.Module or a state dict)")
+    items = module.load(source, base_ck, opts, skipped)
     if not items:
         why = f"; skipped {len(skipped)} tensor(s), e.g. {skipped[0][0]} ({skipped[0][1]})" \
             if skipped else ""
@@ -187,43 +191,23 @@ def _checkpoint(base: Any) -> Checkpoint | None:
     return base_for(base)
 
 
-def _peft_module(peft_type: Any, where: str) -> tuple[str, FormatModule]:
-    kind = str(peft_type).upper()
-    for name, module in FORMATS:
-        if kind in getattr(module, "PEFT_TYPES", ()):
-            return name, module
-    raise UnsupportedError(f"{where}: peft_type {peft_type!r} is not supported (deltaspec reads "
-                           f"{', '.join(supported_peft_types())} adapters)")
-
-
-def _live_format(obj: Any) -> str:
-    if live.is_peft_model(obj):
-        name = live.active_adapter(obj, None)
-        return _peft_module(live.as_json(obj.peft_config[name]).get("peft_type"), "PeftModel")[0]
-    return "full"
-
-
-def _load_live(obj: Any, base: Any, opts: Options, skipped: list[tuple[str, str]], *,
-               config: Any) -> tuple[str, str, dict[str, Delta]]:
-    """(format, what errors call it, deltas) of a live object (see :mod:`deltaspec.loaders.live`);
-    ``base``: the plan's (a live object, a located folder, or None)."""
+def _live_source(obj: Any, base: Any, opts: Options, *,
+                 config: Any) -> tuple[Source, Checkpoint | None]:
+    """(the source, its base) of a live object (see :mod:`deltaspec.loaders.sources.live`): a
+    PeftModel's adapter with its own base, an adapter state dict with its config, or a full
+    model as a :class:`Checkpoint`; ``base``: the plan's (a live object, a located folder, or
+    None)."""
     base_ck = _checkpoint(base)
     if live.is_peft_model(obj):
         adapter, own = live.peft_model(obj, opts.adapter_name)
-        base_ck = base_ck or (own if opts.discover_base else None)
-    elif config is not None:
-        adapter = live.adapter_state(obj, config)
-    elif live.is_state_dict(obj) and any(k.startswith(PEFT_PREFIX) for k in obj):
+        return adapter, base_ck or (own if opts.discover_base else None)
+    if config is not None:
+        return live.adapter_state(obj, config), base_ck
+    if live.is_state_dict(obj) and any(k.startswith(PEFT_PREFIX) for k in obj):
         raise UsageError("<adapter state dict>: a PEFT adapter's tensors need its config: pass "
                          "config= (its PeftConfig, or adapter_config.json as a dict)")
-    else:
-        ft = live.full_checkpoint(obj, "<fine-tuned model>")
-        if base_ck is None:
-            raise UsageError(f"{ft.folder}: a full model gives an update only against its base: "
-                             "pass base= (a folder, a Hub id, an nn.Module or a state dict)")
-        return "full", str(ft.folder), full.load(ft, base_ck, opts, skipped)  # type: ignore[arg-type]
-    fmt, module = _peft_module(adapter.config.get("peft_type"), adapter.source)
-    return fmt, adapter.source, module.load(adapter, base_ck, opts, skipped)  # type: ignore[arg-type]
+    return live.full_checkpoint(obj, "<fine-tuned model>"), base_ck
 
 
-__all__ = ["FORMATS", "Checkpoint", "Deltas", "detect_format", "load", "load_side", "resolve"]
+__all__ = ["FORMATS", "Checkpoint", "Deltas", "detect_format", "dispatch", "load", "load_side",
+           "resolve"]

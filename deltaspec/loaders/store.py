@@ -8,6 +8,7 @@ the file and what is wrong.
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -53,6 +54,8 @@ class TensorStore:
             where[key] = member_path(index.parent, shard, f"{index}: weight_map entry {key!r}")
             if not where[key].is_file():
                 raise CheckpointError(f"{index}: shard {shard!r} of tensor {key!r} is missing")
+        for path in set(where.values()):
+            contained(index.parent, path, f"{index}: shard {path.name!r}")
         store = cls(where)
         for path in sorted(set(where.values())):
             keys = set(store._open(path).keys())
@@ -239,6 +242,21 @@ def member_path(folder: Path, name: object, what: str) -> Path:
     if bad:
         raise CheckpointError(f"{what}: file name {name[:80]!r} {bad}")
     return folder / name
+
+
+def contained(folder: Path, path: Path, what: str) -> None:
+    """A one-line CheckpointError unless ``path`` (a file an index names) resolves inside
+    ``folder`` — or, for a Hugging Face cache snapshot (``…/snapshots/<commit>/``), inside that
+    repo's ``blobs/``, where the cache's own symlinks point."""
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real.is_relative_to(root):
+        return
+    parts = Path(os.path.abspath(folder)).parts
+    if "snapshots" in parts:
+        repo = Path(*parts[: len(parts) - 1 - parts[::-1].index("snapshots")])
+        if real.is_relative_to(Path(os.path.realpath(repo / "blobs"))):
+            return
+    raise CheckpointError(f"{what} resolves outside {folder} (to {real}); refusing to read it")
 
 
 def open_weights(folder: Path, stems: tuple[str, ...]) -> TensorStore | None:

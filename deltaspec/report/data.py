@@ -38,8 +38,8 @@ import torch
 from deltaspec import metrics as M
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import ShapeError, UsageError
-from deltaspec.loaders.live import describe
 from deltaspec.loaders.registry import Deltas, load_side
+from deltaspec.loaders.sources.live import describe
 from deltaspec.loop import run
 from deltaspec.names import kind_order, match_key
 from deltaspec.options import Options, make_options

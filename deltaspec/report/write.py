@@ -11,13 +11,13 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from deltaspec.atomic import tmp_name
 from deltaspec.errors import UsageError
 from deltaspec.output import to_records
 from deltaspec.report.data import ReportData, collect
@@ -129,6 +129,9 @@ def check_out_dir(out_dir: str | Path) -> Path:
     if not str(out_dir).strip():
         raise UsageError("--out: the output folder path is empty")
     target = Path(out_dir).expanduser().absolute()
+    if target.is_symlink():
+        raise UsageError(f"{target}: is a symbolic link; not replacing it nor what it points to "
+                         "(give the folder itself, or another --out)")
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not _is_report(target):
@@ -163,7 +166,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             yield Path(scratch)
         return
     created: list[Path] = []
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / tmp_name(target)  # shortened: a 250-character --out still fits
     try:
         for d in reversed([target.parent, *target.parent.parents]):
             if not d.exists():
@@ -191,14 +194,17 @@ def _swap(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = target.parent / (tmp_name(target).removesuffix(".tmp") + ".old")
     os.rename(target, old)
     try:
         os.rename(tmp, target)
     except OSError:
         os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_extra(extra: Mapping[str, pd.DataFrame]) -> None:

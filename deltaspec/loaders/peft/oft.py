@@ -12,30 +12,42 @@ repeated in/b times. Dense: the update is a rotated base weight.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError, UnsupportedError
-from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.options import Options
 
 PEFT_TYPES = ("OFT",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("oft_R", "oft_embedding_R")
+MAX_NEUMANN_TERMS = 1000  # num_cayley_neumann_terms drives a loop of matrix products (PEFT: 5)
+SCHEMA: schema.Schema = {
+    "coft": schema.Key("bool"),
+    "eps": schema.Key("number", 0, 1000000.0),
+    "coft_eps": schema.Key("number", 0, 1000000.0),
+    "use_cayley_neumann": schema.Key("bool"),
+    "block_share": schema.Key("bool"),
+    "num_cayley_neumann_terms": schema.Key("int", 0, MAX_NEUMANN_TERMS),
+    "r": schema.Key("int", 0, schema.MAX_RANK),
+    "oft_block_size": schema.Key("int", 0, schema.MAX_RANK),
+}
 NEEDS_BASE = "an OFT update rotates the base weight (ΔW = W·(Rᵀ − I))"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT OFT adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="OFT",
-                                    module=_module, needs_base=NEEDS_BASE)
+                                    module=_module, needs_base=NEEDS_BASE, config_schema=SCHEMA)
 
 
 def skew(vec: torch.Tensor, b: int) -> torch.Tensor:
@@ -65,7 +77,7 @@ def cayley(q: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
     return r
 
 
-def block_size(ctx: Ctx, key: str) -> tuple[int, int]:
+def block_size(ctx: Adapter, key: str) -> tuple[int, int]:
     """(rows, b) of a saved OFT parameter (rows, b(b−1)/2)."""
     stored = ctx.shape(key)
     n_el = stored[-1] if len(stored) == 2 else -1
@@ -75,7 +87,7 @@ def block_size(ctx: Ctx, key: str) -> tuple[int, int]:
     return stored[0], b
 
 
-def rotation_blocks(ctx: Ctx, key: str, n_blocks: int) -> torch.Tensor:
+def rotation_blocks(ctx: Adapter, key: str, n_blocks: int) -> torch.Tensor:
     """The (n_blocks, b, b) blocks of R (float64) from the saved parameter, as PEFT builds them."""
     rows, b = block_size(ctx, key)
     vec = ctx.get64(key)
@@ -88,7 +100,7 @@ def rotation_blocks(ctx: Ctx, key: str, n_blocks: int) -> torch.Tensor:
     return blocks.expand(n_blocks, b, b) if rows == 1 else blocks
 
 
-def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     assert bs is not None  # NEEDS_BASE
     if "oft_embedding_R" in keys:
         raise UnsupportedError(f"{ctx.source}: {keys['oft_embedding_R']}: OFT on "

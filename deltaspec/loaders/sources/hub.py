@@ -39,6 +39,35 @@ SKIP_WEIGHTS = ("consolidated*", "original/*", "onnx/*", "*.onnx*", "training_ar
                 "optimizer.pt", "scheduler.pt", "rng_state*.pth", "*/optimizer.pt")
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_REF_PART = re.compile(r"^[A-Za-z0-9_][\w.\-]*$")
+MAX_REVISION = 256
+MAX_CACHE_FILES = 10_000  # files of one cached snapshot checked for containment
+
+
+def valid_revision(rev: str) -> bool:
+    """Whether ``rev`` is a commit hash or a branch/tag name as git allows it (the rules
+    ``git check-ref-format`` applies, narrowed to what the Hub uses): never ``..``, an absolute
+    path, a backslash, an empty or dot-led component, nor ``.lock`` — decided before any path
+    is built from it.
+
+    >>> valid_revision("main"), valid_revision("v1.0/rc-2"), valid_revision("a" * 40)
+    (True, True, True)
+    >>> valid_revision("../../x"), valid_revision("/etc"), valid_revision("a//b"), valid_revision(".x")
+    (False, False, False, False)
+    """
+    if not isinstance(rev, str) or not 0 < len(rev) <= MAX_REVISION or _COMMIT.match(rev):
+        return isinstance(rev, str) and bool(_COMMIT.match(rev))
+    return ".." not in rev and "@{" not in rev and not rev.endswith((".lock", "/", ".")) \
+        and all(_REF_PART.match(part) for part in rev.split("/"))
+
+
+def check_revision(rev: str | None, label: str) -> None:
+    """A one-line :class:`UsageError` unless ``rev`` is None or :func:`valid_revision`."""
+    if rev is not None and not valid_revision(rev):
+        raise UsageError(f"{label}: revision {str(rev)[:80]!r} is not a branch, tag or commit name")
+
+
 def split_id(text: str, *, bare: bool = False) -> tuple[str, str | None] | None:
     """(repo id, revision) when ``text`` looks like a Hub id, else None.
 
@@ -52,7 +81,7 @@ def split_id(text: str, *, bare: bool = False) -> tuple[str, str | None] | None:
     m = _HUB_ID.match(text)
     if m is None or ".." in m["repo"] or "--" in m["repo"] or (m["org"] is None and not bare):
         return None
-    if len(m["repo"]) > 96:
+    if len(m["repo"]) > 96 or (m["rev"] is not None and not valid_revision(m["rev"])):
         return None
     return m["repo"], m["rev"]
 
@@ -80,11 +109,29 @@ def locate(path: str | os.PathLike[str], revision: str | None = None, *, bare: b
     p = Path(path)
     if exists(p) or not isinstance(path, str):
         return p
+    m = _HUB_ID.match(path)
+    if m is not None and m["rev"] is not None and not exists(Path(path.split("@")[0])):
+        check_revision(m["rev"], path)
     parts = split_id(path, bare=bare)
     if parts is None:
         raise CheckpointError(f"{p}: no such file or directory")
     repo, rev = parts
+    if _local_looking(path):  # demo-report/lora with demo-report/ here: a mistyped path
+        cached = cached_folder(repo, rev or revision)
+        if cached is not None and readable(cached):
+            return cached
+        raise CheckpointError(f"{p}: no such file or directory (nor a Hub id in the cache)")
     return hub_folder(repo, rev or revision, what=what)
+
+
+def _local_looking(path: str) -> bool:
+    """A path whose first component is a local folder (``demo-report/lora`` with
+    ``demo-report/`` here): a mistyped path, not a Hub id."""
+    first = Path(path).parts[0] if Path(path).parts else ""
+    try:
+        return bool(first) and os.path.isdir(first)
+    except (OSError, ValueError):
+        return False
 
 
 def _hub() -> Any:
@@ -135,8 +182,10 @@ def cached_folder(repo: str, revision: str | None = None) -> Path | None:
     huggingface_hub's download machinery (≈ 0.5 s of imports, most of a small CLI run)."""
     from huggingface_hub import constants
 
+    check_revision(revision, repo)
     sep = constants.REPO_ID_SEPARATOR
-    if not os.path.isdir(Path(constants.HF_HUB_CACHE) / f"models{sep}{repo.replace('/', sep)}"):
+    repo_dir = Path(constants.HF_HUB_CACHE) / f"models{sep}{repo.replace('/', sep)}"
+    if not os.path.isdir(repo_dir):
         return None
     hf = _hub()
     incomplete = getattr(hf.errors, "IncompleteSnapshotError", OSError)  # huggingface_hub ≥ 1.0
@@ -144,7 +193,27 @@ def cached_folder(repo: str, revision: str | None = None) -> Path | None:
         folder = hf.snapshot_download(repo, revision=revision, local_files_only=True)
     except (hf.errors.LocalEntryNotFoundError, incomplete, OSError, ValueError):
         return None
-    return Path(folder)
+    return contained(Path(folder), repo_dir)
+
+
+def contained(folder: Path, repo_dir: Path) -> Path:
+    """``folder`` (a cached snapshot) when it and every file in it lie inside the repo's cache
+    folder ``repo_dir`` — files resolving into its ``blobs/`` (the cache's own symlinks) or
+    plain files of the snapshot — else a one-line :class:`CheckpointError` naming the file."""
+    root = Path(os.path.realpath(repo_dir))
+    blobs, snap = root / "blobs", Path(os.path.realpath(folder))
+    if not snap.is_relative_to(root / "snapshots"):
+        raise CheckpointError(f"{folder}: the cached snapshot lies outside {repo_dir}")
+    for i, (where, _, files) in enumerate(os.walk(folder)):
+        for name in files:
+            f = Path(where) / name
+            real = Path(os.path.realpath(f))
+            if not (real.is_relative_to(blobs) or (not f.is_symlink() and real.is_relative_to(snap))):
+                raise CheckpointError(f"{f}: resolves outside the Hub cache of this repo "
+                                      f"({real}); refusing to read it")
+        if i > MAX_CACHE_FILES:
+            raise CheckpointError(f"{folder}: more than {MAX_CACHE_FILES} folders in a cached snapshot")
+    return folder
 
 
 def readable(folder: Path) -> bool:
@@ -168,6 +237,7 @@ def _shards_present(index: Path) -> bool:
 def hub_folder(repo: str, revision: str | None = None, *, what: str = "checkpoint") -> Path:
     """The local snapshot folder of Hub repo ``repo``: from the cache, else downloaded."""
     label = repo + (f"@{revision}" if revision else "")
+    check_revision(revision, label)
     cached = cached_folder(repo, revision)
     if cached is not None and readable(cached):
         return cached

@@ -1,5 +1,5 @@
 """What every PEFT adapter format shares: finding the adapter folder, its ``peft_type``, its
-weights, and the per-adapter context (:class:`Ctx`) the module builders take.
+weights, and the opened adapter (:class:`Adapter`) the module builders take.
 
 A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or
 ``.bin``), possibly one sub-folder down (a named adapter saved by ``save_pretrained``). Which
@@ -8,7 +8,6 @@ format module reads it is decided by the config's ``peft_type`` alone.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +16,34 @@ from typing import Any
 import torch
 
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint, needs_transpose
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_config import CONFIG, WEIGHTS, find_adapter_dir
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import keys
+from deltaspec.loaders.peft.config import CONFIG, WEIGHTS, find_adapter_dir
 from deltaspec.loaders.store import TensorStore, read_json
-from deltaspec.names import strip_peft_prefix
 
 
-def peft_type(path: Path) -> str | None:
-    """The upper-cased ``peft_type`` of the adapter at ``path`` (None: not a PEFT adapter)."""
-    folder = find_adapter_dir(path)
-    if folder is None:
-        return None
-    return str(read_json(folder / CONFIG).get("peft_type")).upper()
+def adapter_config(source: Source) -> dict[str, Any] | None:
+    """The adapter config of ``source``: a folder's ``adapter_config.json`` (or its one adapter
+    sub-folder's), an adapter in memory's config; None for anything else."""
+    if isinstance(source, Path):
+        folder = find_adapter_dir(source)
+        return None if folder is None else read_json(folder / CONFIG)
+    context, config = getattr(source, "context", None), getattr(source, "config", None)
+    return config if callable(context) and isinstance(config, dict) else None
 
 
-def detector(*types: str) -> Callable[[Path], bool]:
-    """A ``detect(folder)`` claiming the PEFT adapters whose peft_type is one of ``types``."""
-    def detect(folder: Path) -> bool:
+def peft_type(source: Source) -> str | None:
+    """The upper-cased ``peft_type`` of the adapter ``source`` (None: not a PEFT adapter)."""
+    config = adapter_config(source)
+    return None if config is None else str(config.get("peft_type")).upper()
+
+
+def detector(*types: str) -> Callable[[Source], bool]:
+    """A ``detect(source)`` claiming the PEFT adapters (folders or in memory) whose peft_type is
+    one of ``types``."""
+    def detect(folder: Source) -> bool:
         return peft_type(folder) in types
 
     detect.__doc__ = f"True for a PEFT adapter with peft_type {' or '.join(types)}."
@@ -42,7 +51,7 @@ def detector(*types: str) -> Callable[[Path], bool]:
 
 
 @dataclass
-class Ctx:
+class Adapter:
     """What every builder needs: the store, config, the optional base and the skip list."""
 
     store: TensorStore
@@ -79,12 +88,22 @@ class Ctx:
         return lambda: (self.get(key).T if transpose else self.get(key)).reshape(shape)
 
 
-def open_adapter(path: Path, base: Checkpoint | None,
-                 skipped: Skipped) -> Ctx:
-    """The adapter at ``path`` (its config read, its weights opened lazily) as a :class:`Ctx`."""
-    context = getattr(path, "context", None)
-    if callable(context):  # an adapter in memory (deltaspec.loaders.live.MemoryAdapter)
-        return context(base, skipped)
+def open_adapter(path: Source, base: Checkpoint | None, skipped: Skipped,
+                 config_schema: schema.Schema | None = None) -> Adapter:
+    """The adapter at ``path`` (its config read and checked against the format's
+    ``config_schema`` before anything else, its weights opened lazily) as an :class:`Adapter`."""
+    ctx = _open(path, base, skipped)
+    if config_schema is not None:
+        schema.check(ctx.config, config_schema, ctx.config_path)
+    return ctx
+
+
+def _open(path: Source, base: Checkpoint | None, skipped: Skipped) -> Adapter:
+    if not isinstance(path, Path):  # an adapter in memory (sources.live.MemoryAdapter)
+        opened = None if isinstance(path, Checkpoint) else path.context(base, skipped)
+        if not isinstance(opened, Adapter):
+            raise UsageError(f"{path}: not an adapter")
+        return opened
     folder = find_adapter_dir(path)
     if folder is None:
         raise CheckpointError(f"{path}: no {CONFIG} here")
@@ -96,53 +115,25 @@ def open_adapter(path: Path, base: Checkpoint | None,
     store = TensorStore.from_files([weights])
     if len(store) == 0:
         raise CheckpointError(f"{weights}: the adapter holds no tensors")
-    return Ctx(store, config, base, str(weights), folder / CONFIG, skipped)
+    return Adapter(store, config, base, str(weights), folder / CONFIG, skipped)
 
 
-_FULL = re.compile(r"^(?P<mod>.+?)(?P<base>\.base_layer)?\.(?P<leaf>weight|bias)$")
-
-
-@dataclass
-class Grouped:
-    """An adapter's keys by role: each adapted module's parts, saved base layers, full weights."""
-
-    modules: dict[str, dict[str, str]] = field(default_factory=dict)  # module → part → key
-    base_layer: dict[str, dict[str, str]] = field(default_factory=dict)  # module → leaf → key
-    full: dict[str, dict[str, str]] = field(default_factory=dict)  # modules_to_save
-    shared: dict[str, str] = field(default_factory=dict)  # part → key of a model-level tensor
-    other: list[str] = field(default_factory=list)
-
-
-def group(ctx: Ctx, parts: tuple[str, ...], shared: tuple[str, ...] = ()) -> Grouped:
-    """Sort the adapter's keys: ``<module>.<part>[.<adapter>][.weight]`` for each name in ``parts``,
-    model-level ``base_model.<name>`` tensors for each in ``shared``, base layers and full weights."""
-    alt = "|".join(sorted(parts, key=len, reverse=True))
-    part_re = re.compile(rf"^(?P<mod>.+?)\.(?P<part>{alt})(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
-    g = Grouped()
-    for key in ctx.store:
-        name = strip_peft_prefix(key)
-        head = key.removeprefix("base_model.").split(".")[0]
-        if head in shared and key.count(".") <= 2:
-            g.shared[head] = key
-        elif m := part_re.match(name):
-            g.modules.setdefault(m["mod"], {})[m["part"]] = key
-        elif m := _FULL.match(name):
-            target = g.base_layer if m["base"] else g.full
-            target.setdefault(m["mod"], {})[m["leaf"]] = key
-        else:
-            g.other.append(key)
+def group(ctx: Adapter, parts: tuple[str, ...], shared: tuple[str, ...] = ()) -> keys.Groups:
+    """The adapter's keys by role (:func:`deltaspec.loaders.peft.keys.group`, the one grouper),
+    its saved base layers remembered in ``ctx``."""
+    g = keys.group(ctx.store.keys(), parts, shared)
     ctx.base_layers = g.base_layer
     return g
 
 
-def require_base(ctx: Ctx, what: str) -> Checkpoint:
+def require_base(ctx: Adapter, what: str) -> Checkpoint:
     """The base checkpoint, or a one-line error saying why ``what`` needs it."""
     if ctx.base is None:
         raise UsageError(f"{ctx.source}: {what}, so pass --base")
     return ctx.base
 
 
-def check_options(ctx: Ctx, unsupported: dict[str, Callable[[Any], bool]]) -> None:
+def check_options(ctx: Adapter, unsupported: dict[str, Callable[[Any], bool]]) -> None:
     """An :class:`UnsupportedError` naming the config and the option for the first option whose
     value the predicate flags (deltaspec would not report this adapter's exact ΔW)."""
     for option, bad in unsupported.items():

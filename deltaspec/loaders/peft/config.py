@@ -16,6 +16,7 @@ from typing import Any
 
 from deltaspec import patterns
 from deltaspec.errors import ConfigError, UnsupportedError, UsageError
+from deltaspec.loaders import schema
 
 # init_lora_weights values whose initialisation rewrote the base weight (W_res = W − s·B₀A₀, or a
 # quantised residual): s·B·A of such an adapter is not its update of the original base.
@@ -24,8 +25,16 @@ MODIFIES_BASE = ("pissa", "olora", "corda", "lora_ga", "loftq")
 UNSUPPORTED_OPTIONS = ("use_qalora", "alora_invocation_tokens", "velora_config", "use_bdlora",
                        "arrow_config", "kasa_config", "target_parameters", "layer_replication")
 DEFAULT_R, DEFAULT_ALPHA = 8, 8
-# A PEFT fork's adapter (HydraLoRA, LoRAMoE: deltaspec.loaders.lora_moe) though its peft_type is LORA.
+# A PEFT fork's adapter (HydraLoRA, LoRAMoE: deltaspec.loaders.multi.lora_moe) though its peft_type is LORA.
 MOE_FORK_KEY = "lora_nums"
+
+# adapter_config.json of a LoRA adapter: the keys deltaspec's arithmetic reads (schema.check).
+SCHEMA: schema.Schema = {
+    "r": schema.Key("int", 1, schema.MAX_RANK), "lora_alpha": schema.Key("number"),
+    "use_rslora": schema.Key("bool"), "fan_in_fan_out": schema.Key("bool"),
+    "use_dora": schema.Key("bool"), "rank_pattern": schema.Key("mapping", nullable=True),
+    "alpha_pattern": schema.Key("mapping", nullable=True), "lora_bias": schema.Key("bool"),
+}
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -48,8 +57,8 @@ def check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) 
     """Raise a one-line error naming ``path`` unless deltaspec reads this adapter exactly."""
     peft_type = config.get("peft_type")
     if str(peft_type).upper() != "LORA":
-        raise UnsupportedError(f"{path}: peft_type {peft_type!r} is not supported "
-                               "(deltaspec reads LORA adapters and MultiLoRA checkpoints)")
+        raise UnsupportedError(f"{path}: peft_type {peft_type!r} is not a LoRA adapter's (this "
+                               "reader takes peft_type LORA; the other methods have their own)")
     init = str(config.get("init_lora_weights", True)).lower()
     if any(init.startswith(m) for m in MODIFIES_BASE) and not allow_modified_base:
         raise UnsupportedError(
@@ -60,11 +69,7 @@ def check_config(path: Path, config: dict[str, Any], allow_modified_base: bool) 
         if config.get(option):
             raise UnsupportedError(f"{path}: adapters with {option}={config[option]!r} are not "
                                    "supported (their update is not s·B·A)")
-    if "r" in config and not _is_rank(config["r"]):
-        raise ConfigError(f"{path}: 'r' must be a positive integer, not {config['r']!r:.80} "
-                          "(PEFT refuses it too)")
-    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
-        raise ConfigError(f"{path}: 'lora_alpha' must be a number, not {config['lora_alpha']!r:.80}")
+    schema.check(config, SCHEMA, path)
     _check_patterns(path, "rank_pattern", config.get("rank_pattern"), _is_rank, "a positive integer")
     _check_patterns(path, "alpha_pattern", config.get("alpha_pattern"), _is_number, "a number")
 

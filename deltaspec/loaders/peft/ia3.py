@@ -11,47 +11,49 @@ channel. Dense (the update is a rescaled base weight).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from deltaspec import delta as _delta
+from deltaspec import patterns
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError, ConfigError, UnsupportedError
-from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.errors import CheckpointError, UnsupportedError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.options import Options
 
 PEFT_TYPES = ("IA3",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("ia3_l",)
+SCHEMA: schema.Schema = {
+    "feedforward_modules": schema.Key("strs", nullable=True),
+    "target_modules": schema.Key("strs", nullable=True),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 NEEDS_BASE = "an IA3 update rescales the base weight (ΔW = W·(diag(l) − I) or (diag(l) − I)·W)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT IA³ adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="IA3",
-                                    module=_module, needs_base=NEEDS_BASE)
+                                    module=_module, needs_base=NEEDS_BASE, config_schema=SCHEMA)
 
 
-def is_feedforward(ctx: Ctx, name: str) -> bool:
+def is_feedforward(ctx: Adapter, name: str) -> bool:
     """PEFT's ``_check_target_module_feedforward`` on the module path ``name``."""
     spec = ctx.config.get("feedforward_modules") or []
     if isinstance(spec, str):
-        try:
-            return re.fullmatch(spec, name) is not None
-        except re.error as exc:
-            raise ConfigError(f"{ctx.config_path}: feedforward_modules {spec!r} is not a valid "
-                              f"pattern ({exc})") from None
+        return patterns.fullmatch(spec, name, f"{ctx.config_path}: feedforward_modules")
     return any(name.endswith(str(k)) for k in spec)
 
 
-def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     assert bs is not None  # NEEDS_BASE
     key = keys["ia3_l"]
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
@@ -87,7 +89,7 @@ def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) ->
                         bias=None if ff else _bias(ctx, bs, name, scale, shape[0]))
 
 
-def _bias(ctx: Ctx, bs: Checkpoint, name: str, scale: Callable[[], torch.Tensor],
+def _bias(ctx: Adapter, bs: Checkpoint, name: str, scale: Callable[[], torch.Tensor],
           out: int) -> Callable[[], torch.Tensor] | None:
     """Δb = (l − 1) ⊙ b of an attention-type module with a bias (None without one)."""
     key = bs.find(name + ".bias")

@@ -13,49 +13,59 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from deltaspec import delta as _delta
-from deltaspec.delta import Delta
+from deltaspec.delta import Delta, check_bytes
 from deltaspec.errors import CheckpointError, ConfigError
-from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.options import Options
 
 PEFT_TYPES = ("VERA",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("vera_lambda_b", "vera_lambda_d")
 SHARED = ("vera_A", "vera_B")
+SCHEMA: schema.Schema = {
+    "r": schema.Key("int", 1, schema.MAX_RANK),
+    "projection_prng_key": schema.Key("int", 0, schema.MAX_SEED),
+    "save_projection": schema.Key("bool"),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 NEEDS_BASE = "a VeRA adapter does not save each module's input size (the shared vera_A is sliced to it)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT VeRA adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    bs = peft_common.require_base(ctx, NEEDS_BASE)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
     groups = peft_common.group(ctx, PARTS, SHARED)
+    peft_extras.matching(ctx, groups, "VeRA")
+    bs = peft_common.require_base(ctx, NEEDS_BASE)
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
     shapes = {}
-    for name, keys in groups.modules.items():
+    for name, keys in groups.parts():
         for part in PARTS:
             if part not in keys:
                 raise CheckpointError(f"{ctx.source}: module {name!r} has no {part} tensor")
         shapes[name] = bs.canonical_shape(name, fan_in_fan_out)
-    projections = _projections(ctx, groups.shared, shapes)
+    projections = _projections(ctx, groups.shared, shapes,
+                               [keys["vera_lambda_d"] for _, keys in groups.parts()])
     out = {name: _module(ctx, name, keys, shapes[name], projections, fan_in_fan_out)
-           for name, keys in groups.modules.items()}
+           for name, keys in groups.parts()}
     return peft_extras.finish(ctx, out, groups, "VeRA")
 
 
 Projections = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _projections(ctx: Ctx, shared: dict[str, str], shapes: dict[str, tuple[int, int]]) -> Projections:
+def _projections(ctx: Adapter, shared: dict[str, str], shapes: dict[str, tuple[int, int]],
+                 lambda_d: list[str]) -> Projections:
     """A thunk of the shared (vera_A, vera_B) in float64: as saved, or regenerated like PEFT."""
     if "vera_A" in shared and "vera_B" in shared:
         return lambda: (ctx.get64(shared["vera_A"]), ctx.get64(shared["vera_B"]))
@@ -65,8 +75,13 @@ def _projections(ctx: Ctx, shared: dict[str, str], shapes: dict[str, tuple[int, 
     key, r = ctx.config.get("projection_prng_key", 0), ctx.config.get("r", 256)
     if not isinstance(key, int) or not isinstance(r, int) or r <= 0:
         raise ConfigError(f"{ctx.config_path}: needs an integer projection_prng_key and r")
+    ranks = {ctx.shape(k) for k in lambda_d}
+    if ranks != {(r,)}:
+        raise ConfigError(f"{ctx.config_path}: r is {r} but the modules' vera_lambda_d have shapes "
+                          f"{sorted(ranks)[:4]}: the shared projections cannot be regenerated")
     max_out = max(s[0] for s in shapes.values())
     max_in = max(s[1] for s in shapes.values())
+    check_bytes(12 * r * (max_in + max_out), f"{ctx.config_path}: regenerating vera_A/vera_B")
 
     def regenerate() -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator(device="cpu").manual_seed(key)
@@ -83,7 +98,7 @@ def _kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tens
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
-def _module(ctx: Ctx, name: str, keys: dict[str, str], shape: tuple[int, int],
+def _module(ctx: Adapter, name: str, keys: dict[str, str], shape: tuple[int, int],
             projections: Projections, fan_in_fan_out: bool) -> Delta:
     b_shape, d_shape = ctx.shape(keys["vera_lambda_b"]), ctx.shape(keys["vera_lambda_d"])
     if b_shape != (shape[0],) or len(d_shape) != 1:

@@ -11,16 +11,16 @@ exact, never dense. The scale is α/r with r, α from the config (``rank_pattern
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta, KronFactor
 from deltaspec.errors import CheckpointError
-from deltaspec.loaders import peft_common, peft_extras
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.loha import factor_pair, factor_value, lycoris_scale
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft import loha
+from deltaspec.loaders.peft.common import Adapter
+from deltaspec.loaders.peft.loha import factor_pair, factor_value, lycoris_scale
 from deltaspec.options import Options
 
 PEFT_TYPES = ("LOKR",)
@@ -28,17 +28,17 @@ detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's Kronecker ΔW in a PEFT LoKr adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="LoKr",
-                                    module=_module)
+                                    module=_module, config_schema=loha.SCHEMA)
 
 
 Side = tuple[str, str | None, str | None]  # (full key | a key, b key, Tucker core key)
 
 
-def _side(ctx: Ctx, name: str, keys: dict[str, str], i: int) -> tuple[Side, tuple[int, int], int]:
+def _side(ctx: Adapter, name: str, keys: dict[str, str], i: int) -> tuple[Side, tuple[int, int], int]:
     """Factor ``i``: its keys, its (rows, cols·k…) shape and a rank bound."""
     full, a, b, t = (keys.get(f"lokr_w{i}"), keys.get(f"lokr_w{i}_a"), keys.get(f"lokr_w{i}_b"),
                      keys.get(f"lokr_t{i}"))
@@ -62,7 +62,7 @@ def _prod(dims: tuple[int, ...]) -> int:
     return out
 
 
-def _value(ctx: Ctx, side: Side, scale: float) -> KronFactor:
+def _value(ctx: Adapter, side: Side, scale: float) -> KronFactor:
     first, b, t = side
     if b is None:
         w = ctx.get64(first)
@@ -71,7 +71,7 @@ def _value(ctx: Ctx, side: Side, scale: float) -> KronFactor:
     return bf * scale, af
 
 
-def _module(ctx: Ctx, _base: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, _base: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     (side1, (a, c), r1), (side2, (b, d), r2) = (_side(ctx, name, keys, i) for i in (1, 2))
     if len(ctx.shape(side1[0])) != 2:
         raise CheckpointError(f"{ctx.source}: {name}: the first Kronecker factor must be a matrix")

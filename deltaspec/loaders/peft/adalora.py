@@ -9,21 +9,27 @@ the modules were created with (kept through pruning). α is ``lora_alpha``, or t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError
-from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.options import Options
 
 PEFT_TYPES = ("ADALORA",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("lora_A", "lora_B", "lora_E")
 EPS = 1e-5  # PEFT adds it to ranknum
+SCHEMA: schema.Schema = {
+    "lora_alpha": schema.Key("number"),
+    "init_r": schema.Key("int", 1, schema.MAX_RANK),
+    "target_r": schema.Key("int", 0, schema.MAX_RANK),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 # LoraConfig options AdaLoRA inherits but whose adapters are not B·(A⊙E)·α/ranknum.
 UNSUPPORTED = {"use_dora": peft_common.truthy, "lora_bias": peft_common.truthy,
                "use_qalora": peft_common.truthy, "layer_replication": peft_common.truthy,
@@ -32,14 +38,14 @@ UNSUPPORTED = {"use_dora": peft_common.truthy, "lora_bias": peft_common.truthy,
                                                                           "loftq", "eva"))}
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a PEFT AdaLoRA adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
     peft_common.check_options(ctx, UNSUPPORTED)
     groups = peft_common.group(ctx, PARTS)
     out = {}
-    for name, keys in groups.modules.items():
+    for name, keys in groups.parts():
         if "lora_A" in keys and ctx.shape(keys["lora_A"])[:1] == (0,):
             skipped.append((keys["lora_A"], "AdaLoRA pruned this module to rank 0 (ΔW = 0)"))
             continue
@@ -47,14 +53,14 @@ def load(folder: Path, base: Checkpoint | None, opts: Options,
     return peft_extras.finish(ctx, out, groups, "AdaLoRA")
 
 
-def _number(ctx: Ctx, key: str, default: float) -> float:
+def _number(ctx: Adapter, key: str, default: float) -> float:
     value = ctx.config.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise CheckpointError(f"{ctx.config_path}: {key!r} must be a number, not {value!r}")
     return float(value)
 
 
-def _module(ctx: Ctx, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, name: str, keys: dict[str, str]) -> Delta:
     for part in PARTS:
         if part not in keys:
             raise CheckpointError(f"{ctx.source}: module {name!r} has no {part} tensor")

@@ -2,10 +2,12 @@
 
 PEFT (and deltaspec's reference trainer) record the base an adapter was trained on in
 ``adapter_config.json`` / ``multilora_config.json``. When no base is given, :func:`choose_base`
-uses it if it resolves — an existing folder, or a Hub id cached or downloadable (see
-:mod:`deltaspec.loaders.sources`) — and says so; when a base is given, it warns if the base is not
-the one the adapter names (the shapes are checked later, module by module, and a mismatch there is
-an error). ``discover_base=False`` (CLI ``--no-base-discovery``) turns discovery off.
+uses it if it is a local model folder or a Hub id already in the cache (see
+:mod:`deltaspec.loaders.sources.hub`; discovery never downloads: ``--base org/name`` does) and says
+so; anything else it names (``.``, ``/``, ``~``, ``/dev/zero``, an uncached id) is a note, never an
+error. When a base is given, a warning says if it is not the one the adapter names (the shapes are
+checked later, module by module, and a mismatch there is an error). ``discover_base=False`` (CLI
+``--no-base-discovery``) turns discovery off.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from deltaspec.config_files import parse_json_file
 from deltaspec.errors import DeltaspecError, DeltaspecWarning
-from deltaspec.loaders import sources
+from deltaspec.loaders.sources import hub
 
 CONFIGS = ("adapter_config.json", "multilora_config.json")
 KEY = "base_model_name_or_path"
@@ -44,50 +46,70 @@ def note(message: str, kind: str = "note") -> None:
 
 
 class WouldDownload(DeltaspecError):
-    """:func:`choose_base` with ``fetch=False`` found the named base on the Hub, not in the cache."""
+    """Kept for callers that catch it: discovery never downloads, so it is no longer raised."""
+
+
+# The files that make a folder a model checkpoint (torch-free; :mod:`deltaspec.loaders.checkpoint`
+# opens them).
+MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+SHARDS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+def holds_model_weights(folder: Path) -> bool:
+    """True when ``folder`` is a folder with HF model weights (single, sharded or pickled)."""
+    try:
+        return folder.is_dir() and (any((folder / n).is_file() for n in MODEL_WEIGHTS)
+                                    or any(next(folder.glob(s), None) for s in SHARDS))
+    except (OSError, ValueError):
+        return False
 
 
 def choose_base(folder: Path, base: str | os.PathLike[str] | None, *, discover: bool = True,
                 revision: str | None = None, fetch: bool = True) -> Path | None:
-    """The base folder to load ``folder`` against: ``base`` (located), else the named one, else None.
+    """The base folder to load ``folder`` against: ``base`` (located; a Hub id is downloaded when
+    not cached), else the one the adapter names when it is a local model folder or already in
+    the Hub cache — discovery never downloads — else None, with a note saying why.
 
-    ``fetch=False``: raise :class:`WouldDownload` rather than download a named base (the CLI's
-    torch-free route then leaves the download, and its note, to the full route)."""
+    ``fetch`` is kept for callers that pass it; discovery downloads nothing either way."""
     named = named_base(folder)
     if base is not None:
-        path = sources.locate(base, revision, what="base model")
+        path = hub.locate(base, revision, what="base model")
         if named is not None and not same_model(named[0], base, path):
-            note(f"base {base} is not the model {named[1].name} names ({named[0]!r}); using it "
-                 "since its shapes fit the adapter", "warning")
+            note(f"base {base} is not the model {named[1].name} names ({named[0]!r}); its shapes "
+                 "are checked module by module", "warning")
         return path
     if named is None or not discover:
         return None
     name, cfg = named
     try:
-        path = _find(name, cfg, fetch)
-    except WouldDownload:
-        raise
+        path = _find(name, cfg)
     except DeltaspecError as exc:
-        note(f"base {name!r} named in {cfg} is not available ({exc}); analysing without a base "
-             "(pass --base to give one)")
+        note(f"base {name!r} named in {cfg} is not used ({str(exc)[:200]}); analysing without a "
+             "base (pass --base to give one)")
         return None
-    note(f"base: {name} (from {cfg.name} {KEY}; --no-base-discovery to turn off)")
+    note(f"base: {name} (from {cfg.name} {KEY}; it adds the base-relative columns and reads the "
+         "base's weights: --no-base-discovery skips it)")
     return path
 
 
-def _find(name: str, cfg: Path, fetch: bool = True) -> Path:
-    local = Path(name).expanduser()
-    if local.exists():
-        return local
-    if sources.split_id(name, bare=True) is None:
-        raise DeltaspecError(f"{name}: no such folder")
-    repo, rev = sources.split_id(name, bare=True) or (name, None)
-    if sources.cached_folder(repo, rev) is None and not sources.offline() \
-            and sources.hub_reachable():
-        if not fetch:
-            raise WouldDownload(f"{name}: not cached, on the Hub")
-        note(f"base {name} (from {cfg.name}) is not cached: downloading its configs and weights")
-    return sources.hub_folder(repo, rev, what="base model")
+def _find(name: str, cfg: Path) -> Path:
+    """The named base as a local model folder or a cached Hub snapshot; never downloaded."""
+    try:
+        local = Path(name).expanduser()
+        is_local = local.exists() or local.is_symlink()
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL byte, ~unknown-user
+        local, is_local = Path(name), False
+    if is_local or hub.split_id(name, bare=True) is None:
+        if holds_model_weights(local):
+            return local
+        raise DeltaspecError(f"{name} is not a model folder")
+    repo, rev = hub.split_id(name, bare=True) or (name, None)
+    cached = hub.cached_folder(repo, rev)
+    if cached is None or not hub.readable(cached):
+        raise DeltaspecError(f"{name} is not in the Hub cache; discovery does not download: "
+                             f"pass --base {name} to download it")
+    return cached
 
 
 def same_model(named: str, given: str | os.PathLike[str], path: Path) -> bool:
@@ -109,15 +131,15 @@ def same_model(named: str, given: str | os.PathLike[str], path: Path) -> bool:
             return local.resolve() == path.resolve() or local.samefile(path)
         except OSError:
             return False
-    named_id = sources.split_id(named, bare=True)
-    given_id = _hub_id_of(path) or (sources.split_id(str(given)) or ("", None))[0].lower()
+    named_id = hub.split_id(named, bare=True)
+    given_id = _hub_id_of(path) or (hub.split_id(str(given)) or ("", None))[0].lower()
     if named_id is not None and "/" in named_id[0] and "/" in given_id:
         return named_id[0].lower() == given_id  # two Hub ids: the organisation counts
     return _tail(named) in {_tail(str(given)), _tail(str(path)), _tail(given_id)}
 
 
 def _tail(text: str) -> str:
-    parts = sources.split_id(text, bare=True)
+    parts = hub.split_id(text, bare=True)
     return (parts[0] if parts else text).rstrip("/").rsplit("/", 1)[-1].lower()
 
 

@@ -10,39 +10,47 @@ are not saved either, so the base is needed (for the shapes only; ΔW does not d
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
-from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.options import Options
 
 PEFT_TYPES = ("FOURIERFT",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("fourierft_spectrum",)
+SCHEMA: schema.Schema = {
+    "random_loc_seed": schema.Key("int", 0, schema.MAX_SEED),
+    "scaling": schema.Key("number"),
+    "n_frequency": schema.Key("int", 1, schema.MAX_COUNT),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 NEEDS_BASE = "a FourierFT adapter does not save the shapes of its modules (only their spectra)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT FourierFT adapter folder."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    bs = peft_common.require_base(ctx, NEEDS_BASE)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
     seed, scaling = ctx.config.get("random_loc_seed", 777), ctx.config.get("scaling", 150.0)
     if not isinstance(seed, int) or isinstance(seed, bool) or \
             not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise ConfigError(f"{ctx.config_path}: needs an integer random_loc_seed and a numeric "
                           "scaling")
     groups = peft_common.group(ctx, PARTS)
+    peft_extras.matching(ctx, groups, "FourierFT")
+    bs = peft_common.require_base(ctx, NEEDS_BASE)
     fan_in_fan_out = bool(ctx.config.get("fan_in_fan_out"))
     out = {}
-    for name, keys in groups.modules.items():
+    for name, keys in groups.parts():
         shape = bs.canonical_shape(name, fan_in_fan_out)
         out[name] = _module(ctx, name, keys["fourierft_spectrum"], shape, seed, float(scaling),
                             bs.oriented(name, shape, fan_in_fan_out))
@@ -55,7 +63,7 @@ def frequencies(shape: tuple[int, int], n: int, seed: int) -> tuple[torch.Tensor
     return flat // shape[1], flat % shape[1]
 
 
-def _module(ctx: Ctx, name: str, key: str, shape: tuple[int, int], seed: int, scaling: float,
+def _module(ctx: Adapter, name: str, key: str, shape: tuple[int, int], seed: int, scaling: float,
             base: Callable[[], torch.Tensor]) -> Delta:
     stored = ctx.shape(key)
     if len(stored) != 1 or not 0 < stored[0] <= shape[0] * shape[1]:

@@ -31,7 +31,7 @@ import torch
 from deltaspec.errors import CheckpointError, UsageError
 from deltaspec.loaders.checkpoint import Checkpoint
 from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.loaders.store import TensorStore
 
 # Where PEFT keeps a wrapped module's original weights; dropped from the base keys.
@@ -53,10 +53,10 @@ class MemoryAdapter:
         """What error messages call the config."""
         return Path(f"{self.source} config")
 
-    def context(self, base: Checkpoint | None, skipped: Skipped) -> Ctx:
-        """The builders' context, as :func:`deltaspec.loaders.peft_common.open_adapter` makes it
+    def context(self, base: Checkpoint | None, skipped: Skipped) -> Adapter:
+        """The builders' context, as :func:`deltaspec.loaders.peft.common.open_adapter` makes it
         for a folder."""
-        return Ctx(self.store, self.config, base, self.source, self.config_path, skipped)
+        return Adapter(self.store, self.config, base, self.source, self.config_path, skipped)
 
 
 def is_live(obj: Any) -> bool:
@@ -92,6 +92,12 @@ def is_state_dict(obj: Any) -> bool:
 
 def store_of(tensors: Mapping[str, torch.Tensor], label: str) -> TensorStore:
     """A :class:`TensorStore` over tensors in memory (no copy; ``label`` names them in errors)."""
+    for key, t in tensors.items():
+        why = "is on the meta device (no values: load the weights first)" if t.is_meta else \
+            f"has {t.layout} layout (deltaspec reads dense tensors: call .to_dense())" \
+            if t.layout != torch.strided else ""
+        if why:
+            raise UsageError(f"{label}: tensor {key!r} {why}")
     where = Path(label)
     store = TensorStore(dict.fromkeys(tensors, where))
     store._handles[where] = dict(tensors)  # a dict handle: TensorStore reads it as a state dict
@@ -110,8 +116,9 @@ def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: set[tuple[Any, ...]] = set()
     out: dict[str, torch.Tensor] = {}
     for key, t in state.items():
+        plain = t.numel() and t.layout == torch.strided and not t.is_meta  # else refused later
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 t.stride()) if t.numel() else None
+                 t.stride()) if plain else None
         if ident is not None and ident in seen:
             continue
         if ident is not None:

@@ -16,26 +16,35 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ConfigError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
+from deltaspec.loaders.contract import Skipped, Source, folder_of
 from deltaspec.loaders.store import TensorStore, read_json
 from deltaspec.names import strip_peft_prefix
 from deltaspec.options import Options
 
 CONFIG = "multilora_config.json"
 WEIGHTS = "multilora_model.safetensors"
+SCHEMA: schema.Schema = {
+    "lora_alpha": schema.Key("number"),
+    "alpha": schema.Key("number"),
+    "r": schema.Key("int", 1, schema.MAX_RANK, required=True),
+    "n": schema.Key("int", 1, schema.MAX_COUNT),
+}
 _KEY = re.compile(r"^(?P<mod>.+)\.lora_(?P<part>A|B|scaling)(?:\.weight)?$")
 
 
-def detect(folder: Path) -> bool:
+def detect(folder: Source) -> bool:
     """True for a folder with ``multilora_config.json``."""
-    return (folder / CONFIG).is_file()
+    return isinstance(folder, Path) and (folder / CONFIG).is_file()
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's factored ΔW in a MultiLoRA folder."""
+    folder = folder_of(folder, "MultiLoRA checkpoints")
     config = read_json(folder / CONFIG)
+    schema.check(config, SCHEMA, folder / CONFIG)
     alpha, r = config.get("lora_alpha", config.get("alpha")), config.get("r")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not isinstance(r, int) \
             or isinstance(r, bool) or r <= 0:

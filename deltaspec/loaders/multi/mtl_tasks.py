@@ -34,7 +34,7 @@ DEFAULT_TEMPERATURE = 1.0  # mlora_finetune.py's --temperature default (its scri
 
 
 @dataclass
-class Ctx:
+class MtlCheckpoint:
     """What every variant builder needs; ``uses`` collects the unsaved settings the rows rely on."""
 
     store: TensorStore
@@ -45,7 +45,10 @@ class Ctx:
     uses: set[str] = field(default_factory=set)
 
     def scale(self, r: int) -> float:
-        """α/r, or 1 when α was not given (noted)."""
+        """α/r, or 1 when α was not given (noted); a rank below 1 is refused."""
+        if r < 1:
+            raise CheckpointError(f"{self.source}: a module of rank {r}; every adapter module "
+                                  "needs rank ≥ 1")
         if self.alpha is None:
             self.uses.add("alpha")
             return 1.0
@@ -95,7 +98,7 @@ def is_moelora(parts: set[str]) -> bool:
     return GATE in parts or EMBEDDING in parts or any(_EXPERT.match(p) for p in parts)
 
 
-def _experts(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, dict[int, str]]:
+def _experts(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, dict[int, str]]:
     """side (A/B) → expert index → key (the ``mlp.weight`` copy preferred)."""
     found: dict[str, dict[int, str]] = {"A": {}, "B": {}}
     for part, key in sorted(keys.items(), key=lambda kv: "mlp." in kv[0]):
@@ -112,7 +115,7 @@ def _experts(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, dict[int, st
     return found
 
 
-def moelora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def moelora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     """One factored ΔW_t = [g_t,1·B₁|…]·[A₁;…]·α/r per task t."""
     found = _experts(ctx, mod, keys)
     n = len(found["A"])

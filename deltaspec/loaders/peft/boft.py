@@ -10,30 +10,36 @@ for D/2ⁱ blocks of H/2. Applied to W factor by factor (never an in×in matrix)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
-from deltaspec.loaders import peft_common, peft_extras
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import extras as peft_extras
+from deltaspec.loaders.peft.common import Adapter
 from deltaspec.options import Options
 
 PEFT_TYPES = ("BOFT",)
 detect = peft_common.detector(*PEFT_TYPES)
 PARTS = ("boft_R", "boft_s")
+SCHEMA: schema.Schema = {
+    "boft_block_size": schema.Key("int", 0, schema.MAX_RANK),
+    "boft_block_num": schema.Key("int", 0, schema.MAX_RANK),
+    "boft_n_butterfly_factor": schema.Key("int", 0, 64),
+    "fan_in_fan_out": schema.Key("bool"),
+}
 NEEDS_BASE = "a BOFT update rotates and scales the base weight (ΔW = W·Mᵀ ⊙ s − W)"
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's dense ΔW in a PEFT BOFT adapter folder."""
     return peft_extras.load_modules(folder, base, skipped, parts=PARTS, what="BOFT",
-                                    module=_module, needs_base=NEEDS_BASE)
+                                    module=_module, needs_base=NEEDS_BASE, config_schema=SCHEMA)
 
 
 def butterfly_perm(n: int, blocks: int, r: int, factors: int) -> torch.Tensor:
@@ -70,7 +76,7 @@ def rotate(w: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
+def _module(ctx: Adapter, bs: Checkpoint | None, name: str, keys: dict[str, str]) -> Delta:
     assert bs is not None  # NEEDS_BASE
     for part in PARTS:
         if part not in keys:
@@ -82,6 +88,11 @@ def _module(ctx: Ctx, bs: Checkpoint | None, name: str, keys: dict[str, str]) ->
             or (s_shape == (1, shape[0]) and shape[0] not in (1, shape[1])):
         raise ShapeError(f"{ctx.source}: {name}: boft_R {r_shape} / boft_s {s_shape} do not fit "
                          f"the base's {shape} weight")
+    n_fac, d, h = r_shape[:3]
+    if n_fac < 1 or (n_fac > 1 and (h < 2 or h % 2 or d % 2 ** (n_fac - 1))):
+        raise ShapeError(f"{ctx.source}: {keys['boft_R']} has shape {r_shape}: {n_fac} butterfly "
+                         f"factor(s) need blocks of an even size ≥ 2 (not {h}) and a block count "
+                         f"divisible by 2^{n_fac - 1} (not {d})")
     base = bs.oriented(name, shape, None)
 
     def load() -> torch.Tensor:

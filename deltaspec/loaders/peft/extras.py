@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, ShapeError
-from deltaspec.loaders import peft_common, peft_config
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.peft_common import Ctx, Grouped
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import config as peft_config
+from deltaspec.loaders.peft.common import Adapter
+from deltaspec.loaders.peft.keys import Groups
 from deltaspec.names import has_conv1d, is_conv1d, match_key
 
 NO_BASE = "{what}; pass --base to analyse it"
 
 
-def full_weights(ctx: Ctx, modules: dict[str, dict[str, str]]) -> dict[str, Delta]:
+def full_weights(ctx: Adapter, modules: dict[str, dict[str, str]]) -> dict[str, Delta]:
     """modules_to_save (module → {"weight": key, "bias": key}): ΔW = saved − base."""
     out: dict[str, Delta] = {}
     for name, keys in modules.items():
@@ -43,7 +45,7 @@ def full_weights(ctx: Ctx, modules: dict[str, dict[str, str]]) -> dict[str, Delt
     return out
 
 
-def _full_weight(ctx: Ctx, name: str, key: str, bias_key: str | None) -> Delta | None:
+def _full_weight(ctx: Adapter, name: str, key: str, bias_key: str | None) -> Delta | None:
     assert ctx.base is not None
     bs = ctx.base
     base_key = bs.find(name + ".weight")
@@ -69,7 +71,7 @@ def _full_weight(ctx: Ctx, name: str, key: str, bias_key: str | None) -> Delta |
                         bias=trained_bias(ctx, name, bias_key, shape[0]))
 
 
-def trained_bias(ctx: Ctx, name: str, bias_key: str | None,
+def trained_bias(ctx: Adapter, name: str, bias_key: str | None,
                  out: int) -> Callable[[], torch.Tensor] | None:
     """A bias the adapter saved as a value (modules_to_save, or LoRA's ``bias="all"``): saved − base.
 
@@ -92,7 +94,7 @@ def trained_bias(ctx: Ctx, name: str, bias_key: str | None,
     return lambda: ctx.get(bias_key) - base.tensor(base_key)
 
 
-def trainable_tokens(ctx: Ctx, modules: dict[str, str]) -> dict[str, Delta]:
+def trainable_tokens(ctx: Adapter, modules: dict[str, str]) -> dict[str, Delta]:
     """trainable_token_indices: rows ``idx`` of an embedding take the saved values.
 
     ΔW is zero except rows idx, where it is saved − base (PEFT merges with ``index_copy``).
@@ -117,7 +119,7 @@ def trainable_tokens(ctx: Ctx, modules: dict[str, str]) -> dict[str, Delta]:
     return out
 
 
-def _tokens_delta(ctx: Ctx, name: str, key: str, base_key: str, idx: list[int],
+def _tokens_delta(ctx: Adapter, name: str, key: str, base_key: str, idx: list[int],
                   shape: tuple[int, int]) -> Delta:
     assert ctx.base is not None
     base = ctx.base
@@ -131,35 +133,38 @@ def _tokens_delta(ctx: Ctx, name: str, key: str, base_key: str, idx: list[int],
                         base=lambda: base.tensor(base_key))
 
 
-ModuleFn = Callable[[Ctx, Checkpoint | None, str, dict[str, str]], Delta]
+ModuleFn = Callable[[Adapter, Checkpoint | None, str, dict[str, str]], Delta]
 
 
-def load_modules(folder: Path, base: Checkpoint | None, skipped: Skipped, *, parts: tuple[str, ...],
-                 what: str, module: ModuleFn, needs_base: str | None = None) -> dict[str, Delta]:
+def load_modules(folder: Source, base: Checkpoint | None, skipped: Skipped, *, parts: tuple[str, ...],
+                 what: str, module: ModuleFn, needs_base: str | None = None,
+                 config_schema: schema.Schema | None = None) -> dict[str, Delta]:
     """The body every simple PEFT loader shares: open the adapter, require the base (when
     ``needs_base`` says why), group the keys by ``parts``, one ``module(ctx, base, name, keys)``
     per adapted module, then :func:`finish`."""
-    ctx = peft_common.open_adapter(folder, base, skipped)
-    bs = peft_common.require_base(ctx, needs_base) if needs_base else None
+    ctx = peft_common.open_adapter(folder, base, skipped, config_schema)
     groups = peft_common.group(ctx, parts)
-    out = {name: module(ctx, bs, name, keys) for name, keys in groups.modules.items()}
+    matching(ctx, groups, what)  # before asking for a base: a wrong peft_type says so first
+    bs = peft_common.require_base(ctx, needs_base) if needs_base else None
+    out = {name: module(ctx, bs, name, keys) for name, keys in groups.parts()}
     return finish(ctx, out, groups, what)
 
 
-def finish(ctx: Ctx, out: dict[str, Delta], groups: Grouped, what: str) -> dict[str, Delta]:
+def finish(ctx: Adapter, out: dict[str, Delta], groups: Groups, what: str, *,
+           require: bool = True) -> dict[str, Delta]:
     """Add an adapter's full weights (modules_to_save, base layers saved without an adapter on
-    them) to the adapted modules' deltas ``out``; list every other key in ``.skipped``."""
-    if not groups.modules:
-        first = next(iter(ctx.store.keys()), "")
-        raise CheckpointError(f"{ctx.source}: holds no {what} tensor (the first key is {first!r}); "
-                              f"is peft_type {ctx.config.get('peft_type')!r} right?")
+    them, trainable token rows) to the adapted modules' deltas ``out``; list every other key in
+    ``.skipped``. ``require``: an adapter with no ``what`` module at all is refused (its
+    peft_type is likely wrong)."""
+    if require:
+        matching(ctx, groups, what)
     for name, keys in groups.base_layer.items():
-        if name not in out:
+        if name not in out:  # a base layer without an adapter on it is loaded as a full weight
             groups.full.setdefault(name, keys)
-    for name, d in full_weights(ctx, groups.full).items():
+    for name, d in (full_weights(ctx, groups.full) | trainable_tokens(ctx, groups.tokens)).items():
         if name in out:
             raise CheckpointError(f"{ctx.source}: module {name!r} holds both {what} tensors and a "
-                                  "full weight")
+                                  f"{d.method} update")
         out[name] = d
     ctx.skipped.extend((key, f"not a {what} tensor deltaspec knows") for key in groups.other)
     if not out and not ctx.skipped:
@@ -167,6 +172,16 @@ def finish(ctx: Ctx, out: dict[str, Delta], groups: Grouped, what: str) -> dict[
     return out
 
 
-def module_bias(ctx: Ctx, name: str, out: int) -> Callable[[], torch.Tensor] | None:
+def matching(ctx: Adapter, groups: Groups, what: str) -> None:
+    """A one-line error when the adapter holds no ``what`` tensor at all: its config's
+    peft_type does not match its tensors."""
+    if not groups.modules:
+        first = next(iter(ctx.store.keys()), "")
+        raise CheckpointError(f"{ctx.config_path}: the config's peft_type "
+                              f"{ctx.config.get('peft_type')!r} does not match its tensors (no "
+                              f"{what} tensor in {ctx.source}; the first key is {first!r})")
+
+
+def module_bias(ctx: Adapter, name: str, out: int) -> Callable[[], torch.Tensor] | None:
     """The trained bias of an adapted module (``bias="all"`` etc.: saved − base), or None."""
     return trained_bias(ctx, name, ctx.base_layers.get(name, {}).get("bias"), out)

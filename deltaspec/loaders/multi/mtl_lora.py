@@ -9,7 +9,7 @@ class of the code base (``<m>`` is the module path, e.g. ``model.layers.0.self_a
     mlora      <m>.lora_A (1, r, in)  .lora_lambdas (T, r, r) or (T, r)  .lora_B (nB, out, r)
                .lora_B_w (T, nB)  [.lora_scaler ()]
                ΔW_t = (Σ_b softmax(w_t/τ)_b·B_b)·Λ_t·A·α/r [·sigmoid(scaler)], one per task t
-    moelora    see :mod:`deltaspec.loaders.mtl_tasks`: one ΔW per task t      (MMOELoraLinear)
+    moelora    see :mod:`deltaspec.loaders.multi.mtl_tasks`: one ΔW per task t      (MMOELoraLinear)
     dora       <m>.lora_A.weight  .lora_B.weight  .lora_weight_m_wdecomp.weight (out, 1)
                ΔW = m ⊙ V/‖V‖_row − W, V = W + B·A·α/r (needs the base and α)    (DoRALinear)
                magnitude only (``Wdecompose``): ΔW = (m/‖W‖_row − 1) ⊙ W
@@ -31,40 +31,49 @@ import torch
 from deltaspec import delta as _delta
 from deltaspec.delta import Delta
 from deltaspec.errors import CheckpointError, UnsupportedError, UsageError
-from deltaspec.loaders import mtl_tasks, multilora
+from deltaspec.loaders import build
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Noted, Skipped
-from deltaspec.loaders.mtl_tasks import DEFAULT_TEMPERATURE, Ctx
+from deltaspec.loaders.contract import Noted, Skipped, Source, folder_of
+from deltaspec.loaders.multi import mtl_tasks, multilora
+from deltaspec.loaders.multi.mtl_tasks import DEFAULT_TEMPERATURE, MtlCheckpoint
+from deltaspec.loaders.sources.discovery import holds_model_weights
 from deltaspec.loaders.store import TensorStore
 from deltaspec.names import indexed, strip_peft_prefix
 from deltaspec.options import Options
 
 WEIGHTS = "final_checkpoint.pt"
+# .pt files trainers write beside weights: never an MTL-LoRA checkpoint.
+NOT_ADAPTERS = ("optimizer.pt", "scheduler.pt", "value_head.pt", "training_args.pt", "rng_state.pt",
+                "scaler.pt")
 _PREFIXES = ("module.",)  # DeepSpeed/DDP wrappers (the code base strips "module." on load)
 
 
 def find_weights(folder: Path) -> Path | None:
-    """``final_checkpoint.pt`` in ``folder`` or its ``checkpoint/``, else the folder's only ``.pt``."""
+    """``final_checkpoint.pt`` in ``folder`` or its ``checkpoint/``, else the folder's only ``.pt``
+    — not in a model folder (a full fine-tune's ``scheduler.pt``, TRL's ``value_head.pt``) and
+    not a trainer's own file."""
     for candidate in (folder / WEIGHTS, folder / "checkpoint" / WEIGHTS):
         if candidate.is_file():
             return candidate
-    pts = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    if not folder.is_dir() or holds_model_weights(folder):
+        return None
+    pts = sorted(p for p in folder.glob("*.pt") if p.name not in NOT_ADAPTERS)
     return pts[0] if len(pts) == 1 else None
 
 
-def detect(folder: Path) -> bool:
+def detect(folder: Source) -> bool:
     """True for a folder holding the code base's ``final_checkpoint.pt`` (or one ``.pt`` file)."""
-    return find_weights(folder) is not None
+    return isinstance(folder, Path) and find_weights(folder) is not None
 
 
-def _multilora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _multilora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     ctx.shape(keys, "lora_A", 3, mod)
     stacked = {part: keys[f"lora_{part}"] for part in ("A", "B", "scaling") if f"lora_{part}" in keys}
     r = ctx.store.shape(keys["lora_A"])[1]
     return {mod: multilora.stacked_delta(ctx.store, mod, stacked, ctx.scale(r), ctx.base)}
 
 
-def _mlora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _mlora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     one, r, d_in = ctx.shape(keys, "lora_A", 3, mod)
     n_b, d_out, r_b = ctx.shape(keys, "lora_B", 3, mod)
     tasks, n_w = ctx.shape(keys, "lora_B_w", 2, mod)
@@ -108,27 +117,25 @@ def _mlora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     return out
 
 
-def _lora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
-    r, d_in = ctx.shape(keys, "lora_A.weight", 2, mod)
-    d_out, r_b = ctx.shape(keys, "lora_B.weight", 2, mod)
-    if r_b != r:
-        raise CheckpointError(f"{ctx.source}: {mod}: lora_B.weight {(d_out, r_b)} does not match "
-                              f"lora_A.weight {(r, d_in)}")
-    s = ctx.scale(r)
-
-    def load() -> _delta.Factors:
-        return ctx.get(keys["lora_B.weight"]) * s, ctx.get(keys["lora_A.weight"])
-
-    return {mod: _delta.factored(mod, (d_out, d_in), load, method="lora", source=ctx.source,
-                                 rank=r, base=ctx.base_weight(mod, (d_out, d_in)))}
+def _lora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+    return {mod: _factored(ctx, mod, keys, "lora")}
 
 
-def _dora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _factored(ctx: MtlCheckpoint, mod: str, keys: dict[str, str], method: str) -> Delta:
+    ctx.shape(keys, "lora_A.weight", 2, mod)
+    ctx.shape(keys, "lora_B.weight", 2, mod)
+    f = build.lora_factors(ctx.store, ctx.source, mod, keys["lora_A.weight"], keys["lora_B.weight"],
+                           ctx.scale)
+    return build.factored(mod, f, method=method, source=ctx.source,
+                          base=ctx.base_weight(mod, f.shape))
+
+
+def _dora(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     """DoRALinear's merge: W′ = m / ‖V‖_row · V with V = W + B·A·α/r (V = W with Wdecompose)."""
     m_shape = ctx.shape(keys, "lora_weight_m_wdecomp.weight", 2, mod)
     factored = "lora_A.weight" in keys or "lora_B.weight" in keys
     if factored:
-        lora = _lora(ctx, mod, keys)[mod]
+        lora = _factored(ctx, mod, keys, "lora")
         shape = lora.shape
         if ctx.alpha is None:
             raise UsageError(f"{ctx.source}: {mod} is a DoRA module: its ΔW depends on α "
@@ -147,23 +154,18 @@ def _dora(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     if ctx.base is None:
         raise UsageError(f"{ctx.source}: {mod} is a DoRA module; its update depends on the base "
                          "weight, so pass --base")
-    base = ctx.base.oriented(mod, shape)
-
-    def load() -> torch.Tensor:
-        w0 = base().to(torch.float64)
-        v = w0 + lora.dense(torch.float64) if factored else w0
-        m = ctx.get(keys["lora_weight_m_wdecomp.weight"]).to(torch.float64)
-        return (m / v.norm(dim=1, keepdim=True) * v - w0).to(torch.float32)
-
-    return {mod: _delta.dense(mod, shape, load, method="dora", source=ctx.source, base=base)}
+    return {mod: build.dora(mod, shape, lora.factors if factored else None,
+                            ctx.base.oriented(mod, shape),
+                            lambda: ctx.get(keys["lora_weight_m_wdecomp.weight"]), axis=1,
+                            source=ctx.source)}
 
 
-def _unsupported(ctx: Ctx, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
+def _unsupported(ctx: MtlCheckpoint, mod: str, keys: dict[str, str]) -> dict[str, Delta]:
     raise UnsupportedError(f"{ctx.source}: {mod}: the merged-projection MTL-LoRA layer "
                            f"(mLoRAMergedLinear: {', '.join(sorted(keys))}) is not supported")
 
 
-Builder = Callable[[Ctx, str, dict[str, str]], dict[str, Delta]]
+Builder = Callable[[MtlCheckpoint, str, dict[str, str]], dict[str, Delta]]
 
 # (variant, does this module's set of parts belong to it, builder): the first match builds it.
 VARIANTS: list[tuple[str, Callable[[set[str]], bool], Builder]] = [
@@ -190,10 +192,11 @@ def _group(store: TensorStore, skipped: Skipped) -> dict[str, dict[str, str]]:
     return parts
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every module's ΔW (one per task for MTL-LoRA / MoELoRA) in a ``final_checkpoint.pt``;
     notes say which unsaved settings (α, temperature) were assumed."""
+    folder = folder_of(folder, "MTL-LoRA checkpoints")
     weights = find_weights(folder)
     if weights is None:
         raise CheckpointError(f"{folder}: no {WEIGHTS} here or in {folder / 'checkpoint'}")
@@ -201,7 +204,7 @@ def load(folder: Path, base: Checkpoint | None, opts: Options,
         if value is not None and not (math.isfinite(value) and value > 0):
             raise UsageError(f"{what} must be a positive number, not {value!r}")
     store = TensorStore.from_files([weights])
-    ctx = Ctx(store, str(weights), base, opts.lora_alpha, opts.mtl_temperature)
+    ctx = MtlCheckpoint(store, str(weights), base, opts.lora_alpha, opts.mtl_temperature)
     out: dict[str, Delta] = {}
     for mod, keys in _group(store, skipped).items():
         variant = next((v for v in VARIANTS if v[1](set(keys))), None)
@@ -214,7 +217,7 @@ def load(folder: Path, base: Checkpoint | None, opts: Options,
     return Noted(out, _notes(ctx))
 
 
-def _notes(ctx: Ctx) -> list[str]:
+def _notes(ctx: MtlCheckpoint) -> list[str]:
     notes = []
     if "alpha" in ctx.uses:
         notes.append(f"{ctx.source} does not save α: norms are reported with α/r = 1 (pass "

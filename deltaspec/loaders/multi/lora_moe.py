@@ -13,34 +13,36 @@ Expert i: ΔW_i = B_i·A(_i)·α/r, row ``<parent>.experts.<i>.<kind>``; the bas
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from deltaspec.delta import Delta
-from deltaspec.errors import CheckpointError
-from deltaspec.loaders import peft_common, peft_config
+from deltaspec.errors import CheckpointError, ConfigError
+from deltaspec.loaders import schema
 from deltaspec.loaders.checkpoint import Checkpoint
-from deltaspec.loaders.contract import Skipped
-from deltaspec.loaders.moe import CONFIG, ROUTER, config_of, expert_delta, lora_scale, open_store
-from deltaspec.loaders.store import read_json
+from deltaspec.loaders.contract import Skipped, Source
+from deltaspec.loaders.multi.moe import LORA_SCHEMA, ROUTER, announced, expert_delta, lora_scale
+from deltaspec.loaders.peft import common as peft_common
+from deltaspec.loaders.peft import config as peft_config
 from deltaspec.names import indexed, strip_peft_prefix
 from deltaspec.options import Options
 
+SCHEMA: schema.Schema = LORA_SCHEMA | {"lora_nums": schema.Key("int", 1, schema.MAX_COUNT, required=True)}
 _KEY = re.compile(r"^(?P<mod>.+?)\.lora_(?P<part>A|B|route)(?P<i>\d*)(?:\.[^.]+)?\.weight$")
 
 
-def detect(folder: Path) -> bool:
+def detect(folder: Source) -> bool:
     """True for an adapter whose config has ``lora_nums`` (HydraLoRA's and LoRAMoE's PEFT forks)."""
-    adapter = peft_common.find_adapter_dir(folder)
-    config = config_of(adapter) if adapter is not None else None
+    try:
+        config = peft_common.adapter_config(folder)
+    except (ConfigError, CheckpointError):
+        return False  # an unreadable config: the format that claims it reports it
     return config is not None and peft_config.MOE_FORK_KEY in config
 
 
-def load(folder: Path, base: Checkpoint | None, opts: Options,
+def load(folder: Source, base: Checkpoint | None, opts: Options,
          skipped: Skipped) -> dict[str, Delta]:
     """Every expert's ΔW of a HydraLoRA (shared lora_A) or LoRAMoE (lora_A{i}) adapter."""
-    folder = peft_common.find_adapter_dir(folder) or folder
-    config = read_json(folder / CONFIG)
-    store, source = open_store(folder)
+    ctx = peft_common.open_adapter(folder, base, skipped, SCHEMA)
+    config, store, source = ctx.config, ctx.store, ctx.source
     modules: dict[str, dict[str, str]] = {}
     for key in store:
         m = _KEY.match(strip_peft_prefix(key))
@@ -62,8 +64,11 @@ def load(folder: Path, base: Checkpoint | None, opts: Options,
                                       "tensor")
             name = indexed(mod, "experts", i)
             out[name] = expert_delta(store, source, name, a_key, keys[f"B{i}"],
-                                     lambda r: lora_scale(config, r, folder / CONFIG),
+                                     lambda r: lora_scale(config, r, ctx.config_path),
                                      "hydralora" if shared else "loramoe", base, mod)
+    announced(ctx.config_path, peft_config.MOE_FORK_KEY, config[peft_config.MOE_FORK_KEY],
+              {mod: [int(p[1:]) for p in keys if p.startswith("B") and p[1:]]
+               for mod, keys in modules.items()})
     if not out:
         raise CheckpointError(f"{source}: holds no HydraLoRA/LoRAMoE expert tensors")
     return out
