@@ -194,6 +194,7 @@ def multilora_case(n: int = 2, r: int = 2, config: dict | None = None, needle: s
         F.multilora_folder(d, {"m.q": (6, 5)}, n=n, r=r)
         if config is not None:
             cfg = json.loads((d / "multilora_config.json").read_text()) | config
+            cfg = {k: v for k, v in cfg.items() if v is not None}  # None: the key left out
             (d / "multilora_config.json").write_text(json.dumps(cfg))
         return analyze_case(d, needle)
     return build

@@ -1,6 +1,6 @@
 """One schema per config file: each loader declares its keys once, in its own file, and
 :func:`check` refuses a config whose values have the wrong type or range — before any arithmetic,
-in one line naming the file and the key. No torch here (the torch-free route checks LoRA configs).
+in one line naming the file and the key. No torch here (the torch-free plan checks LoRA configs).
 
 A schema maps a key to a :class:`Key`: its kind (``int``, ``number``, ``bool``, ``str``,
 ``mapping``, ``list``, ``strs`` — a string or a list of strings), an inclusive range for numbers,
