@@ -281,7 +281,7 @@ def _candidates(n: int) -> dict[str, Any]:
     }
     if every == 1:
         del runs["tridiag_all"]
-    return {"runs": runs, "f32_ok": lambda: last["f32"].values is not None}
+    return {"runs": runs, "f32_ok": lambda: "f32" in last and last["f32"].values is not None}
 
 
 def calibrate(n: int = CALIBRATE_N, repeat: int = 3) -> tuple[Policy, dict[str, Any]]:
