@@ -168,6 +168,8 @@ def _cached(key: str) -> Policy | None:
     entry = _entry(key)
     if entry is None or entry.get("stale"):
         return None
+    if isinstance(entry.get("seconds"), dict) and "other_cores" not in entry["seconds"]:
+        return None  # measured before load was checked (deltaspec < issue 29): measure again
     try:
         if entry.get("rejected"):
             if time.time() - float(entry.get("measured_at", 0)) > RETRY_S:
