@@ -84,7 +84,7 @@ def test_intruder_cosines_match_numpy_on_both_base_routes(monkeypatch, shape, so
                                                                            generator=gen)
     op_w = Operand(shape, torch.device("cpu"), "w", dense=[(1.0, w)])
     tuned = Operand(shape, torch.device("cpu"), "w+dw", dense=[(1.0, w + dw)])
-    assert (base_eig(op_w).red is not None) == (solver == "vectors=tridiag")  # the route ran
+    assert base_eig(op_w).red is not None  # the CPU's one reduction whatever the top-k route
     cos = intruder_cosines(op_w, tuned, 10)
     u_w = np.linalg.svd(w.numpy(), full_matrices=False)[0]
     u_t = np.linalg.svd((w + dw).numpy(), full_matrices=False)[0][:, :10]
@@ -140,9 +140,11 @@ def test_every_values_route_matches_lapack(monkeypatch, values, shape):
     monkeypatch.setenv("DELTASPEC_SOLVER", f"values={values}")
     m = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     sp = spectrum(m, device="cpu")
-    assert sp.route == ("svd" if values == "svd" else "gram")
+    routes = {"svd": ("svd",), "f32": ("f32+certified", "gram")}.get(values, ("gram",))
+    assert sp.route in routes
     ref = np.linalg.svd(m.to(F64).numpy(), compute_uv=False)
-    assert np.abs(sp.values.numpy() - ref).max() <= 1e-12 * ref[0]
+    promise = 1e-6 if sp.route == "f32+certified" else 1e-12  # certified to the promise only
+    assert np.abs(sp.values.numpy() - ref).max() <= promise * ref[0]
 
 
 def test_analyze_is_the_same_whatever_the_routes(monkeypatch, llama, llama_full):
@@ -185,7 +187,8 @@ def test_calibration_chooses_among_the_candidates(monkeypatch, tmp_path):
     monkeypatch.setenv("DELTASPEC_CACHE_DIR", str(tmp_path))
     pol, times = solvers.calibrate(n=48, repeat=1)
     assert pol.values in solvers.VALUES and pol.vectors in solvers.VECTORS
-    assert pol.fallback in solvers.FALLBACKS and pol.source == "measured"
-    assert set(times) >= {"evd", "tridiag", "svd", "tridiag8", "eigh", "gram"}
+    assert pol.fallback in solvers.FALLBACKS
+    assert pol.source == "measured" or "calibration rejected" in pol.note  # a loaded machine
+    assert set(times) >= {"evd", "tridiag", "svd", "f32", "tridiag8", "eigh", "gram"}
     solvers._store("k", (pol, times))
     assert solvers._cached("k") == solvers.Policy(pol.values, pol.vectors, pol.fallback, "cache")

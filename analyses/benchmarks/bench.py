@@ -4,6 +4,7 @@ and deltaspec/peer ratios per workload with the issue's targets), also written t
 
     python analyses/benchmarks/bench.py                       # CPU: 1 layer + the 224-module LoRA
     python analyses/benchmarks/bench.py --quick               # sanity run: ¼-scale shapes, ~minutes
+    python analyses/benchmarks/bench.py --preset speedbar     # every target and peer, one run
     python analyses/benchmarks/bench.py --layers 2 --tools deltaspec,numpy --device cuda
 
 Checkpoints (built once under --root by slice7b.py, bf16 on disk, Llama-7B shapes):
@@ -63,6 +64,11 @@ RATIOS = [("matrix", "deltaspec", "torch", 1.2), ("matrix", "deltaspec", "numpy"
           ("full", "deltaspec-analyze", "weightwatcher", None),
           ("lora224", "deltaspec-analyze", "weightwatcher", 0.01),
           ("lora224", "deltaspec-cli", "weightwatcher", None)]
+# --preset speedbar: the issue's targets (full FT ≤ 0.8× modeldelta, dense 4096² ≤ 1.2× torch,
+# intruders' peak RSS, 224-module LoRA vs WeightWatcher and the CLI) with every peer, one run
+PRESETS = {"speedbar": {"workloads": "matrix,full,lora224,rss", "layers": 2, "rss_layers": 1,
+                        "tools": "deltaspec,deltaspec-analyze,deltaspec-cli,torch,modeldelta,"
+                                 "weightwatcher"}}
 MATRIX = "model.layers.0.self_attn.q_proj"  # the 'matrix' workload: one dense 4096² ΔW
 
 
@@ -350,6 +356,12 @@ def machine() -> str:
     wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     text = (f"{model} ({' '.join(wanted) or 'no AVX flags read'}), {os.cpu_count()} cores, "
             f"load average {os.getloadavg()[0]:.1f}")
+    try:  # which BLAS/LAPACK each library computes with (threadpoolctl; torch's build)
+        from deltaspec.machine import blas_libraries
+
+        text += "; BLAS: " + ", ".join(f"{k} {v}" for k, v in blas_libraries().items())
+    except ImportError:
+        pass
     if os.environ.get("OPENBLAS_CORETYPE"):
         text += f", OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
     return text
@@ -460,8 +472,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="seconds a peer may run on one workload; a slower one is stopped and "
                          "its time reported as a lower bound [default: 900]")
     ap.add_argument("--report", type=Path, help="also write the tables here (default: under --root)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="the speed bar's runs: every "
+                    "workload with a target, every peer, in one run (explicit options override)")
     ap.add_argument("--worker", nargs=2, metavar=("TOOL", "WORKLOAD"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    preset = ap.parse_known_args(argv)[0].preset
+    if preset:
+        ap.set_defaults(**PRESETS[preset])
     a = ap.parse_args(argv)
     a.passthrough = ["--root", str(a.root), "--layers", str(a.layers), "--rss-layers",
                      str(a.rss_layers), "--device", a.device, "--repeat", str(a.repeat)]

@@ -7,19 +7,29 @@ through the route that :mod:`deltaspec.engine.solvers` chose for this machine.
   route ``gram+tridiag``), or one ``eigh`` (``gram``), or the values and then subspace iteration
   when it converges fast (``gram+randomized``) with a second reduction as fallback;
 - many vectors: one ``eigh`` of the Gram;
+- values by float32 ``gesdd`` where a float64 certificate shows them within 1e-6·σ₁ (``f32``,
+  :mod:`deltaspec.engine.lowprec`), else the Gram route;
 - a float64 SVD (``svd``) where a wanted σ is below ``VECTOR_RTOL``·σ₁ (U = M·V/σ would be
   inaccurate there).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from deltaspec.engine import solvers, tridiag
-from deltaspec.engine.kernels import Operand, eigh_desc, eigvalsh_desc, gram, lapack_threads
+from deltaspec.engine import lowprec, solvers, tridiag
+from deltaspec.engine.kernels import (
+    TINY_GRAM,
+    Operand,
+    eigh_desc,
+    eigvalsh_desc,
+    gram,
+    lapack_threads,
+)
 from deltaspec.engine.subspace import plan_block, top_eigvecs
 
 VECTOR_RTOL = 1e-5  # σ_k ≤ this·σ₁ makes U = M·V/σ inaccurate: such vectors come from an SVD
@@ -42,8 +52,11 @@ def policy_for(op: Operand) -> solvers.Policy:
 
 
 def wants_gram(op: Operand) -> bool:
-    """False when values-only solves of ``op`` skip the Gram matrix (the ``svd`` route)."""
-    return policy_for(op).values != "svd"
+    """False when values-only solves of ``op`` skip the Gram matrix (``svd``, ``f32``)."""
+    return policy_for(op).values not in NO_GRAM
+
+
+NO_GRAM = ("svd", "f32")  # values routes that work on the matrix itself
 
 
 def blas_threads_for(pol: solvers.Policy) -> int:
@@ -61,7 +74,8 @@ def _evd_values(g: torch.Tensor, pol: solvers.Policy) -> torch.Tensor:
 
 
 GRAM_VALUES: dict[str, Callable[[torch.Tensor, solvers.Policy], torch.Tensor]] = {
-    "evd": _evd_values, "tridiag": _tridiag_values, "svd": _evd_values,  # svd: Gram given
+    "evd": _evd_values, "tridiag": _tridiag_values, "svd": _evd_values,  # svd, f32: Gram given
+    "f32": _evd_values,
 }
 
 
@@ -111,9 +125,19 @@ def dense_solve(op: Operand, vectors_k: int,
     kk = kmin if vectors_k < 0 else min(vectors_k, kmin)
     if not kk and pre is None and pol.values == "svd":
         return DenseResult(torch.linalg.svdvals(op.rows(0, op.shape[0])), "svd")
+    fallback = not kk and pre is None and pol.values == "f32" and op.device.type == "cpu"
+    if fallback:
+        got = lowprec.certified(op)
+        if got.values is not None:
+            return DenseResult(got.values, "f32+certified")
     g, tall = pre if pre is not None else gram(op)
+    if fallback and float(g.diagonal().max()) < TINY_GRAM:  # underflowed: LAPACK scales itself
+        return DenseResult(torch.linalg.svdvals(op.rows(0, op.shape[0])), "svd")
     if not kk:
-        return DenseResult(GRAM_VALUES[pol.values](g, pol).clamp_min(0).sqrt(), "gram")
+        t0 = time.perf_counter()
+        lam = GRAM_VALUES[pol.values](g, pol)
+        solvers.observe(pol, g.shape[0], time.perf_counter() - t0)
+        return DenseResult(lam.clamp_min(0).sqrt(), "gram")
     lam, w, route = top_eigenpairs(g, kk, pol)
     del g
     s = lam.clamp_min(0).sqrt()

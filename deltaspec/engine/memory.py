@@ -43,7 +43,9 @@ def peak_rss_mb() -> float:
 
 def trim_heap() -> None:
     """Give the heap's freed blocks back to the system (glibc ``malloc_trim``): the working
-    blocks of the last module would otherwise stay resident. No-op elsewhere."""
+    blocks of the last module would otherwise stay resident; and MKL's own buffers
+    (:func:`free_mkl_buffers`). No-op elsewhere."""
+    free_mkl_buffers()
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
@@ -123,6 +125,25 @@ def read_ahead(t: torch.Tensor) -> None:
     start = t.data_ptr() // _PAGE * _PAGE
     end = t.data_ptr() + t.numel() * t.element_size()
     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_WILLNEED)
+
+
+_MKL: list[Any] = []
+
+
+def free_mkl_buffers() -> None:
+    """Release the workspace MKL's memory manager keeps after its calls (``mkl_serv_free_buffers``
+    in torch's statically linked MKL; a no-op without it): LAPACK workspaces of n² doubles
+    would otherwise stay resident between modules."""
+    if not _MKL:
+        import os
+
+        try:
+            lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            _MKL.append(lib.mkl_serv_free_buffers)
+        except (OSError, AttributeError):
+            _MKL.append(None)
+    if _MKL[0] is not None:
+        _MKL[0]()
 
 
 _LIBC: list[Any] = []

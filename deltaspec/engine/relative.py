@@ -70,15 +70,17 @@ class BaseEig:
 
 
 def base_eig(w: Operand) -> BaseEig:
-    """Eigen-decompose W's Gram matrix (see :class:`BaseEig`). Peak memory with ``eigh``: the
-    Gram, the vectors and syevd's 2n² workspace; with the reduction, the Gram's own storage
-    (then T's n² eigenvectors and dstevd's n² workspace, on first :meth:`BaseEig.project`)."""
+    """Eigen-decompose W's Gram matrix (see :class:`BaseEig`): on the CPU always by the one
+    reduction, whose peak is the Gram's own storage, then T's n² eigenvectors and dstevd's n²
+    workspace on first :meth:`BaseEig.project` (3n² doubles), whichever LAPACK; ``eigh`` (CUDA)
+    takes the Gram, the vectors and syevd's 2n² workspace (4n²), which MKL's CPU ``syevd`` would
+    also keep in its own buffers."""
     gw, tall = gram(w)
     if gw.is_cuda:
         lam, vec = eigh_desc(gw)
         return BaseEig(lam.flip(0).clamp_min(0).sqrt(), tall, vec=vec.flip(1))
     pol = solvers.policy(gw.shape[0], gw.device.type)
-    if pol.vectors == "tridiag" and gw.shape[0] >= 2:
+    if gw.shape[0] >= 2:  # whatever the top-k route: the reduction's memory is bounded (see above)
         with lapack_threads():
             red = tridiag.Reduced.of(gw, threads=blas_threads_for(pol))
         del gw
@@ -175,7 +177,10 @@ def _tuned_top(tuned: Operand, t: int, start: torch.Tensor,
     g, _ = gram(tuned)
     q = min(g.shape[0], start.shape[1] + 8)
     got = top_eigvecs(g, t, q, max_iters=64, start=start) if iterate and q < g.shape[0] else None
-    if got is None:  # one reduction for the values and the t vectors (solvers' policy)
-        lam, vec, _ = top_eigenpairs(g, t)
+    if got is None:  # one reduction for the values and the t vectors (CPU: in g's memory)
+        pol = solvers.policy(g.shape[0], g.device.type)
+        if g.device.type == "cpu":  # never a full eigh beside W's decomposition: bounded memory
+            pol = solvers.Policy(pol.values, "tridiag", "tridiag", pol.source, pol.blas_threads)
+        lam, vec, _ = top_eigenpairs(g, t, pol)
         return lam[:t], vec
     return got
