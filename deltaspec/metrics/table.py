@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from deltaspec.metrics import base_relative as B
 from deltaspec.metrics import pairwise as P
+from deltaspec.metrics import ranks as RK
 from deltaspec.metrics import spectral as S
 
 GROUPS = ("spectral", "base_relative", "pairwise")
@@ -112,6 +113,9 @@ _SPECTRAL = (
              bounds=(0.0, 1.0), gate=GateDefault(abs=0.15, rel=0.30), t=1),
     spectral("top8_share", S.top_share, "top-8 energy share", "Σ_{i≤8}σᵢ²/Σσ²", better="lower",
              bounds=(0.0, 1.0), t=8),
+    spectral("noise_rank", RK.noise_rank, "rank above the noise threshold",
+             "#{σᵢ > ω(β)·median σ}: the Gavish–Donoho threshold, unknown noise, β = min/max "
+             "shape (parity with `optht`)", integer=True, shape=True),
 )
 
 _BASE_RELATIVE = (
