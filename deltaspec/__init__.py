@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from deltaspec.errors import DeltaspecError
 
 if TYPE_CHECKING:
+    from deltaspec.act.run import compress, extract
     from deltaspec.analyze import analyze, compare, spectra
     from deltaspec.delta import Delta
     from deltaspec.engine.spectrum import Spectrum, spectrum
@@ -31,6 +32,8 @@ _LAZY = {
     "Spectrum": "deltaspec.engine.spectrum",
     "analyze": "deltaspec.analyze",
     "compare": "deltaspec.analyze",
+    "compress": "deltaspec.act.run",
+    "extract": "deltaspec.act.run",
     "load": "deltaspec.loaders",
     "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
@@ -44,6 +47,8 @@ __all__ = [
     "Spectrum",
     "analyze",
     "compare",
+    "compress",
+    "extract",
     "load",
     "plot_democracy",
     "spectra",

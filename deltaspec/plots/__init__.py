@@ -10,6 +10,7 @@ your own figure. ``reference`` (same schema) is overlaid dashed, e.g. the shippe
 matplotlib is imported only when a plot is made.
 """
 
+from deltaspec.plots.act import plot_truncation_error
 from deltaspec.plots.curves import (
     plot_energy,
     plot_entropy_by_layer,
@@ -19,4 +20,4 @@ from deltaspec.plots.curves import (
 from deltaspec.plots.similarity import plot_similarity_by_layer, plot_similarity_heatmap
 
 __all__ = ["plot_energy", "plot_entropy_by_layer", "plot_entropy_summary", "plot_similarity_by_layer",
-           "plot_similarity_heatmap", "plot_spectra"]
+           "plot_similarity_heatmap", "plot_spectra", "plot_truncation_error"]
