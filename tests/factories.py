@@ -268,3 +268,19 @@ def expected_deltas64(base_model, peft_model) -> dict[str, torch.Tensor]:
     """:func:`expected_deltas` with PEFT's merge run in float64 (no float32 cancellation in
     W + ΔW − W, so the oracle is exact where ΔW is small against W)."""
     return expected_deltas(copy.deepcopy(base_model).double(), copy.deepcopy(peft_model).double())
+
+
+def noisy_finetune(model, folder: Path, seed: int = 7, noise: float = 0.01, rank: int = 2,
+                   signal: float = 0.2, only: str = "layers") -> tuple[Path, object]:
+    """A 'fine-tuned' copy whose 2-D weights under ``only`` get a rank-``rank`` update plus a
+    dense noise floor (the regime the gd/mp rank policies separate). Returns (folder, model)."""
+    g = torch.Generator().manual_seed(seed)
+    ft = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if p.ndim == 2 and only in name:
+                m, n = p.shape
+                p.add_(noise * torch.randn(m, n, generator=g)
+                       + signal * torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / n)
+    ft.save_pretrained(folder)
+    return folder, ft

@@ -109,23 +109,14 @@ def test_mp_keeps_what_stands_out_of_a_pure_noise_bulk():
 
 
 def test_noise_rank_column_equals_optht_on_a_full_finetune(tmp_path, llama):
-    import copy
-
+    import factories as F
     from optht import optht
 
     import deltaspec
 
     model, base = llama
-    ft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in ft.named_parameters():
-            if p.ndim == 2 and "layers" in name:
-                m, n = p.shape
-                p.add_(0.01 * torch.randn(m, n, generator=g)
-                       + 0.2 * torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) / n)
-    ft.save_pretrained(tmp_path / "ft")
-    df = deltaspec.analyze(tmp_path / "ft", base=base, include="layers")
+    folder, ft = F.noisy_finetune(model, tmp_path / "ft")
+    df = deltaspec.analyze(folder, base=base, include="layers")
     sd0, sd1 = model.state_dict(), ft.state_dict()
     for name, got in zip(df["module"], df["noise_rank"], strict=True):
         x = (sd1[name + ".weight"].double() - sd0[name + ".weight"].double()).numpy()
