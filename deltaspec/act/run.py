@@ -31,6 +31,7 @@ from deltaspec.errors import UnsupportedError, UsageError
 from deltaspec.metrics.ranks import Policy, parse_policy
 from deltaspec.names import kind_of
 from deltaspec.options import Options, make_options
+from deltaspec.output import Rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -125,7 +126,7 @@ def act(deltas: Mapping[str, Delta], policy: Policy, opts: Options,
             done[name] = _one(deltas[name], policy, device, out_dtype)
         return done
 
-    items = [(n,) for n in names]
+    items: list[tuple[str, ...]] = [(n,) for n in names]
     res = compute(items) if not world.distributed else \
         distributed.run_items(world, [deltas], items, False, 0, compute)
     acted = Acted([], {}, [], {}, notes, out_dtype)
@@ -154,7 +155,7 @@ def _one(d: Delta, policy: Policy, device: str, dtype: torch.dtype) -> tuple[Any
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype  # type: ignore[return-value]
+        return dtype
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
         raise UsageError(f"dtype {dtype!r}: choose from {', '.join(DTYPES)}")
@@ -184,7 +185,7 @@ def source_config(path: Any, base: Any) -> dict[str, Any]:
 def finish(acted: Acted, out: Any, source: dict[str, Any], overwrite: bool) -> None:
     """Write the adapter folder and ``compression.csv`` (nothing when ``out`` is None)."""
     if out is not None:
-        csv = table.printable(acted.rows, acted.totals).frame.csv()  # type: ignore[union-attr]
+        csv = Rows(acted.rows, list(table.COLUMNS)).csv()
         write_folder(Path(out), acted.factors, source, csv, overwrite)
 
 

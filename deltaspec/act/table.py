@@ -49,7 +49,8 @@ def totals(rows: Sequence[dict[str, Any]], energies: Sequence[float] | None = No
     √(Σ ‖ΔW − ΔW_k‖²/Σ ‖ΔW‖²) over every module (``energies``: each module's ‖ΔW‖²_F; without
     them the modules weigh equally).
 
-    >>> t = totals([row("a", 2, 1, (0.75, 0.5, 0.5), 8, 4, 0.5), row("b", 2, 2, (1.0, 0.0, 0.0), 8, 8, 0.0)], [4.0, 12.0])
+    >>> a, b = row("a", 2, 1, (0.75, 0.5, 0.5), 8, 4, 0.5), row("b", 2, 2, (1.0, 0.0, 0.0), 8, 8, 0.0)
+    >>> t = totals([a, b], [4.0, 12.0])
     >>> t["rel_error"], t["energy_kept"]
     (0.25, 0.9375)
     """

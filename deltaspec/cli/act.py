@@ -18,7 +18,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 def _act_options(base_help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
-        own = [
+        own: list[Callable[[Any], Any]] = [
             click.option("--rank", "rank", default="gd", show_default=True, metavar="POLICY",
                          help="Rank per module: an integer k (16), an energy fraction τ in (0, 1] "
                               "(0.9 or energy:0.9, PEFT's rule), gd (Gavish–Donoho optimal hard "
@@ -41,7 +41,7 @@ def _act_options(base_help: str | None = None) -> Callable[[Callable[..., Any]],
                               "(it must not exist or be empty)", alias=None),
             format_option("the error table", from_output=False),
         ]
-        shared = [click.option(*ANALYSIS[n][0], **(ANALYSIS[n][1] | (
+        shared: list[Callable[[Any], Any]] = [click.option(*ANALYSIS[n][0], **(ANALYSIS[n][1] | (
             {"help": base_help} if n == "base" and base_help else {}))) for n in _SHARED]
         for dec in reversed(own + shared):
             f = dec(f)
