@@ -143,10 +143,19 @@ def act(deltas: Mapping[str, Delta], policy: Policy, opts: Options,
     return acted
 
 
+SMALL = 1 << 22  # entries: a module this small (or factored) is solved on one CPU thread
+
+
 def _one(d: Delta, policy: Policy, device: str, dtype: torch.dtype) -> tuple[Any, ...]:
-    t = truncate(d, policy, device)
-    b, a = rounded(t, dtype)
-    err = saved_error(t, b, a, device)
+    before = torch.get_num_threads()
+    if d.is_factored or d.shape[0] * d.shape[1] <= SMALL:  # tiny LAPACK steps: threads only wait
+        torch.set_num_threads(1)
+    try:
+        t = truncate(d, policy, device)
+        b, a = rounded(t, dtype)
+        err = saved_error(t, b, a, device)
+    finally:
+        torch.set_num_threads(before)
     m, n = d.shape
     row = table.row(d.name, d.rank_bound, t.rank, t.errors(), params_in(d), t.rank * (m + n), err)
     energy = float((t.sigma.astype(np.float64) ** 2).sum())
