@@ -241,3 +241,23 @@ def test_nan_factor_mixture_and_shape_mismatch_exit_2(tmp_path, llama, gpt2, noi
         assert res.exit_code == 2 and message in res.output, res.output
         assert [ln for ln in res.output.splitlines() if "error" in ln] == res.output.splitlines()[-1:]
         assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_extract_under_torchrun_equals_one_process(tmp_path, llama, noisy_ft):
+    from test_distributed import _run
+
+    _, base = llama
+    outs = []
+    for nproc in (1, 2):
+        out = tmp_path / f"x{nproc}"
+        res = _run([str(x) for x in ("extract", noisy_ft[0], "--base", base, "--rank", "gd",
+                                     "--out", out, "-q")],
+                   nproc)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append(out)
+    one, two = outs
+    assert (one / "compression.csv").read_text() == (two / "compression.csv").read_text()
+    a, b = (load_file(str(o / "adapter_model.safetensors")) for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x1", "x2"]
