@@ -121,8 +121,9 @@ def _peft_model(adapter: Path) -> torch.nn.Module:
 
 
 def bench_peft(root: Path, tau: float, layers: int) -> list[dict]:
-    import deltaspec
     from peft.tuners.lora.conversion import convert_to_lora
+
+    import deltaspec
 
     src = slice7b.build_lora(root / "r64", 32, r=64)
     f32 = root / f"r64-f32-{layers}"
