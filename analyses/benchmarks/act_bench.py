@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,22 +40,19 @@ F64 = torch.float64
 
 
 def child(cmd: list[str]) -> tuple[float, float, str]:
-    """(wall s, peak RSS MiB, stderr tail) of a command run as a child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
-    _, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    rss = _child_rss_mb()
+    """(wall s, peak RSS MiB of this child alone, stderr) of a command run as a child process."""
+    with tempfile.TemporaryFile("w+") as errf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf, text=True,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        errf.seek(0)
+        err = errf.read()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed: {err.strip().splitlines()[-3:]}")
-    return wall, rss, err
-
-
-def _child_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, err
 
 
 def fro_error(dw: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
@@ -120,17 +119,18 @@ def _peft_model(adapter: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(root, adapter, config=config)
 
 
-def bench_peft(root: Path, tau: float, layers: int) -> list[dict]:
+def bench_peft(root: Path, tau: float, layers: int, modules: str) -> list[dict]:
     from peft.tuners.lora.conversion import convert_to_lora
 
     import deltaspec
 
     src = slice7b.build_lora(root / "r64", 32, r=64)
-    f32 = root / f"r64-f32-{layers}"
+    f32 = root / f"r64-f32-{layers}-{re.sub(r'[^a-z_]', '', modules)}"
     if not (f32 / "adapter_model.safetensors").is_file():
         f32.mkdir(parents=True, exist_ok=True)
         sd = load_file(str(src / "adapter_model.safetensors"))
-        keep = {k: v.float() for k, v in sd.items() if int(k.split(".")[4]) < layers}
+        keep = {k: v.float() for k, v in sd.items()
+                if int(k.split(".")[4]) < layers and re.search(modules, k)}
         save_file(keep, str(f32 / "adapter_model.safetensors"))
         (f32 / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
     t0 = time.perf_counter()
@@ -151,31 +151,34 @@ def bench_peft(root: Path, tau: float, layers: int) -> list[dict]:
              "note": note}]
 
 
-def bench_extract(root: Path, rank: int, mergekit: str | None) -> list[dict]:
+def bench_extract(root: Path, rank: int, mergekit: str | None, modules: str) -> list[dict]:
     base, full = slice7b.build_full(root, 1)
     rows = []
     ours = root / "extracted"
     wall, rss, _ = child([sys.executable, "-m", "deltaspec", "extract", str(full), "--base",
                           str(base), "--rank", str(rank), "--out", str(ours), "--overwrite", "-q",
-                          "--format", "csv"])
+                          "--format", "csv", "--include", modules])
     rows.append({"what": f"deltaspec extract --rank {rank} (CLI)", "wall": wall, "rss": rss,
-                 "error": _errors(base, full, adapter_factors(ours))})
+                 "error": _errors(base, full, adapter_factors(ours), modules)})
     if mergekit:
         out = root / "mergekit"
         wall, rss, _ = child([mergekit, "--model", str(full), "--base-model", str(base),
                               "--out-path", str(out), "--max-rank", str(rank),
                               "--no-copy-tokenizer", "--skip-undecomposable", "-e",
-                              "embed_tokens|lm_head", "-i", r"layers\.\d+\.(self_attn|mlp)\."])
+                              "embed_tokens|lm_head", "-i",
+                              rf"layers\.\d+\.(self_attn|mlp)\.({modules})"])
         rows.append({"what": f"mergekit-extract-lora --max-rank {rank}", "wall": wall, "rss": rss,
-                     "error": _errors(base, full, adapter_factors(out))})
+                     "error": _errors(base, full, adapter_factors(out), modules)})
     return rows
 
 
-def _errors(base: Path, full: Path, factors: dict) -> float:
+def _errors(base: Path, full: Path, factors: dict, modules: str) -> float:
     """The largest ‖ΔW − B·A‖_F/‖ΔW‖_F over the modules (float64, from the files)."""
     worst = 0.0
     index = json.loads((full / "model.safetensors.index.json").read_text())["weight_map"]
     for key, shard in index.items():
+        if not re.search(modules, key):
+            continue
         name = key.removesuffix(".weight")
         w1 = load_file(str(full / shard))[key]
         w0 = load_file(str(base / shard))[key]
@@ -199,6 +202,8 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=16, help="extract: the equal rank")
     ap.add_argument("--peft-layers", type=int, default=1)
+    ap.add_argument("--modules", default="q_proj|down_proj",
+                    help="regex: the modules PEFT and mergekit get (their full SVDs are slow)")
     ap.add_argument("--mergekit", default=None, help="path of mergekit-extract-lora")
     ap.add_argument("--skip", default="", help="comma list of compress,peft,extract")
     ap.add_argument("--small", action="store_true", help="small stand-in shapes (a dry run)")
@@ -211,9 +216,9 @@ def main() -> None:
     if "compress" not in skip:
         rows.append(bench_compress(a.root, a.tau))
     if "peft" not in skip:
-        rows += bench_peft(a.root, a.tau, a.peft_layers)
+        rows += bench_peft(a.root, a.tau, a.peft_layers, a.modules)
     if "extract" not in skip:
-        rows += bench_extract(a.root, a.rank, a.mergekit)
+        rows += bench_extract(a.root, a.rank, a.mergekit, a.modules)
     print(f"CPU: {machine()}, torch {torch.__version__}\n")
     print(table(rows))
 
