@@ -5,11 +5,12 @@ The module loop (:func:`act`) streams one module at a time — its tensors are r
 stay — and under ``torchrun`` each rank takes a share of the modules by cost and rank 0 gathers
 the factors and writes (:mod:`deltaspec.engine.distributed`, as ``analyze`` does).
 
-What is not written (a note says which, ``df.attrs["notes"]``): embeddings and ``lm_head``
-(mergekit's ``extract_lora`` saves them whole as ``modules_to_save`` only when asked; a LoRA of a
-vocabulary-sized matrix is rarely wanted, and PEFT's embedding LoRA has its own key layout), full
-``modules_to_save``/trainable-token copies, and 1-D tensors (norms, biases: the loaders do not
-yield them as updates). Routed mixtures (MoE-LoRA experts) are refused: no single ΔW exists.
+What is not written (a note says which, ``df.attrs["notes"]``): embeddings and ``lm_head`` —
+mergekit's ``extract_lora`` keeps them out of the LoRA too (it saves them whole, as
+``modules_to_save``, unless ``--embed-lora``); here they are left out rather than copied whole
+(a vocabulary-sized full copy defeats a small adapter; the base's own rows are used), and the
+note says so — full ``modules_to_save``/trainable-token copies, and 1-D tensors (norms, biases:
+the loaders do not yield them as updates). Routed mixtures (MoE-LoRA experts) are refused: no single ΔW exists.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def selected(deltas: Mapping[str, Delta], opts: Options, notes: list[str]) -> li
         else:
             names.append(name)
     if skipped:
-        notes.append(f"{len(skipped)} embedding/lm_head/modules_to_save update(s) not written as "
-                     f"LoRA (mergekit's default), e.g. {skipped[0]}")
+        notes.append(f"{len(skipped)} embedding/lm_head/modules_to_save update(s) not written "
+                     f"(kept out of the LoRA, as mergekit does), e.g. {skipped[0]}")
     return names
 
 
