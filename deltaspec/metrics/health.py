@@ -27,8 +27,10 @@ No pandas, matplotlib or click here; torch is imported in the functions that tak
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from deltaspec.options import MERGE_DTYPES
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +41,6 @@ FORMATS: dict[str, tuple[int, int, float]] = {
     "float16": (11, -14, 65504.0),
     "float32": (24, -126, (2 - 2**-23) * 2.0**127),
 }
-MERGE_DTYPES = ("bfloat16", "float16")  # the --merge-dtype choices
 
 
 def untrained(values: Sequence[float]) -> int:
@@ -133,6 +134,27 @@ def merge_error(err2: float, delta2: float) -> float:
     return math.sqrt(err2 / delta2) if delta2 > 0 else math.nan
 
 
+def untrained_note(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The one line ``analyze`` ends with when some modules of ``rows`` (each with ``untrained``,
+    ``method`` and ``route``) have ΔW ≡ 0, worded for what they are; None when none has.
+
+    >>> r = [{"untrained": 1, "method": "lora", "route": "factored"}] * 2
+    >>> untrained_note(r + [{"untrained": 0, "method": "lora", "route": "factored"}])
+    '2 of 3 modules have B = 0: this adapter never trained there'
+    >>> untrained_note([{"untrained": 1, "method": "full", "route": "zero"}])
+    '1 of 1 modules are bit-identical to the base: frozen in this fine-tune'
+    """
+    zero = [r for r in rows if r.get("untrained") == 1]
+    if not zero:
+        return None
+    head = f"{len(zero)} of {len(rows)} modules"
+    if all(r.get("method") == "full" for r in zero):
+        return f"{head} are bit-identical to the base: frozen in this fine-tune"
+    if all(r.get("route") == "factored" or r.get("method") == "lora" for r in zero):
+        return f"{head} have B = 0: this adapter never trained there"
+    return f"{head} have ΔW = 0 (B = 0, or bit-identical to the base): never trained there"
+
+
 def _format(dtype: str) -> tuple[int, int, float]:
     try:
         return FORMATS[dtype]
@@ -143,4 +165,4 @@ def _format(dtype: str) -> tuple[int, int, float]:
 
 
 __all__ = ["FORMATS", "MERGE_DTYPES", "lost_share", "merge_block", "merge_error", "round_to",
-           "ulp", "unit_roundoff", "untrained"]
+           "ulp", "unit_roundoff", "untrained", "untrained_note"]

@@ -25,16 +25,17 @@ optional 1/N) does not change it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
+
+from deltaspec.metrics.spectral import Values
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 BLOCK = 1 << 21  # candidate × value entries per block of KS distances (16 MiB of float64)
 MIN_VALUES = 3  # two distinct candidates at least (powerlaw returns NaN below)
 
 
-def esd(values: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
+def esd(values: Values, shape: tuple[int, int]) -> np.ndarray:
     """The ascending eigenvalues λ = σ² of the singular values above the numerical-rank
     threshold σ₁·max(m, n)·ε_float32 (see :func:`deltaspec.metrics.numerical_rank`).
 
@@ -90,7 +91,7 @@ def _ks(logs: np.ndarray, start: np.ndarray, n_t: np.ndarray, alpha: np.ndarray)
     return out
 
 
-def alpha(values: Sequence[float], shape: tuple[int, int]) -> float:
+def alpha(values: Values, shape: tuple[int, int]) -> float:
     """The heavy-tail exponent α of the ESD of a matrix of singular values ``values`` and shape
     (out, in) = ``shape`` (NaN when fewer than three eigenvalues are above the threshold).
 
