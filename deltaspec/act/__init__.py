@@ -1,0 +1,2 @@
+"""Acting on updates: writers of PEFT-loadable adapters and verdicts (``verify-merge``:
+:mod:`deltaspec.act.verify`)."""
