@@ -162,7 +162,7 @@ def pair(adapter: Mapping[str, Delta], merged: Mapping[str, Delta],
                                    "int8 or packed 4-bit): verify-merge compares float weights; "
                                    "check a merge into the unquantised base")
         if why in _ONE_SIDED:
-            raise CheckpointError(f"MERGED and BASE hold different tensors: "
+            raise CheckpointError("MERGED and BASE hold different tensors: "
                                   + _ONE_SIDED[why].format(key=key))
     by_key = {match_key(n): d for n, d in merged.items()}
     for name, d in adapter.items():
