@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from deltaspec.errors import CheckpointError, ShapeError, UnsupportedError
 from deltaspec.metrics.health import unit_roundoff
 from deltaspec.names import match_key
 from deltaspec.options import Options
+
+if TYPE_CHECKING:
+    from deltaspec.loaders import Deltas
 
 ARITHMETIC = 2.0**-17  # ε: the merge's float32 arithmetic in forming ΔW, relative to ‖c·ΔW‖
 VERDICTS = ("merged", "not merged", "merged with scale c", "other")
@@ -178,23 +181,28 @@ def verify_merge(merged: Any, adapter: Any, base: Any, opts: Options | None = No
     """Check every module of ``adapter`` in ``merged`` against ``base`` (each a folder, a Hub id
     or a live object; ``opts``: the load fields of :class:`Options`). One result per module, in
     the adapter's order; ``progress`` is called with each module's name."""
-    from deltaspec.loaders import load
-
     opts = opts or Options()
-    kw = dict(allow_modified_base=opts.allow_modified_base, revision=opts.revision,
-              lora_alpha=opts.lora_alpha, mtl_temperature=opts.mtl_temperature)
-    m_deltas = load(merged, base, discover_base=False, **kw)  # type: ignore[arg-type]
+    m_deltas = _load(merged, base, opts)
     if m_deltas.format != "full":
         raise UnsupportedError(f"MERGED is a {m_deltas.format} checkpoint, not a merged model: "
                                "give the merged model's folder (or Hub id) first")
-    a_deltas = load(adapter, base, discover_base=False, adapter_name=opts.adapter_name,
-                    **kw)  # type: ignore[arg-type]
+    a_deltas = _load(adapter, base, opts)
     out = []
     for name, a, m in pair(a_deltas, m_deltas, list(m_deltas.skipped)):
         if progress is not None:
             progress(name)
         out.append(check_module(name, a, m))
     return out
+
+
+def _load(path: Any, base: Any, opts: Options) -> Deltas:
+    """The one call to the loaders: every adapter type, sharded checkpoints, Hub ids, live
+    objects; the base is the one given (never discovered)."""
+    from deltaspec.loaders import load
+
+    return load(path, base, allow_modified_base=opts.allow_modified_base, discover_base=False,
+                revision=opts.revision, lora_alpha=opts.lora_alpha,
+                mtl_temperature=opts.mtl_temperature, adapter_name=opts.adapter_name)
 
 
 def records(checks: list[ModuleCheck]) -> list[dict[str, Any]]:
