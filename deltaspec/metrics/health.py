@@ -64,7 +64,8 @@ def unit_roundoff(dtype: str) -> float:
 
 
 def ulp(x: torch.Tensor, dtype: str = "bfloat16") -> torch.Tensor:
-    """The spacing of ``dtype`` numbers at each entry of float64 ``x`` (see the module text).
+    """The spacing of ``dtype`` numbers at each entry of float64 ``x`` (see the module text),
+    read off x's exponent bits: no logarithm, no ``ldexp`` (both cost several passes).
 
     >>> import torch
     >>> ulp(torch.tensor([1.0, 1.5, -2.0, 0.0], dtype=torch.float64)).tolist()[:3]
@@ -72,18 +73,25 @@ def ulp(x: torch.Tensor, dtype: str = "bfloat16") -> torch.Tensor:
     >>> ulp(torch.tensor([0.0, 1e-40], dtype=torch.float64)).tolist() == [2.0**-133] * 2
     True
     """
+    return (_exponent(x, dtype) << 52).view(x.dtype)
+
+
+def _exponent(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """The biased float64 exponent of ulp(x): max(E(x), e_min + 1023) − (p − 1), E the stored
+    exponent field (0 for zero and float64 subnormals: the clamp gives them e_min)."""
     import torch
 
     p, e_min, _ = _format(dtype)
-    _, e = torch.frexp(x)  # x = m·2^e, ½ ≤ |m| < 1: ⌊log₂|x|⌋ = e − 1
-    e = torch.where(x == 0, e_min, e - 1).clamp_min(e_min)
-    return torch.ldexp(torch.ones_like(x), e - p + 1)
+    if x.dtype != torch.float64:
+        raise TypeError("ulp/round_to take float64 tensors")
+    e = (x.view(torch.int64) >> 52) & 0x7FF
+    return e.clamp_(min=e_min + 1023).sub_(p - 1)
 
 
 def round_to(x: torch.Tensor, dtype: str = "bfloat16") -> torch.Tensor:
     """float64 ``x`` rounded once to ``dtype`` (nearest, ties to even; ±inf past the largest
-    finite), returned in float64. Exact: x/ulp(x) is a power-of-two scaling. (torch's own
-    ``x.to(torch.bfloat16)`` from float64 rounds twice, through float32.)
+    finite), returned in float64: round(x·2^−k)·2^k with 2^k = ulp(x), exact (power-of-two
+    scalings). (torch's own ``x.to(torch.bfloat16)`` from float64 rounds twice, through float32.)
 
     >>> import torch
     >>> x = torch.tensor([1 + 2**-8 + 2**-40, 1 + 2**-8, 1 + 3 * 2**-8, 3.4e38], dtype=torch.float64)
@@ -92,9 +100,13 @@ def round_to(x: torch.Tensor, dtype: str = "bfloat16") -> torch.Tensor:
     """
     import torch
 
-    q = ulp(x, dtype)
-    r = torch.round(x / q) * q  # torch.round: half to even
-    return torch.where(r.abs() > _format(dtype)[2], r * math.inf, r)
+    e = _exponent(x, dtype)
+    inv = ((2046 - e) << 52).view(torch.float64)  # 1/ulp(x), also a power of two
+    r = torch.round(x * inv).mul_((e << 52).view(torch.float64))  # round: half to even
+    top = _format(dtype)[2]
+    if r.numel() and float(r.abs().max()) > top:
+        r = torch.where(r.abs() > top, r * math.inf, r)
+    return r
 
 
 def merge_block(w: torch.Tensor, dw: torch.Tensor, dtype: str = "bfloat16") -> tuple[int, float, float]:
@@ -108,9 +120,9 @@ def merge_block(w: torch.Tensor, dw: torch.Tensor, dtype: str = "bfloat16") -> t
     >>> lost, err2 == 2 * 2.0**-18, d2 == 2.0**-18 + (2.0**-6 + 2.0**-9) ** 2
     (1, True, True)
     """
+    lost = int((dw.abs().mul_(2) < ulp(w, dtype)).sum())
     x = w + dw
-    lost = int((dw.abs() < ulp(w, dtype) / 2).sum())
-    err2 = float((round_to(x, dtype) - x).square().sum())
+    err2 = float(round_to(x, dtype).sub_(x).square_().sum())
     return lost, err2, float(dw.square().sum())
 
 
