@@ -87,14 +87,17 @@ class Sums:
     same: bool = True  # M equals W in every entry
 
     def add(self, m: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> None:
-        """Add one row block (float64) of M, W and ΔW."""
+        """Add one row block (float64) of M, W and ΔW: inner products by BLAS dot (one read
+        each); ‖D − A‖² from D − A itself, not from ‖D‖² − 2⟨D, A⟩ + ‖A‖², which cancels."""
+        m, w, a = m.reshape(-1), w.reshape(-1), a.reshape(-1)
         d = m - w
-        self.dd += float(d.square().sum())
-        self.aa += float(a.square().sum())
-        self.da += float((d * a).sum())
-        self.rr += float((d - a).square().sum())
-        self.ww += float(w.square().sum())
-        self.wa += float((w * a).sum())
+        r = d - a
+        self.dd += float(torch.dot(d, d))
+        self.aa += float(torch.dot(a, a))
+        self.da += float(torch.dot(d, a))
+        self.rr += float(torch.dot(r, r))
+        self.ww += float(torch.dot(w, w))
+        self.wa += float(torch.dot(w, a))
         self.same = self.same and not bool(d.any())
 
 
