@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from deltaspec.errors import DeltaspecError
 
 if TYPE_CHECKING:
+    from deltaspec.act.verify import verify_merge
     from deltaspec.analyze import analyze, compare, spectra
     from deltaspec.delta import Delta
     from deltaspec.engine.spectrum import Spectrum, spectrum
@@ -35,6 +36,7 @@ _LAZY = {
     "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
+    "verify_merge": "deltaspec.act.verify",
 }
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "plot_democracy",
     "spectra",
     "spectrum",
+    "verify_merge",
 ]
 __version__ = "0.1.0"
 

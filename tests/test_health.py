@@ -180,3 +180,17 @@ def test_alpha_columns_of_a_full_finetune_and_its_base(llama, llama_full):
         for col, mat in (("alpha", dw), ("alpha_base", w)):
             lam = esd(np.linalg.svd(mat, compute_uv=False), mat.shape)
             assert df.loc[module, col] == pytest.approx(powerlaw_alpha(lam), abs=0.05), col
+
+
+def test_cli_flags_alpha_and_merge_dtype(llama, llama_full):
+    _, base = llama
+    r = cli("analyze", llama_full, "--base", base, "--include", "up_proj", "--alpha",
+            "--merge-dtype", "float16", "--format", "json", "-q")
+    assert r.exit_code == 0, r.output
+    got = {x["module"]: x for x in json.loads(r.output)}
+    api = deltaspec.analyze(llama_full, base=base, include="up_proj", heavy_tail=True,
+                            merge_dtype="float16").set_index("module")
+    for module, x in got.items():
+        for col in ("alpha", "alpha_base", "lost_in_bf16", "bf16_merge_error"):
+            assert x[col] == pytest.approx(api.loc[module, col], rel=1e-12), col
+    assert cli("analyze", llama_full, "--base", base, "--merge-dtype", "fp8").exit_code == 2
