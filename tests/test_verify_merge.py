@@ -116,6 +116,34 @@ def test_sharded_merges_and_live_objects(merges, llama):
     assert len(checks) == 6 and all(c.verdict == "merged" for c in checks)
 
 
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr", "ia3", "gpt2-conv1d"])
+def test_every_adapter_type_merged_by_peft_holds(kind):
+    import factories as F
+    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+
+    qv = ["q_proj", "v_proj"]
+    model = F.tiny_gpt2() if kind == "gpt2-conv1d" else F.tiny_llama()
+    cfg = {"dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                                      target_modules=qv),
+           "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=qv, init_weights=False),
+           "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=qv, init_weights=False),
+           "ia3": lambda: IA3Config(target_modules=[*qv, "down_proj"], init_ia3_weights=False,
+                                    feedforward_modules=["down_proj"]),
+           "gpt2-conv1d": lambda: LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                             target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+           }[kind]()
+    torch.manual_seed(0)
+    pm = get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():  # IA³ initialises to the identity even with init_ia3_weights=False
+        for name, p in pm.named_parameters():
+            if "ia3" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    merged = copy.deepcopy(pm).merge_and_unload()
+    checks = verify_merge(merged, pm, model)
+    assert checks and all(c.verdict == "merged" and c.residual <= c.bound for c in checks)
+    assert all(c.verdict == "not merged" for c in verify_merge(model, pm, model))
+
+
 def test_the_verdict_rules_by_hand():
     u = 2.0**-24
     # ΔW = 0: M = W holds; M ≠ W beyond W's own rounding does not
