@@ -21,10 +21,11 @@ from deltaspec.options import Options
 
 def merge_rounding(w: Operand, op: Operand, dtype: str = "bfloat16") -> tuple[int, int, float, float]:
     """(entries lost, entries, ‖round(W + ΔW) − W − ΔW‖²_F, ‖ΔW‖²_F) for W + ΔW stored in
-    ``dtype``, summed over row blocks of the two operands (two float64 blocks live at a time)."""
+    ``dtype``, summed over row blocks of the two operands (sized so that merge_block's
+    temporaries stay within the memory guard)."""
     m, n = w.shape
     lost, err2, d2 = 0, 0.0, 0.0
-    step = max(1, w.step(True) // 2)
+    step = max(1, w.step(True) // 4)  # ~6 float64 blocks live in merge_block
     for lo in range(0, m, step):
         hi = min(lo + step, m)
         dw = op.rows(lo, hi).to(w.device)
