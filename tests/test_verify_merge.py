@@ -147,10 +147,10 @@ def test_every_adapter_type_merged_by_peft_holds(kind):
 def test_the_verdict_rules_by_hand():
     u = 2.0**-24
     # ΔW = 0: M = W holds; M ≠ W beyond W's own rounding does not
-    assert judge(Sums(ww=1.0), u)[3] == "merged (ΔW = 0)"
-    assert judge(Sums(dd=1e-6, ww=1.0, same=False), u)[3] == "other"
+    assert judge(Sums(ww=1.0), u)[4] == "merged (ΔW = 0)"
+    assert judge(Sums(dd=1e-6, ww=1.0, same=False), u)[4] == "other"
     # M − W = ΔW + noise far above the bound, and not along ΔW: other
-    assert judge(Sums(dd=2.0, aa=1.0, da=1.0, rr=1.0, ww=1.0, same=False), u)[3] == "other"
+    assert judge(Sums(dd=2.0, aa=1.0, da=1.0, rr=1.0, ww=1.0, same=False), u)[4] == "other"
 
 
 # ---- bad input: exit 2, one line --------------------------------------------------------------

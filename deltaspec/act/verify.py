@@ -43,7 +43,7 @@ from deltaspec.delta import Delta
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.spectrum import operand
 from deltaspec.errors import CheckpointError, ShapeError, UnsupportedError
-from deltaspec.metrics.health import unit_roundoff
+from deltaspec.metrics.health import FORMATS, unit_roundoff
 from deltaspec.names import match_key
 from deltaspec.options import Options
 
@@ -51,7 +51,9 @@ if TYPE_CHECKING:
     from deltaspec.loaders import Deltas
 
 ARITHMETIC = 2.0**-17  # ε: the merge's float32 arithmetic in forming ΔW, relative to ‖c·ΔW‖
-VERDICTS = ("merged", "not merged", "merged with scale c", "other")
+HELD_ZERO = "merged (ΔW = 0)"  # a zero update and M = W
+VERDICTS = ("merged", HELD_ZERO, "not merged", "merged with scale c", "other")
+HOLDS = ("merged", HELD_ZERO)
 COLUMNS = ("module", "shape", "dtype", "residual", "bound", "scale", "scale_residual", "verdict",
            "holds")
 _QUANTISED = "integer or bool tensor"  # the full loader's reason for an integer 2-D tensor
@@ -104,31 +106,34 @@ class Sums:
 def bound(s: Sums, c: float, u: float) -> float:
     """b(c) = u·(‖W + cΔW‖_F/‖ΔW‖_F + |c|) + ε·|c| from the sums (see the module text).
 
-    >>> round(bound(Sums(aa=1.0, ww=100.0), 1.0, 2.0**-8) * 2**8, 6)  # ‖W + ΔW‖ = √101
-    11.049876
+    >>> bound(Sums(aa=1.0, ww=100.0), 1.0, 2.0**-8) == 2.0**-8 * (101**0.5 + 1) + 2.0**-17
+    True
     """
     x = math.sqrt(max(s.ww + 2 * c * s.wa + c * c * s.aa, 0.0) / s.aa)
     return u * (x + abs(c)) + ARITHMETIC * abs(c)
 
 
-def judge(s: Sums, u: float) -> tuple[float, float, float, str]:
-    """(residual, bound b(1), scale c, verdict) of one module's sums in a dtype of roundoff ``u``.
+def judge(s: Sums, u: float) -> tuple[float, float, float, float, str]:
+    """(residual r, bound b(1), scale c, its residual r_c, verdict) of one module's sums in a
+    dtype of unit roundoff ``u``.
 
     >>> judge(Sums(dd=4.0, aa=1.0, da=2.0, rr=1.0, ww=1.0, same=False), 2.0**-24)[2:]
-    (2.0, 'merged with scale 2')
-    >>> judge(Sums(aa=1.0, rr=1.0, ww=1.0), 2.0**-24)[3]
+    (2.0, 0.0, 'merged with scale 2')
+    >>> judge(Sums(aa=1.0, rr=1.0, ww=1.0), 2.0**-24)[4]
     'not merged'
     """
     if s.aa == 0:  # nothing to merge: M must be W, up to rounding W to M's dtype
         held = s.same or math.sqrt(s.dd) <= u * math.sqrt(s.ww)
-        return math.nan, math.nan, math.nan, "merged (ΔW = 0)" if held else "other"
+        return math.nan, math.nan, math.nan, math.nan, HELD_ZERO if held else "other"
     r, b1, c = math.sqrt(s.rr / s.aa), bound(s, 1.0, u), s.da / s.aa
-    if r <= b1:
-        return r, b1, c, "merged"
-    if s.same or math.sqrt(s.dd / s.aa) <= bound(s, 0.0, u):
-        return r, b1, c, "not merged"
     r_c = math.sqrt(max(s.dd - s.da * c, 0.0) / s.aa)
-    return r, b1, c, f"merged with scale {c:.6g}" if r_c <= bound(s, c, u) else "other"
+    if r <= b1:
+        verdict = "merged"
+    elif s.same or math.sqrt(s.dd / s.aa) <= bound(s, 0.0, u):
+        verdict = "not merged"
+    else:
+        verdict = f"merged with scale {c:.6g}" if r_c <= bound(s, c, u) else "other"
+    return r, b1, c, r_c, verdict
 
 
 def check_module(name: str, adapter: Delta, merged: Delta) -> ModuleCheck:
@@ -139,6 +144,10 @@ def check_module(name: str, adapter: Delta, merged: Delta) -> ModuleCheck:
                          f"update of {name!r} has {adapter.shape}")
     assert merged.parts is not None
     m_t, w_t = merged.parts()
+    dtype = str(m_t.dtype).removeprefix("torch.")
+    if dtype not in FORMATS:
+        raise UnsupportedError(f"{merged.label}: MERGED stores it as {dtype}; verify-merge knows "
+                               f"the rounding of {', '.join(FORMATS)}")
     cpu = torch.device("cpu")
     m_op = Operand(merged.shape, cpu, f"{merged.label} (MERGED)", dense=[(1.0, m_t)])
     w_op = Operand(merged.shape, cpu, f"{merged.label} (BASE)", dense=[(1.0, w_t)])
@@ -151,11 +160,9 @@ def check_module(name: str, adapter: Delta, merged: Delta) -> ModuleCheck:
     if not all(math.isfinite(v) for v in (s.dd, s.aa, s.rr, s.ww)):
         for op in (m_op, w_op, a_op):
             op.check_finite()
-    dtype = str(m_t.dtype).removeprefix("torch.")
-    r, b1, c, verdict = judge(s, unit_roundoff(dtype))
-    r_c = math.sqrt(max(s.dd - s.da * c, 0.0) / s.aa) if s.aa else math.nan
+    r, b1, c, r_c, verdict = judge(s, unit_roundoff(dtype))
     return ModuleCheck(name, f"{merged.shape[0]}×{merged.shape[1]}", dtype, r, b1, c, r_c, verdict,
-                       verdict in ("merged", "merged (ΔW = 0)"))
+                       verdict in HOLDS)
 
 
 def pair(adapter: Mapping[str, Delta], merged: Mapping[str, Delta],
@@ -213,5 +220,5 @@ def records(checks: list[ModuleCheck]) -> list[dict[str, Any]]:
     return [asdict(c) for c in checks]
 
 
-__all__ = ["ARITHMETIC", "COLUMNS", "VERDICTS", "ModuleCheck", "Sums", "bound", "check_module",
+__all__ = ["ARITHMETIC", "COLUMNS", "HOLDS", "VERDICTS", "ModuleCheck", "Sums", "bound", "check_module",
            "judge", "pair", "records", "verify_merge"]
