@@ -194,3 +194,29 @@ def test_cli_flags_alpha_and_merge_dtype(llama, llama_full):
         for col in ("alpha", "alpha_base", "lost_in_bf16", "bf16_merge_error"):
             assert x[col] == pytest.approx(api.loc[module, col], rel=1e-12), col
     assert cli("analyze", llama_full, "--base", base, "--merge-dtype", "fp8").exit_code == 2
+
+
+def test_bf16_full_finetune_fast_path_equals_the_float64_pass(tmp_path, llama):
+    from deltaspec.engine.health import health_metrics, merge_rounding
+    from deltaspec.engine.kernels import Operand
+
+    model, _ = llama
+    base16 = copy.deepcopy(model).to(torch.bfloat16)
+    base16.save_pretrained(tmp_path / "base")
+    ft = copy.deepcopy(base16)
+    with torch.no_grad():  # an update of which about half the entries survive bf16
+        w = ft.model.layers[0].mlp.up_proj.weight
+        w.add_(w.float().abs().mul(2**-8 * 1.5).mul(torch.randint(0, 2, w.shape)).to(w.dtype))
+    ft.save_pretrained(tmp_path / "ft")
+    row = deltaspec.analyze(tmp_path / "ft", base=tmp_path / "base",
+                            include="layers.0.mlp.up_proj").iloc[0]
+    t, b = ft.model.layers[0].mlp.up_proj.weight.detach(), base16.model.layers[0].mlp.up_proj.weight
+    assert row["lost_in_bf16"] == int((t == b).sum()) / t.numel() and 0.2 < row["lost_in_bf16"] < 0.8
+    assert row["bf16_merge_error"] == 0.0
+    cpu = torch.device("cpu")
+    op = Operand(t.shape, cpu, "ΔW", dense=[(1.0, t), (-1.0, b.detach())])
+    w_op = Operand(t.shape, cpu, "W", dense=[(1.0, b.detach().clone())])  # not the same tensor
+    lost, entries, err2, _ = merge_rounding(w_op, op)
+    assert lost / entries == row["lost_in_bf16"] and err2 == 0.0
+    assert health_metrics(w_op, op, "bfloat16", False) == {"lost_in_bf16": lost / entries,
+                                                           "bf16_merge_error": 0.0}

@@ -39,8 +39,26 @@ def health_metrics(w: Operand, op: Operand, dtype: str, zero: bool) -> dict[str,
     is known to be exactly zero — every entry is lost, the error undefined, nothing is read)."""
     if zero:
         return {"lost_in_bf16": 1.0, "bf16_merge_error": math.nan}
+    stored = _stored_in(op, w, dtype)
+    if stored is not None:  # W + ΔW is the tuned tensor, already in dtype: nothing rounds
+        lost = int((stored[0] == stored[1]).sum())  # |ΔWᵢⱼ| ≥ ½ ulp(Wᵢⱼ) unless ΔWᵢⱼ = 0
+        return {"lost_in_bf16": H.lost_share(lost, stored[0].numel()), "bf16_merge_error": 0.0}
     lost, entries, err2, d2 = merge_rounding(w, op, dtype)
     return {"lost_in_bf16": H.lost_share(lost, entries), "bf16_merge_error": H.merge_error(err2, d2)}
+
+
+def _stored_in(op: Operand, w: Operand, dtype: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tuned, base) when ΔW = tuned − base with both stored in ``dtype`` and W is that base (a
+    full fine-tune saved in bf16): then round(W + ΔW) = tuned exactly, and an entry is lost only
+    where ΔWᵢⱼ = 0 (two distinct numbers of a format differ by at least half the larger one's
+    ulp) — one comparison instead of the float64 pass."""
+    if op.factored or len(op.dense) != 2 or len(w.dense) != 1 or w.factored:
+        return None
+    (c1, t), (c2, b) = op.dense
+    want = getattr(torch, dtype)
+    if c1 == 1.0 and c2 == -1.0 and t.dtype == b.dtype == want and w.dense[0][1] is b:
+        return t, b
+    return None
 
 
 def row_columns(sp: Spectrum, op: Operand, w: Operand | None, opts: Options,
