@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from deltaspec.act.verify import Sums, judge, verify_merge
+from deltaspec.act.verify import COLUMNS, Sums, judge, verify_merge
 from deltaspec.cli import main
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -142,6 +142,23 @@ def test_every_adapter_type_merged_by_peft_holds(kind):
     checks = verify_merge(merged, pm, model)
     assert checks and all(c.verdict == "merged" and c.residual <= c.bound for c in checks)
     assert all(c.verdict == "not merged" for c in verify_merge(model, pm, model))
+
+
+def test_hub_ids_and_csv_output(merges, llama, tmp_path, monkeypatch):
+    import hubcache
+
+    root, _, _ = merges
+    cache = tmp_path / "hub"
+    hubcache.add_repo(cache, "org/merged", root / "sharded")
+    hubcache.add_repo(cache, "org/base", llama[1])
+    hubcache.offline_env(monkeypatch, cache)
+    out = tmp_path / "verdicts.csv"
+    r = cli("verify-merge", "org/merged", "--adapter", root / "adapter", "--base", "org/base",
+            "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    lines = out.read_text().splitlines()
+    assert lines[0].split(",") == list(COLUMNS) and len(lines) == 7
+    assert all(line.endswith(",merged,True") for line in lines[1:])
 
 
 def test_the_verdict_rules_by_hand():
