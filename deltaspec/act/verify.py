@@ -33,7 +33,7 @@ missing from MERGED; a quantised MERGED (integer weights: int8, packed 4-bit); N
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -186,23 +186,19 @@ def pair(adapter: Mapping[str, Delta], merged: Mapping[str, Delta],
         yield name, d, m
 
 
-def verify_merge(merged: Any, adapter: Any, base: Any, opts: Options | None = None, *,
-                 progress: Callable[[str], None] | None = None) -> list[ModuleCheck]:
+def verify_merge(merged: Any, adapter: Any, base: Any,
+                 opts: Options | None = None) -> list[ModuleCheck]:
     """Check every module of ``adapter`` in ``merged`` against ``base`` (each a folder, a Hub id
     or a live object; ``opts``: the load fields of :class:`Options`). One result per module, in
-    the adapter's order; ``progress`` is called with each module's name."""
+    the adapter's order, each module read and checked before the next is read."""
     opts = opts or Options()
     m_deltas = _load(merged, base, opts)
     if m_deltas.format != "full":
         raise UnsupportedError(f"MERGED is a {m_deltas.format} checkpoint, not a merged model: "
                                "give the merged model's folder (or Hub id) first")
     a_deltas = _load(adapter, base, opts)
-    out = []
-    for name, a, m in pair(a_deltas, m_deltas, list(m_deltas.skipped)):
-        if progress is not None:
-            progress(name)
-        out.append(check_module(name, a, m))
-    return out
+    return [check_module(name, a, m) for name, a, m in pair(a_deltas, m_deltas,
+                                                              list(m_deltas.skipped))]
 
 
 def _load(path: Any, base: Any, opts: Options) -> Deltas:
