@@ -19,6 +19,7 @@ from deltaspec.errors import DeltaspecError
 
 if TYPE_CHECKING:
     from deltaspec.act.run import compress, extract
+    from deltaspec.act.verify import verify_merge
     from deltaspec.analyze import analyze, compare, spectra
     from deltaspec.delta import Delta
     from deltaspec.engine.spectrum import Spectrum, spectrum
@@ -38,6 +39,7 @@ _LAZY = {
     "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
+    "verify_merge": "deltaspec.act.verify",
 }
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "plot_democracy",
     "spectra",
     "spectrum",
+    "verify_merge",
 ]
 __version__ = "0.1.0"
 

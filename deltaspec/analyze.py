@@ -20,7 +20,7 @@ from deltaspec import columns as cols
 from deltaspec import frames, patterns
 from deltaspec import metrics as M
 from deltaspec.delta import Delta
-from deltaspec.engine import distributed, relative
+from deltaspec.engine import distributed, health, relative
 from deltaspec.engine.kernels import Operand
 from deltaspec.engine.pipeline import Solved, shard, solve_stream
 from deltaspec.engine.spectrum import Spectrum, completed, resolve_device, route
@@ -129,10 +129,13 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     spectra = {n: sp for n, (_, sp) in done.items() if sp is not None}
     sigmas = {n: r.pop(SIGMA) for n, r in rows.items() if SIGMA in r}
     order = [it[0] for it in items]
-    columns = (cols.analyze_columns(with_base) if b is None else cols.compare_columns(with_base)) \
-        if metrics else list(cols.IDENTITY)
+    ht = opts.heavy_tail
+    columns = (cols.analyze_columns(with_base, ht) if b is None else
+               cols.compare_columns(with_base, ht)) if metrics else list(cols.IDENTITY)
     skipped = list(getattr(a, "skipped", [])) + list(getattr(b, "skipped", []) if b else [])
     notes = list(dict.fromkeys([*getattr(a, "notes", []), *(getattr(b, "notes", []) if b else [])]))
+    if metrics and b is None and (note := M.untrained_note([rows[n] for n in order])):
+        notes.append(note)
     return Analysis(cols.frame([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
                     with_base, {n: sigmas[n] for n in order if n in sigmas}, notes)
@@ -220,7 +223,7 @@ def _side_metrics(s: Solved, i: int, opts: Options, with_base: bool,
     part = M.spectral_metrics(sp.values, sp.shape, opts.top_k)
     if with_base and w is not None:
         part |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts, eigs)
-    return part
+    return part | health.row_columns(sp, s.ops[i], w if with_base else None, opts, eigs)
 
 
 def _row(s: Solved, opts: Options, with_base: bool) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from typing import Any
 
 from deltaspec.errors import UsageError
 
+MERGE_DTYPES = ("bfloat16", "float16")  # the narrow formats of the merge columns (Options.merge_dtype)
+
 
 @dataclass(frozen=True)
 class Options:
@@ -40,6 +42,8 @@ class Options:
     discover_base: bool = True  # no base given: use the one the adapter's config names
     revision: str | None = None  # revision of Hub ids given without @revision
     adapter_name: str | None = None  # the adapter of a live PeftModel (default: its active one)
+    merge_dtype: str = "bfloat16"  # lost_in_bf16 / bf16_merge_error: W + ΔW stored in this dtype
+    heavy_tail: bool = False  # the heavy-tail α columns (ΔW's ESD; W's with a base): opt-in
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):
@@ -57,6 +61,9 @@ class Options:
             if value is not None and not (isinstance(value, (int, float))
                                           and not isinstance(value, bool) and 0 < value < math.inf):
                 raise UsageError(f"{name} must be a positive number, not {value!r}")
+        if self.merge_dtype not in MERGE_DTYPES:
+            raise UsageError(f"merge_dtype must be one of {', '.join(MERGE_DTYPES)}, "
+                             f"not {self.merge_dtype!r}")
         if self.shard is not None:
             rank, world = self.shard
             if not 0 <= rank < world:

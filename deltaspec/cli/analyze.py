@@ -50,7 +50,10 @@ def analyze_cmd(path: str, **kw: Any) -> None:
     opts = to_options(kw)
     rows = analyze_rows(path, kw["base"], opts)  # a plain LoRA adapter: without torch or pandas
     if rows is not None:
-        emit(rows, kw)
+        from deltaspec.metrics import untrained_note
+
+        note = untrained_note(rows.rows)
+        emit(rows, kw, [f"note: {note}"] if note else None)
         return
     from deltaspec.analyze import run_paths
 

@@ -4,7 +4,7 @@
 Every command that analyses (analyze, compare, report, snapshot, check) takes
 :func:`analysis_options`: ``--base``, ``--no-base-discovery``, ``--revision``, ``--include``,
 ``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--allow-modified-base``,
-``--lora-alpha``, ``--mtl-temperature``,
+``--lora-alpha``, ``--mtl-temperature``, ``--merge-dtype``, ``--alpha/--no-alpha``,
 ``-q``; a command may change a help text or a default (``check`` reads K and top-K from its
 baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one that
 writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from deltaspec.errors import UsageError, one_line
-from deltaspec.options import Options
+from deltaspec.options import MERGE_DTYPES, Options
 from deltaspec.output import FORMATS
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -83,6 +83,13 @@ ANALYSIS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         type=click.FloatRange(min=0, min_open=True), default=None, metavar="T",
         help="MTL-LoRA's softmax temperature over its lora_B heads (not saved; default 1.0, "
              "the code base's default).")),
+    "merge_dtype": (("--merge-dtype",), dict(
+        type=click.Choice(MERGE_DTYPES), default="bfloat16", show_default=True,
+        help="With --base: the dtype W + ΔW is stored in for lost_in_bf16 and bf16_merge_error.")),
+    "alpha": (("--alpha/--no-alpha",), dict(
+        default=False, show_default=True,
+        help="Heavy-tail α of ΔW's spectral density (and of W's with --base; a values-only "
+             "decomposition of each base matrix), as WeightWatcher fits it.")),
     "quiet": (("-q", "--quiet"), dict(is_flag=True, help="No progress bar or notes on stderr.")),
 }
 
@@ -165,7 +172,8 @@ def to_options(kw: dict[str, Any], **changes: Any) -> Options:
                   intruders=bool(kw.get("intruders")), include=kw.get("include"),
                   allow_modified_base=bool(kw.get("allow_modified_base")), progress=progress(kw),
                   discover_base=not kw.get("no_base_discovery"), revision=kw.get("revision"),
-                  lora_alpha=kw.get("lora_alpha"), mtl_temperature=kw.get("mtl_temperature"))
+                  lora_alpha=kw.get("lora_alpha"), mtl_temperature=kw.get("mtl_temperature"),
+                  merge_dtype=kw.get("merge_dtype") or "bfloat16", heavy_tail=bool(kw.get("alpha")))
     return Options(**(fields | changes))
 
 
