@@ -19,6 +19,7 @@ from deltaspec.errors import DeltaspecError
 
 if TYPE_CHECKING:
     from deltaspec.analyze import analyze, compare, spectra
+    from deltaspec.collection import zoo
     from deltaspec.delta import Delta
     from deltaspec.engine.spectrum import Spectrum, spectrum
     from deltaspec.inline import plot_democracy
@@ -35,6 +36,7 @@ _LAZY = {
     "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
+    "zoo": "deltaspec.collection",
 }
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "plot_democracy",
     "spectra",
     "spectrum",
+    "zoo",
 ]
 __version__ = "0.1.0"
 
