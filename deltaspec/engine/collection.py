@@ -142,13 +142,25 @@ def _pairs(top_gram: torch.Tensor, ks: list[int], dim: int) -> tuple[np.ndarray,
     return phi.cpu().numpy(), angle.cpu().numpy()
 
 
-def module_stats(members: Sequence[Member], shape: tuple[int, int], k: int,
-                 device: torch.device) -> ModuleStats:
-    """The pairwise numbers and the shared-basis spectrum of N updates of one module (see the
-    module docstring); ``k``: the subspace dimension K of φ and the angles."""
+@dataclass
+class _Prepared:
+    """A module's N updates, solved: thin SVDs of the factored ones (stacked), dense matrices
+    and top-K spectra of the others, and every update's K (its numerical rank, at most K)."""
+
+    fac: list[int]
+    mats: dict[int, torch.Tensor]
+    u: list[torch.Tensor]
+    v: list[torch.Tensor]
+    ks: list[int]
+    s_f: torch.Tensor | None = None
+    u_f: torch.Tensor | None = None
+    v_f: torch.Tensor | None = None
+
+
+def _prepare(members: Sequence[Member], shape: tuple[int, int], k: int,
+             device: torch.device) -> _Prepared:
     n = len(members)
     fac = [i for i, x in enumerate(members) if x.dense is None]
-    den = [i for i, x in enumerate(members) if x.dense is not None]
     values: list[torch.Tensor] = [torch.zeros(0)] * n
     u: list[torch.Tensor] = [torch.zeros(0)] * n
     v: list[torch.Tensor] = [torch.zeros(0)] * n
@@ -157,37 +169,47 @@ def module_stats(members: Sequence[Member], shape: tuple[int, int], k: int,
         s_f, u_f, v_f = _thin([members[i] for i in fac], device)
         for j, i in enumerate(fac):
             values[i], u[i], v[i] = s_f[j], u_f[j], v_f[j]
-    mats = {i: members[i].dense.to(device, F64) for i in den}  # type: ignore[union-attr]
+    mats = {i: x.dense.to(device, F64) for i, x in enumerate(members) if x.dense is not None}
     for i, w in mats.items():
         sp = compute(w, vectors_k=min(k, *shape), device=device)
         assert sp.U is not None and sp.V is not None
         values[i], u[i], v[i] = sp.values, sp.U.to(device), sp.V.to(device)
-    ks = _ranks(values, shape, k)
-    kk = max(1, min(k, max(ks) if ks else 1))
-    full = [gram(x.permute(1, 0, 2).reshape(x.shape[1], -1)) for x in (u_f, v_f)] if fac and not den \
-        else [None, None]
-    sides = []
-    for vecs, fg in ((u, full[0]), (v, full[1])):
-        if fg is not None:  # every update factored: the top-K blocks are in the full Gram
-            r = int(s_f.shape[1])  # type: ignore[union-attr]
-            blocks = _blocks(fg, n, r)
-            inside = (torch.arange(kk, device=fg.device)[None, :]
-                      < torch.tensor(ks, device=fg.device)[:, None]).to(F64)  # (N, kk)
-            top = blocks[:, :, :kk, :kk] * inside[:, None, :, None] * inside[None, :, None, :]
-            sides.append(_Side(top, blocks))
-        else:
-            stack = _masked(vecs, ks, kk)
-            tg = gram(stack.permute(1, 0, 2).reshape(stack.shape[1], -1))
-            sides.append(_Side(_blocks(tg, n, kk)))
-    phi_l, ang_l = _pairs(sides[0].top, ks, shape[0])
-    phi_r, ang_r = _pairs(sides[1].top, ks, shape[1])
-    if fac and not den:
-        assert s_f is not None and sides[0].full_gram is not None and sides[1].full_gram is not None
-        inner, bl, br = _factored_inner_basis(s_f, sides[0].full_gram, sides[1].full_gram)
+    return _Prepared(fac, mats, u, v, _ranks(values, shape, k), s_f, u_f, v_f)
+
+
+def _side(vecs: list[torch.Tensor], stacked: torch.Tensor | None, ks: list[int], kk: int) -> _Side:
+    """One side's top-K Gram blocks: from the Gram of every factored update's full vectors
+    ``stacked`` (N, dim, R) when all are factored (the top-K blocks are inside it), else from
+    the stacked top-K vectors alone."""
+    n = len(vecs)
+    if stacked is not None:
+        r = int(stacked.shape[2])
+        blocks = _blocks(gram(stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1)), n, r)
+        inside = (torch.arange(kk, device=blocks.device)[None, :]
+                  < torch.tensor(ks, device=blocks.device)[:, None]).to(F64)  # (N, kk)
+        return _Side(blocks[:, :, :kk, :kk] * inside[:, None, :, None] * inside[None, :, None, :],
+                     blocks)
+    stack = _masked(vecs, ks, kk)
+    return _Side(_blocks(gram(stack.permute(1, 0, 2).reshape(stack.shape[1], -1)), n, kk))
+
+
+def module_stats(members: Sequence[Member], shape: tuple[int, int], k: int,
+                 device: torch.device) -> ModuleStats:
+    """The pairwise numbers and the shared-basis spectrum of N updates of one module (see the
+    module docstring); ``k``: the subspace dimension K of φ and the angles."""
+    p = _prepare(members, shape, k, device)
+    kk = max(1, min(k, max(p.ks)))
+    only_factored = not p.mats
+    left = _side(p.u, p.u_f if only_factored else None, p.ks, kk)
+    right = _side(p.v, p.v_f if only_factored else None, p.ks, kk)
+    phi_l, ang_l = _pairs(left.top, p.ks, shape[0])
+    phi_r, ang_r = _pairs(right.top, p.ks, shape[1])
+    if left.full_gram is not None and right.full_gram is not None and p.s_f is not None:
+        inner, bl, br = _factored_inner_basis(p.s_f, left.full_gram, right.full_gram)
     else:
-        inner = _mixed_inner(members, mats, s_f, u_f, v_f, fac)
-        bl, br = _mixed_basis(mats, s_f, u_f, v_f, shape)
-    return ModuleStats(inner, phi_l, phi_r, ang_l, ang_r, _kab(ks), bl, br)
+        inner = _mixed_inner(members, p.mats, p.s_f, p.u_f, p.v_f, p.fac)
+        bl, br = _mixed_basis(p.mats, p.s_f, p.u_f, p.v_f, shape)
+    return ModuleStats(inner, phi_l, phi_r, ang_l, ang_r, _kab(p.ks), bl, br)
 
 
 def _kab(ks: list[int]) -> np.ndarray:
