@@ -239,3 +239,19 @@ def test_figures_are_returned_not_shown(planted):
                 plot_dendrogram(res), plot_shared_basis(res)):
         assert isinstance(fig, Figure)
     assert list(res.cosine_matrix().index) == [res.labels[i] for i in res.tree.order]
+
+
+@pytest.mark.slow
+def test_torchrun_equals_one_process(tmp_path, planted):
+    """Under torchrun (gloo, 2 ranks on the CPU) modules are shared across ranks; rank 0 writes
+    the same tables as one process."""
+    from test_distributed import _run
+
+    _, folders, _ = planted
+    args = ["zoo", *(f"{lb}={p}" for lb, p in list(folders.items())[:5]), "--k", "2", "-q"]
+    for name, nproc in (("one", 1), ("two", 2)):
+        res = _run([*args, "--out", str(tmp_path / name)], nproc)
+        assert res.returncode == 0, res.stderr[-2000:]
+    for table in ("pairs", "matrix", "clusters", "basis", "modules"):
+        assert (tmp_path / "one" / f"{table}.csv").read_text() == \
+            (tmp_path / "two" / f"{table}.csv").read_text(), table
