@@ -12,7 +12,7 @@ Rows (every time on this machine, in this run):
             pairs timed, extrapolated to all pairs.
   numpy     dense float64 numpy on a subset: ΔW = B·A formed, ``np.linalg.svd`` per update and
             module, ``np.vdot`` per pair (what flattening tools do, done exactly): one 4096² module
-            of 3 adapters timed, extrapolated by m·n·min(m, n) to every module and update.
+            of 2 adapters timed, extrapolated by m·n·min(m, n) to every module and update.
 The zoo's numbers on that subset are checked against the numpy ones (max |error|).
 Adapters are generated deterministically (5 planted groups: a shared centre plus noise), bf16 on
 disk; ``--keep`` leaves them, else they are deleted at the end.
@@ -102,11 +102,11 @@ def run_compare(folders: list[Path], pairs: int) -> dict:
 
 
 def run_numpy(folders: list[Path], module: str, k: int = 8) -> tuple[float, float, dict]:
-    """Dense float64 numpy on one module of 3 adapters: (seconds per SVD, per pair, values)."""
+    """Dense float64 numpy on one module of 2 adapters: (seconds per SVD, per pair, values)."""
     import deltaspec
 
     mats = []
-    for f in folders[:3]:
+    for f in folders[:2]:
         d = deltaspec.load(f, discover_base=False)[module]
         b, a = d.factors(torch.float64)
         mats.append((b @ a).numpy())
@@ -115,10 +115,10 @@ def run_numpy(folders: list[Path], module: str, k: int = 8) -> tuple[float, floa
     per_svd = (time.perf_counter() - t) / len(mats)
     t = time.perf_counter()
     cos = {(i, j): float(np.vdot(mats[i], mats[j]) / np.linalg.norm(mats[i]) / np.linalg.norm(mats[j]))
-           for i in range(3) for j in range(i + 1, 3)}
+           for i in range(2) for j in range(i + 1, 2)}
     per_pair = (time.perf_counter() - t) / len(cos)
     phi = {(i, j): float(np.sum((svds[i][0][:, :k].T @ svds[j][0][:, :k]) ** 2) / k)
-           for i in range(3) for j in range(i + 1, 3)}
+           for i in range(2) for j in range(i + 1, 2)}
     return per_svd, per_pair, {"cosine": cos, "phi": phi}
 
 
@@ -127,7 +127,7 @@ def accuracy(out: Path, folders: list[Path], module: str, ref: dict) -> float:
     import pandas as pd
 
     pairs = pd.read_csv(out / "pairs.csv").set_index(["a", "b", "module"])
-    names = [f.name for f in folders[:3]]
+    names = [f.name for f in folders[:2]]
     err = 0.0
     for (i, j), want in ref["cosine"].items():
         row = pairs.loc[(names[i], names[j], module)]
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {pairs} × deltaspec compare | {a.pairs} pairs × {modules} modules | "
           f"{cmp_['per_pair']:.2f} per pair | {cmp_['rss_mb']:.0f} | {cmp_['per_pair'] * pairs * scale:.0f} | "
           f"median pair × {pairs} pairs × {scale:g}: extrapolated |")
-    print(f"| dense float64 numpy (svd + vdot) | 3 adapters × 1 module 4096² | {per_svd:.1f} per SVD, "
+    print(f"| dense float64 numpy (svd + vdot) | 2 adapters × 1 module 4096² | {per_svd:.1f} per SVD, "
           f"{per_pair * 1e3:.0f} ms per pair | – | {numpy_full:.0f} | per-SVD time × m·n·min(m,n) "
           f"over every module and adapter, + pairs: extrapolated |")
     print(f"\nzoo vs dense float64 numpy on that subset: max |Δ| (cosine, φ) = {err:.1e}")

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from deltaspec.collection.sources import labelled, load_all
-from deltaspec.collection.tables import Tables, build_tables
+from deltaspec.collection.tables import build_tables
 from deltaspec.delta import Delta
 from deltaspec.engine import distributed
 from deltaspec.engine.collection import Member, ModuleStats, module_stats
@@ -125,9 +125,9 @@ def run(updates: Mapping[str, Any], base: Any = None, opts: Options | None = Non
     loaded, names, notes = load_all(updates, base, opts)
     stats = solve(loaded, names, opts)
     shapes = {n: loaded[next(iter(loaded))][n].shape for n in stats}
-    t: Tables = build_tables(list(loaded), stats, shapes, opts.k)
-    return ZooResult(list(loaded), {lb: describe(s) for lb, s in updates.items()}, opts.k,
-                     t.pairs, t.matrix, t.clusters, t.basis, t.modules, t.tree, notes + t.notes)
+    tables = build_tables(list(loaded), stats, shapes)
+    tables["notes"] = notes + tables["notes"]
+    return ZooResult(list(loaded), {lb: describe(s) for lb, s in updates.items()}, opts.k, **tables)
 
 
 def zoo(sources: Sequence[Any] | Mapping[str, Any], base: Any = None, **options: Any) -> ZooResult:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,19 +28,6 @@ ENERGY = (0.90, 0.99)  # the shares the shared-basis dimension is reported for
 PAIR_COLUMNS = ["a", "b", "module", "layer", "kind", "cosine", "subspace_similarity_left",
                 "subspace_similarity_right", "min_angle_degrees_left", "min_angle_degrees_right",
                 "k", "chance_left", "chance_right"]
-
-
-@dataclass
-class Tables:
-    """The tables of a collection (see :class:`deltaspec.collection.ZooResult`)."""
-
-    pairs: pd.DataFrame
-    matrix: pd.DataFrame
-    clusters: pd.DataFrame
-    basis: pd.DataFrame
-    modules: pd.DataFrame
-    tree: Clusters
-    notes: list[str] = field(default_factory=list)
 
 
 def _cos(inner: np.ndarray) -> np.ndarray:
@@ -154,8 +141,10 @@ def clusters_table(labels: list[str], tree: Clusters) -> pd.DataFrame:
 
 
 def build_tables(labels: list[str], stats: Mapping[str, ModuleStats],
-                 shapes: Mapping[str, tuple[int, int]], k: int) -> Tables:
-    """Every table of a collection from its per-module numbers."""
+                 shapes: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """Every table of a collection from its per-module numbers: the fields of
+    :class:`deltaspec.collection.ZooResult` ``pairs``, ``matrix``, ``clusters``, ``basis``,
+    ``modules``, ``tree`` and ``notes``."""
     matrix, cos = matrix_table(labels, stats)
     tree = cluster(cos)
     notes = []
@@ -163,9 +152,10 @@ def build_tables(labels: list[str], stats: Mapping[str, ModuleStats],
     if zero:
         notes.append(f"note: update(s) {', '.join(zero)} are zero in every module compared: "
                      "their cosines and φ are undefined (NaN)")
-    return Tables(pairs_table(labels, stats, shapes), matrix, clusters_table(labels, tree),
-                  basis_table(stats), modules_table(stats, shapes), tree, notes)
+    return {"pairs": pairs_table(labels, stats, shapes), "matrix": matrix,
+            "clusters": clusters_table(labels, tree), "basis": basis_table(stats),
+            "modules": modules_table(stats, shapes), "tree": tree, "notes": notes}
 
 
-__all__ = ["PAIR_COLUMNS", "Tables", "basis_table", "build_tables", "clusters_table",
+__all__ = ["PAIR_COLUMNS", "basis_table", "build_tables", "clusters_table",
            "matrix_table", "modules_table", "pairs_table"]

@@ -87,7 +87,7 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
     from deltaspec.engine.blas import blas_threads
 
-    xt = x.T.contiguous().T.numpy().T  # (c, dim), Fortran order: dsyrk forms xt·xtᵀ without a copy
+    xt = x.contiguous().numpy().T  # (c, dim) in Fortran order: dsyrk forms xt·xtᵀ without a copy
     with blas_threads(torch.get_num_threads()):
         upper = dsyrk(1.0, xt, trans=0, lower=0)
     g = np.triu(upper) + np.triu(upper, 1).T
