@@ -6,10 +6,6 @@ module's factors of all N, the next one read on a worker thread meanwhile), each
 :func:`deltaspec.engine.collection.module_stats` — batched QRs and all-pairs products on the GPU
 when there is one — and never a dense ΔW for a factored update. Under ``torchrun`` the modules are
 shared across ranks by estimated cost, like ``analyze`` (:mod:`deltaspec.engine.distributed`).
-
->>> from deltaspec.collection import ZooResult
->>> [f.name for f in __import__("dataclasses").fields(ZooResult)][:4]
-['labels', 'sources', 'k', 'pairs']
 """
 
 from __future__ import annotations
