@@ -255,3 +255,17 @@ def test_torchrun_equals_one_process(tmp_path, planted):
     for table in ("pairs", "matrix", "clusters", "basis", "modules"):
         assert (tmp_path / "one" / f"{table}.csv").read_text() == \
             (tmp_path / "two" / f"{table}.csv").read_text(), table
+
+
+def test_help_lists_the_shared_options_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    from test_cli_options import HELP_PROBE, SHARED
+
+    res = _cli("zoo", "--help")
+    assert res.exit_code == 0 and "--out DIR" in res.output
+    assert all(opt in res.output for opt in SHARED)
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE, "zoo", "--help"], capture_output=True,
+                          text=True, check=False)
+    assert proc.stdout.strip().splitlines()[-1].split()[2:] == [], proc.stdout
