@@ -129,6 +129,7 @@ def accuracy(out: Path, folders: list[Path], module: str, cos: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Generate the adapters, run the three tools, print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/zoo-bench"))
     ap.add_argument("--n", type=int, default=100)

@@ -106,13 +106,19 @@ def page(res: ZooResult, figs: list[FigureFile], base: str | None, title: str) -
               f"({html.escape(res.tree.criterion)}).</p>"
               + "".join(f"<p class='meta'>{html.escape(n)}</p>" for n in res.notes))
     spread = res.modules.sort_values("spread", ascending=False).head(SHOWN_MODULES)
+    fig = {f.name: _figure(f) for f in figs}
+    chance = res.pairs[["chance_left", "chance_right"]].mean()
     sections = [
-        ("glance", "At a glance", glance + table_html(closest_pairs(res))),
-        ("basis", "Shared basis per module kind (median over layers)", table_html(basis_summary(res))),
-        ("updates", "Updates", table_html(updates, max_rows=200)),
-        *((f"fig-{f.name}", f.title, _figure(f)) for f in figs),
-        ("clusters", "Groups", table_html(res.clusters, max_rows=200)),
+        ("glance", "At a glance", glance + fig["heatmap"] + fig["dendrogram"]),
+        ("pairs", "Closest pairs (whole-model cosine; φ: mean over modules)",
+         table_html(closest_pairs(res)) + f"<p class='meta'>φ of random subspaces of the same size "
+         f"(chance): {chance['chance_left']:.3g} left, {chance['chance_right']:.3g} right "
+         "(mean K/m over the pairs and modules).</p>"),
+        ("basis", "Shared basis per module kind (median over layers)",
+         table_html(basis_summary(res)) + fig["shared_basis"]),
         ("spread", "Modules that vary most across the collection", table_html(spread)),
+        ("clusters", "Groups", table_html(res.clusters, max_rows=200)),
+        ("updates", "Updates", table_html(updates, max_rows=200)),
     ]
     links = " · ".join(f"<a href='{t}.csv'>{t}.csv</a>" for t in TABLES)
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -121,7 +127,7 @@ def page(res: ZooResult, figs: list[FigureFile], base: str | None, title: str) -
              f"<p class='meta'>base: <code>{html.escape(base or '(none given)')}</code> · deltaspec "
              f"{html.escape(__version__)} · tables: {links} · <a href='zoo.json'>zoo.json</a></p>",
              _toc([(a, h) for a, h, _ in sections]),
-             *(_section(a, h, body) if not a.startswith("fig-") else body for a, h, body in sections),
+             *(_section(a, h, body) for a, h, body in sections),
              "</main></body></html>\n"]
     return "\n".join(parts)
 
