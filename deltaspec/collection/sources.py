@@ -113,7 +113,7 @@ def load_all(updates: Mapping[str, Any], base: Any,
     _check_shapes(loaded, {label: describe(src) for label, src in updates.items()})
     names, _ = _common(loaded, opts.include)
     _, only = _common(loaded, None)  # modules of some updates only (not those --include drops)
-    notes = list(dict.fromkeys(n for d in loaded.values() for n in getattr(d, "notes", [])))
+    notes = list(dict.fromkeys(f"note: {n}" for d in loaded.values() for n in getattr(d, "notes", [])))
     left_out = {label: len(v) for label, v in only.items() if v}
     if left_out:
         total = sum(left_out.values())

@@ -157,7 +157,7 @@ def _masked(vecs: list[torch.Tensor], ks: list[int], k: int) -> torch.Tensor:
     return out
 
 
-def _pairs(top_gram: torch.Tensor, ks: list[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(top_gram: torch.Tensor, ks: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """φ(K_ab, K_ab) and the smallest principal angle (degrees) for every pair, from the (N, N,
     K, K) blocks of the top-K Gram (zero beyond each member's rank)."""
     n, kk = top_gram.shape[0], top_gram.shape[2]
@@ -235,8 +235,8 @@ def module_stats(members: Sequence[Member], shape: tuple[int, int], k: int,
     only_factored = not p.mats
     left = _side(p.u, p.u_f if only_factored else None, p.ks, kk)
     right = _side(p.v, p.v_f if only_factored else None, p.ks, kk)
-    phi_l, ang_l = _pairs(left.top, p.ks, shape[0])
-    phi_r, ang_r = _pairs(right.top, p.ks, shape[1])
+    phi_l, ang_l = _pairs(left.top, p.ks)
+    phi_r, ang_r = _pairs(right.top, p.ks)
     if left.full_gram is not None and right.full_gram is not None and p.s_f is not None:
         inner, bl, br = _factored_inner_basis(p.s_f, left.full_gram, right.full_gram)
     else:
