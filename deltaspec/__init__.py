@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from deltaspec.act.run import compress, extract
     from deltaspec.act.verify import verify_merge
     from deltaspec.analyze import analyze, compare, spectra
+    from deltaspec.collection import zoo
     from deltaspec.delta import Delta
     from deltaspec.engine.spectrum import Spectrum, spectrum
     from deltaspec.inline import plot_democracy
@@ -40,6 +41,7 @@ _LAZY = {
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
     "verify_merge": "deltaspec.act.verify",
+    "zoo": "deltaspec.collection",
 }
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "spectra",
     "spectrum",
     "verify_merge",
+    "zoo",
 ]
 __version__ = "0.1.0"
 
