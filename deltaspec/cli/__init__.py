@@ -17,7 +17,7 @@ import click
 
 from deltaspec.errors import DeltaspecError, DeltaspecWarning, one_line
 
-_COMMAND_MODULES = ("analyze", "report", "check", "train", "demo")
+_COMMAND_MODULES = ("analyze", "report", "check", "train", "demo", "trajectory")
 
 
 def error_line(exc: BaseException) -> str:
