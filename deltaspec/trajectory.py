@@ -296,5 +296,25 @@ def trajectory(run_dir: Any, base: Any = None, *, skip_bad: bool = False,
     return df
 
 
-__all__ = ["DRIFT", "MismatchError", "Point", "Trajectory", "base_named", "pinned", "points", "run", "step_of",
-           "trajectory"]
+LOG = "trajectory.csv"  # a training run's log: beside its final checkpoint (deltaspec train)
+
+
+def write_log(run_out: str | Path, checkpoints: str | Path, base: Any = None,
+              top_k: int | None = None) -> Path | None:
+    """The trajectory of the log-point checkpoints in ``checkpoints`` (over the top ``top_k``
+    singular values, noted in a ``top_k`` column) written to ``run_out/trajectory.csv``, as
+    ``deltaspec train`` and ``deltaspec demo`` log it; None when there are no checkpoints."""
+    from deltaspec.output import write_atomic
+
+    if not Path(checkpoints).is_dir() or not any(step_of(p.name) is not None
+                                                 for p in Path(checkpoints).iterdir()):
+        return None
+    df = trajectory(checkpoints, base, top_k=top_k, discover_base=base is None)
+    df["top_k"] = top_k
+    target = Path(run_out) / LOG
+    write_atomic(target, df.to_csv(index=False))
+    return target
+
+
+__all__ = ["DRIFT", "LOG", "MismatchError", "Point", "Trajectory", "base_named", "pinned", "points", "run", "step_of",
+           "trajectory", "write_log"]
