@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from deltaspec.inline import plot_democracy
     from deltaspec.loaders import load
     from deltaspec.options import Options
+    from deltaspec.trajectory import trajectory
 
 _LAZY = {
     "Delta": "deltaspec.delta",
@@ -35,6 +36,7 @@ _LAZY = {
     "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
+    "trajectory": "deltaspec.trajectory",
 }
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "plot_democracy",
     "spectra",
     "spectrum",
+    "trajectory",
 ]
 __version__ = "0.1.0"
 

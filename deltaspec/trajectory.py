@@ -316,5 +316,5 @@ def write_log(run_out: str | Path, checkpoints: str | Path, base: Any = None,
     return target
 
 
-__all__ = ["DRIFT", "LOG", "MismatchError", "Point", "Trajectory", "base_named", "pinned", "points", "run", "step_of",
-           "trajectory", "write_log"]
+__all__ = ["DRIFT", "LOG", "MismatchError", "Point", "Trajectory", "base_named", "pinned", "points",
+           "run", "step_of", "trajectory", "write_log"]

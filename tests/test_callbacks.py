@@ -63,9 +63,10 @@ def test_full_model_against_its_starting_weights():
     cb.on_train_begin(None, _state(0), TrainerControl(), model=model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 2:
-                p.add_(0.01 * torch.randn(p.shape[0], 3, generator=g) @ torch.randn(3, p.shape[1], generator=g))
+                m, n = p.shape
+                p.add_(0.01 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g))
     state = _state(2)
     cb.on_step_end(None, state, TrainerControl(), model=model)
     (logged,) = state.log_history

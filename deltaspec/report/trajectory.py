@@ -9,6 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
 import pandas as pd
 
 from deltaspec.report.html import STYLE, FigureFile, _figure, _section, _toc, table_html
@@ -22,9 +23,9 @@ SHOWN = ("normalized_entropy", "effective_rank", "top1_share", "phi_final_left",
 def step_means(df: pd.DataFrame) -> pd.DataFrame:
     """Mean per (step, module kind) of the main metric and drift columns (the page's table).
 
-    >>> t = pd.DataFrame({"step": [1, 1, 2], "kind": ["q", "q", "q"], "top1_share": [.25, .75, .5]})
-    >>> step_means(t).to_dict("records")
-    [{'step': 1, 'kind': 'q', 'modules': 2, 'top1_share': 0.5}, {'step': 2, 'kind': 'q', 'modules': 1, 'top1_share': 0.5}]
+    >>> t = pd.DataFrame({"step": [1, 1, 2], "kind": ["q"] * 3, "top1_share": [.25, .75, .25]})
+    >>> step_means(t).values.tolist()
+    [[1, 'q', 2, 0.5], [2, 'q', 1, 0.25]]
     """
     shown = [c for c in SHOWN if c in df.columns]
     g = df.assign(kind=df["kind"].astype(str)).groupby(["step", "kind"], sort=True)
