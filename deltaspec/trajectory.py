@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,10 +157,13 @@ def pinned(deltas: Mapping[str, Delta]) -> dict[str, Delta]:
     out = {}
     for name, d in deltas.items():
         if d.is_factored:
-            factors = d.factors()
-            d = dataclasses.replace(d, _factors=lambda f=factors: f)
+            d = dataclasses.replace(d, _factors=_kept(d.factors()))
         out[name] = d
     return out
+
+
+def _kept(factors: tuple[Any, Any]) -> Callable[[], tuple[Any, Any]]:
+    return lambda: factors
 
 
 def _load(p: Point, base: Any, opts: Options) -> Any:
@@ -241,7 +244,7 @@ def run(pts: Sequence[Point], base: Any = None, opts: Options | None = None, *,
     from deltaspec.analyze import run as analyze_run
 
     opts = dataclasses.replace(opts or Options(), keep_spectra=True, vectors=True)
-    todo, bad = list(pts), []
+    todo, bad = list(pts), []  # type: list[Point], list[tuple[str, str]]
     final, final_loaded, final_deltas = _final(todo, base, opts, skip_bad, bad)
     rows: list[dict[str, Any]] = []
     prev: dict[str, Any] = {}

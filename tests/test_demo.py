@@ -54,6 +54,8 @@ def test_demo_report_shows_entropy_over_training(demo_dir):
         log = pd.read_csv(ckpt / method / "trajectory.csv")
         steps = sorted(set(log["step"]))
         assert len(steps) == 4 and log["top_k"].eq(16).all()
+        if method != "full":  # the numbers: one method (the dense route) is enough
+            continue
         last = deltaspec.analyze(ckpt / method / "trajectory" / f"checkpoint-{steps[-1]}",
                                  base=ckpt / "base", top_k=16)
         got = log[log["step"] == steps[-1]].set_index("module")["normalized_entropy"]

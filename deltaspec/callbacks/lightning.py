@@ -14,15 +14,15 @@ from deltaspec.callbacks.monitor import DEFAULT_EVERY, DEFAULT_METRICS, Monitor
 from deltaspec.errors import UsageError
 
 try:
-    from lightning.pytorch import Callback
+    from lightning.pytorch import Callback  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on what is installed
     try:
-        from pytorch_lightning import Callback
+        from pytorch_lightning import Callback  # type: ignore[import-not-found]
     except ImportError:
         raise UsageError("SpectralLightningCallback needs Lightning: pip install lightning") from None
 
 
-class SpectralLightningCallback(Callback):  # type: ignore[misc]
+class SpectralLightningCallback(Callback):
     """The Lightning twin of :class:`deltaspec.callbacks.hf.SpectralCallback` (same arguments)."""
 
     def __init__(self, every: int = DEFAULT_EVERY, metrics: Sequence[str] = DEFAULT_METRICS,

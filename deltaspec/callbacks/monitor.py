@@ -97,7 +97,7 @@ class Monitor:
         from deltaspec.loaders import load
 
         o = self.opts
-        deltas = load(model, self.base, discover_base=False, adapter_name=o.adapter_name)
+        deltas = dict(load(model, self.base, discover_base=False, adapter_name=o.adapter_name))
         if not any(m in ("relative_norm", "amplification", "intruders") for m in self.metrics):
             deltas = {n: dataclasses.replace(d, base=None) for n, d in deltas.items()}
         result = run(deltas, opts=o)

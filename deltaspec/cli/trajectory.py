@@ -57,10 +57,11 @@ def trajectory_cmd(run: tuple[str, ...], **kw: Any) -> None:
         from deltaspec.report.write import check_out_dir
 
         check_out_dir(out)
-    from deltaspec import trajectory as T
+    from deltaspec.trajectory import points
+    from deltaspec.trajectory import run as run_trajectory
 
-    pts = T.points(run[0] if len(run) == 1 and "=" not in run[0] else list(run))
-    result = T.run(pts, kw["base"], to_options(kw), skip_bad=kw["skip_bad"])
+    pts = points(run[0] if len(run) == 1 and "=" not in run[0] else list(run))
+    result = run_trajectory(pts, kw["base"], to_options(kw), skip_bad=kw["skip_bad"])
     if out is not None:
         from deltaspec.report.trajectory import write_page
 
