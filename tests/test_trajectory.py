@@ -4,6 +4,7 @@ logged values against the same numbers, the page, and bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -124,11 +125,13 @@ def test_explicit_steps_and_page(run_dir, traj, tmp_path):
     items = [f"{s}={folder / f'checkpoint-{s}'}" for s in STEPS[::-1]]  # any order: by step
     out = tmp_path / "page"
     res = CliRunner().invoke(main, ["trajectory", *items, "--k", "4", "--out", str(out),
-                                    "--format", "csv", "-q"])
+                                    "--format", "csv", "-q", "--include", "q_proj"])
     assert res.exit_code == 0, res.output
     got = pd.read_csv(out / "trajectory.csv")
-    assert len(got) == len(traj) and list(got["step"]) == list(traj["step"])
-    np.testing.assert_allclose(got["phi_final_left"], traj["phi_final_left"], rtol=1e-9)
+    want = traj[traj["kind"] == "q_proj"]
+    assert len(got) == len(want) and list(got["step"]) == list(want["step"])
+    np.testing.assert_allclose(got["phi_final_left"], want["phi_final_left"], rtol=1e-9)
+    assert pd.read_csv(io.StringIO(res.output))["module"].tolist() == got["module"].tolist()
     assert {"index.html", "metric_vs_step.png", "drift.png", "heatmap.png", "means.csv",
             "summary.json"} <= {p.name for p in out.iterdir()}
     page = (out / "index.html").read_text()
@@ -176,15 +179,15 @@ def test_unreadable_checkpoint_named_or_skipped(run_dir, tmp_path):
     shutil.copytree(folder, run, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth"))
     weights = run / "checkpoint-16" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    res = _cli(run, "--k", "4", "-o", tmp_path / "t.csv")
+    res = _cli(run, "--k", "4", "-o", tmp_path / "t.csv", "--include", "v_proj")
     assert res.exit_code == 2 and "checkpoint-16" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "t.csv").exists()
     with pytest.raises(CheckpointError, match="checkpoint-16"):
-        trajectory(run, k=4)
-    df = trajectory(run, k=4, skip_bad=True)
+        trajectory(run, k=4, include="v_proj")
+    df = trajectory(run, k=4, skip_bad=True, include="v_proj")
     assert sorted(set(df["step"])) == [8, 24]
     assert [n for n, _ in df.attrs["skipped_checkpoints"]] == [str(run / "checkpoint-16")]
-    res = _cli(run, "--k", "4", "--skip-bad", "-o", tmp_path / "t.csv")
+    res = _cli(run, "--k", "4", "--skip-bad", "-o", tmp_path / "t.csv", "--include", "v_proj")
     assert res.exit_code == 0 and "left out (--skip-bad)" in res.output
     assert "checkpoint-16" in res.output
 

@@ -7,26 +7,35 @@ Lightning has: TensorBoard, W&B, CSV); a ``fail_on`` violation sets ``trainer.sh
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 from deltaspec.callbacks.monitor import DEFAULT_EVERY, DEFAULT_METRICS, Monitor
 from deltaspec.errors import UsageError
 
-try:
-    from lightning.pytorch import Callback  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on what is installed
-    try:
-        from pytorch_lightning import Callback  # type: ignore[import-not-found]
-    except ImportError:
-        raise UsageError("SpectralLightningCallback needs Lightning: pip install lightning") from None
+
+def _callback_base() -> Any:
+    """Lightning's ``Callback`` (``lightning`` or ``pytorch_lightning``), or None when neither is
+    installed (then the class says so when it is made, not at import)."""
+    for module in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            return importlib.import_module(module).Callback
+        except ImportError:
+            continue
+    return None
 
 
-class SpectralLightningCallback(Callback):
+_Base = _callback_base()
+
+
+class SpectralLightningCallback(_Base or object):  # type: ignore[misc]
     """The Lightning twin of :class:`deltaspec.callbacks.hf.SpectralCallback` (same arguments)."""
 
     def __init__(self, every: int = DEFAULT_EVERY, metrics: Sequence[str] = DEFAULT_METRICS,
                  k: int = 8, fail_on: Any = None, base: Any = None, **options: Any) -> None:
+        if _Base is None:
+            raise UsageError("SpectralLightningCallback needs Lightning: pip install lightning")
         self.monitor = Monitor(every, metrics, k, fail_on, base, **options)
         self.stop_reason: str | None = None
 
