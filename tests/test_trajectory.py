@@ -21,7 +21,7 @@ from deltaspec.callbacks import SpectralCallback
 from deltaspec.cli import main
 from deltaspec.columns import analyze_columns
 from deltaspec.errors import CheckpointError, UsageError
-from deltaspec.trajectory import DRIFT, points, trajectory
+from deltaspec.trajectory import DRIFT, MismatchError, points, trajectory
 
 STEPS = (8, 16, 24)
 
@@ -120,6 +120,7 @@ def test_callback_logs_equal_the_checkpoints(run_dir, traj):
     assert cb.monitor.enabled and cb.stop_reason is None
 
 
+@pytest.mark.slow
 def test_explicit_steps_and_page(run_dir, traj, tmp_path):
     folder, _, _ = run_dir
     items = [f"{s}={folder / f'checkpoint-{s}'}" for s in STEPS[::-1]]  # any order: by step
@@ -171,6 +172,21 @@ def test_bad_runs_one_line_exit_2_nothing_written(run_dir, tmp_path, llama_lora)
     assert res.exit_code == 2 and "checkpoint-8" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not out.exists() and not page.exists()
+
+
+def test_checkpoints_of_another_base_are_refused(run_dir, tmp_path):
+    folder, _, _ = run_dir
+    run = tmp_path / "run"
+    for step in (8, 24):
+        shutil.copytree(folder / f"checkpoint-{step}", run / f"checkpoint-{step}",
+                        ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth"))
+    cfg_path = run / "checkpoint-8" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": "org/other-base"}))
+    (run / "checkpoint-24" / "adapter_config.json").write_text(
+        json.dumps({**cfg, "base_model_name_or_path": "org/base"}))
+    with pytest.raises(MismatchError, match="checkpoint-8: base org/other-base but org/base"):
+        trajectory(run, skip_bad=True, discover_base=False)
 
 
 def test_unreadable_checkpoint_named_or_skipped(run_dir, tmp_path):
