@@ -94,7 +94,8 @@ def _item(item: Any) -> Point:
         step, source = item
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise UsageError(f"step {step!r} of {source!r}: expected an integer ≥ 0")
-        return Point(step, source, str(source))
+        name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+        return Point(step, source, name)
     text = str(item)
     head, eq, tail = text.partition("=")
     if eq and head.strip().isdigit() and not Path(text).exists():
