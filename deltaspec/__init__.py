@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from deltaspec.inline import plot_democracy
     from deltaspec.loaders import load
     from deltaspec.options import Options
+    from deltaspec.trajectory import trajectory
 
 _LAZY = {
     "Delta": "deltaspec.delta",
@@ -40,6 +41,7 @@ _LAZY = {
     "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
+    "trajectory": "deltaspec.trajectory",
     "verify_merge": "deltaspec.act.verify",
     "zoo": "deltaspec.collection",
 }
@@ -57,6 +59,7 @@ __all__ = [
     "plot_democracy",
     "spectra",
     "spectrum",
+    "trajectory",
     "verify_merge",
     "zoo",
 ]

@@ -23,6 +23,7 @@ from deltaspec.errors import ConfigError, UsageError
 from deltaspec.output import write_atomic
 
 METHODS = ("lora", "multilora", "full")
+LOG_POINTS = 4  # log-point checkpoints per fine-tune: the report's figure over training
 REFERENCE_FILE = "reference_results.json"
 REFERENCE_VERSION = 1
 # What the shipped reference keeps of each report table (the medians the overlays draw).
@@ -83,8 +84,9 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0,
     check_out_dir(out / "report")
     ckpt = out / "checkpoints"
     results = run_all(ckpt, quick=quick, seed=seed, methods=METHODS, device=device,
-                      threads=threads, log=log,
+                      threads=threads, log=log, log_points=LOG_POINTS,
                       cache_dir=cache_dir if cache_dir is not None else default_cache_dir())
+    _training_logs(ckpt)
     table = training_table(results)
     write_atomic(out / "training.json", json.dumps(_jsonable(results), indent=2) + "\n")
     reference = _matching_reference(quick, seed, with_reference, log)
@@ -95,6 +97,19 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0,
                         extra_tables={"training": table}, reference=reference,
                         title="deltaspec demo: LoRA vs MultiLoRA vs full fine-tuning",
                         progress=log is not None)
+
+
+def _training_logs(ckpt: Path) -> None:
+    """Each method's ``trajectory.csv`` (its log points, over the top n·r values of the default
+    adapters): the report's "normalised entropy over training" figure."""
+    from deltaspec.reference import AdapterConfig
+    from deltaspec.reference.train import TRAJECTORY
+    from deltaspec.trajectory import write_log
+
+    adapter = AdapterConfig()
+    for method in METHODS:
+        write_log(ckpt / method, ckpt / method / TRAJECTORY, ckpt / "base",
+                  top_k=adapter.n * adapter.r)
 
 
 def _matching_reference(quick: bool, seed: int, wanted: bool,

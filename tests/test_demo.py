@@ -42,6 +42,27 @@ def test_demo_writes_report_with_training_table(demo_dir):
     assert "training" in (report / "index.html").read_text()
 
 
+def test_demo_report_shows_entropy_over_training(demo_dir):
+    """Each method logs its trajectory; the report draws it, numbers equal to analyze."""
+    import deltaspec
+
+    ckpt, report = demo_dir / "checkpoints", demo_dir / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert "entropy_over_training.png" in summary["figures"]
+    assert "Normalised entropy over training" in (report / "index.html").read_text()
+    for method in ("lora", "multilora", "full"):
+        log = pd.read_csv(ckpt / method / "trajectory.csv")
+        steps = sorted(set(log["step"]))
+        assert len(steps) == 4 and log["top_k"].eq(16).all()
+        if method != "full":  # the numbers: one method (the dense route) is enough
+            continue
+        last = deltaspec.analyze(ckpt / method / "trajectory" / f"checkpoint-{steps[-1]}",
+                                 base=ckpt / "base", top_k=16)
+        got = log[log["step"] == steps[-1]].set_index("module")["normalized_entropy"]
+        assert got.loc[last["module"]].tolist() == pytest.approx(
+            last["normalized_entropy"].tolist(), abs=1e-9)
+
+
 def _numbers(obj):
     """summary.json without timestamps, durations and paths (what may differ between runs)."""
     if isinstance(obj, dict):
