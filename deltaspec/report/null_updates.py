@@ -60,11 +60,16 @@ def multilora_parts(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.
 def null_spectra(deltas: Mapping[str, Delta], seed: int = 0, *, project_rank: int | None = None,
                  source: Any = None) -> dict[str, dict[str, np.ndarray]]:
     """null kind → module → σ of that module's null (only the kinds that apply; see the module
-    docstring). ``seed`` seeds every random draw (with the module name)."""
+    docstring). ``seed`` seeds every random draw (with the module name; the random null is drawn
+    once per shape and rank, which is all its distribution depends on)."""
     out: dict[str, dict[str, np.ndarray]] = {"random": {}}
     parts = multilora_parts(Path(source)) if isinstance(source, str | Path) else {}
+    drawn: dict[tuple[tuple[int, int], int], np.ndarray] = {}  # one draw per shape and rank
     for name, d in deltas.items():
-        out["random"][name] = N.random_values(d.shape, d.rank_bound, seed, name)
+        key = (d.shape, d.rank_bound)
+        if key not in drawn:
+            drawn[key] = N.random_values(d.shape, d.rank_bound, seed, f"{d.shape}:{d.rank_bound}")
+        out["random"][name] = drawn[key]
         if project_rank is not None and not d.is_factored and d.rank_bound > project_rank:
             dense = d.dense(torch.float64).numpy()
             out.setdefault("projected", {})[name] = N.projected_values(dense, project_rank, seed,
