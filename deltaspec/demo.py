@@ -225,8 +225,11 @@ def readme_table(reference: dict[str, Any]) -> str:
     metric (the top-1 energy share within the top r values, mean over seeds)."""
     names = {"lora": "LoRA", "multilora": "MultiLoRA", "full": "full FT"}
     r = reference["verdict"].get("top_k", 16)
+    metric = {"share1_of_r": f"top-1 share in top {r}",  # an older reference: its own metric
+              "normalized_entropy_topk": f"top-{r} normalised entropy"}.get(
+        reference["verdict"].get("metric", ""), reference["verdict"].get("metric", "verdict metric"))
     lines = [f"| method | seeds | trainable params | held-out accuracy | tokens/s | peak memory | "
-             f"top-1 share in top {r} |", "|---|---|---|---|---|---|---|"]
+             f"{metric} |", "|---|---|---|---|---|---|---|"]
     for row in reference["training"]:
         if row["method"] not in names:
             continue
