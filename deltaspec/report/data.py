@@ -45,6 +45,7 @@ import torch
 from deltaspec import metrics as M
 from deltaspec import patterns
 from deltaspec.analyze import run
+from deltaspec.delta import Delta
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import DeltaspecError, ShapeError, UsageError
 from deltaspec.loaders import Deltas, load
@@ -198,12 +199,20 @@ def _topk_columns(df: pd.DataFrame, spectra: dict[str, Spectrum], top_k: int) ->
     return pd.concat([df, kframe], axis=1)
 
 
-def _null_rows(deltas: Deltas, label: str, run: int, r: int, project: bool,
-               source: Any) -> list[dict[str, Any]]:
-    """The K-resolved metrics of every module's nulls (one row per module and null kind)."""
-    spectra = null_spectra(deltas, run, project_rank=r if project else None, source=source)
-    return [{"label": label, "run": run, "module": module, "null": kind, **k_metrics(s, r)}
-            for kind, per in spectra.items() if kind in NULL_KINDS for module, s in per.items()]
+def _nulls_table(loaded: dict[str, Deltas], names: dict[str, list[str]],
+                 every: Mapping[tuple[str, int], Any], r: int) -> pd.DataFrame:
+    """The K-resolved metrics of every compared module's nulls: one row per (label, run, module,
+    null kind); run j's draws are seeded by j. A full-rank update is projected at rank ``r`` when
+    some compared update is factored (an adapter)."""
+    project = any(loaded[key][n].is_factored for key, ns in names.items() for n in ns)
+    rows = []
+    for (label, j), source in every.items():
+        key = f"{label}#{j}"
+        deltas: Mapping[str, Delta] = {n: loaded[key][n] for n in names[key]}
+        spectra = null_spectra(deltas, j, project_rank=r if project else None, source=source)
+        rows += [{"label": label, "run": j, "module": module, "null": kind, **k_metrics(s, r)}
+                 for kind, per in spectra.items() if kind in NULL_KINDS for module, s in per.items()]
+    return pd.DataFrame(rows, columns=["label", "run", "module", "null", *k_columns(r)])
 
 
 def common_rank(loaded: dict[str, Deltas], names: dict[str, list[str]]) -> int:
@@ -311,20 +320,16 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
     names_all, only_all = _common(loaded_all, opts.include)
     names = {label: names_all[f"{label}#0"] for label in labels}
     only = {label: only_all[f"{label}#0"] for label in labels}
-    rank = common_rank(loaded_all, names_all)
-    kk = cap_k(top_k if top_k is not None else common_top_k(loaded_all, names_all), rank, "top_k")
-    project = any(loaded_all[key][n].is_factored for key, ns in names_all.items() for n in ns)
-    null_rows: list[dict[str, Any]] = []
+    kk = cap_k(top_k if top_k is not None else common_top_k(loaded_all, names_all),
+               common_rank(loaded_all, names_all), "top_k")
     frames: dict[str, pd.DataFrame] = {}
     raw: dict[str, dict[str, Spectrum]] = {label: {} for label in labels}
     chosen_opts = dataclasses.replace(opts, include=None)  # the common modules are chosen already
-    for (label, j), path in every.items():
+    for label, j in every:
         key = f"{label}#{j}"
         result = run(loaded_all[key], opts=chosen_opts, modules=names_all[key])
         raw[label] |= {spectrum_key(m, j): sp for m, sp in result.spectra.items()}
         part = _topk_columns(result.table, result.spectra, kk).assign(run=j)
-        null_rows += _null_rows({n: loaded_all[key][n] for n in names_all[key]}, label, j, kk,
-                                project, path)
         frames[label] = part if j == 0 else pd.concat([frames[label], part], ignore_index=True)
     k = opts.k
     metrics = _metrics(labels, frames)
@@ -338,8 +343,7 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
         similarity=similarity,
         grids=similarity_grids(labels, names, raw, chosen, k) if len(labels) > 1 else [],
         module=chosen, only_in={lb: v for lb, v in only.items() if v}, raw=raw, runs=runs,
-        nulls=pd.DataFrame(null_rows, columns=["label", "run", "module", "null",
-                                               *k_columns(kk)]))
+        nulls=_nulls_table(loaded_all, names_all, every, kk))
 
 
 __all__ = ["ReportData", "SimilarityGrid", "check_labels", "collect", "common_rank", "common_top_k",

@@ -78,17 +78,19 @@ def decide(diff: float, p_adjusted: float, sign: int, level: float = LEVEL) -> s
     return "holds" if sign * diff > 0 else "reversed"
 
 
-def compare_seeds(groups: Sequence[tuple[Sequence[float], Sequence[float], int]],
-                  level: float = LEVEL) -> list[dict[str, Any]]:
+def compare_seeds(groups: Sequence[tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray,
+                                         int]], level: float = LEVEL) -> list[dict[str, Any]]:
     """Each (a values, b values, expected sign of b − a): Welch, Holm over all of them, verdict.
 
     >>> r = compare_seeds([([0.1, 0.2, 0.15], [0.5, 0.6, 0.55], +1)])
     >>> r[0]["verdict"], r[0]["p_holm"] == r[0]["p"], r[0]["n_runs"]
     ('holds', True, [3, 3])
     """
-    rows = [welch(a, b, level) | {"n_runs": [len(a), len(b)], "sign": s} for a, b, s in groups]
-    for row, adj in zip(rows, holm([r["p"] for r in rows]), strict=True):
-        row |= {"p_holm": adj, "level": level, "verdict": decide(row["diff"], adj, row["sign"], level),
+    rows: list[dict[str, Any]] = [welch(a, b, level) | {"n_runs": [len(a), len(b)], "sign": s}
+                                  for a, b, s in groups]
+    for row, adj in zip(rows, holm([float(r["p"]) for r in rows]), strict=True):
+        row |= {"p_holm": adj, "level": level,
+                "verdict": decide(float(row["diff"]), adj, int(row["sign"]), level),
                 "method": f"Welch's t over seed-level means, Holm over {len(rows)} pair(s)"}
     return rows
 
