@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pandas is imported where it is used: `deltaspec demo --help
 
 METHODS = ("lora", "multilora", "full")
 DEFAULT_SEEDS = 3
-DEMO_STEPS = 400  # fine-tuning steps of every method (the tuned rates; --quick: the quick preset)
+DEMO_STEPS = 300  # fine-tuning steps of every method (the tuned rates; --quick: the quick preset)
 REFERENCE_FILE = "reference_results.json"
 REFERENCE_VERSION = 1
 # What the shipped reference keeps of each report table (the medians the overlays draw).

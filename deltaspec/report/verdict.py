@@ -38,7 +38,7 @@ ROLES = ("lora", "multilora", "full")
 ROLE_NAMES = {"lora": "LoRA", "multilora": "MultiLoRA", "full": "full FT"}
 PRIMARY = "share1_of_r"  # pre-registered: the top-1 energy share within the top r values
 PRIMARY_SIGN = -1  # a more democratic update has a lower share: b − a < 0 is expected
-PRIMARY_TITLE = "top-1 energy share within the top r singular values (lower: more democratic)"
+PRIMARY_TITLE = "top-1 energy share within the top r singular values"
 SECONDARY = "normalized_entropy"  # over all values: descriptive only
 
 # Metric-table columns averaged per update (``_topk``: over the top K values); the verdict's

@@ -88,8 +88,8 @@ def compose(v: Mapping[str, Any]) -> str:
     """The verdict paragraph (see the module docstring)."""
     labels = list(v["values"])
     expected = v["expected_order"]
-    intro = (f"Mean {v['metric_title']} (r = {v['top_k']}, the smallest structural rank compared), "
-             f"over {v['modules']} module(s) common to every update")
+    intro = (f"Mean {v['metric_title']} (r = {v['top_k']}, the smallest structural rank compared; "
+             f"lower is more democratic), over {v['modules']} module(s) common to every update")
     if not expected:
         ranking = sorted(labels, key=lambda lb: -v["values"][lb])
         return (f"{intro}, least democratic first: {_values(v, ranking)}. No expected ordering was "
@@ -103,7 +103,7 @@ def compose(v: Mapping[str, Any]) -> str:
                                       how=how) + " "
     runs = sorted(set(v.get("runs", {}).values())) or [1]
     text += (f"{intro} and {'/'.join(map(str, runs))} run(s) per method: "
-             f"{_values(v, expected)} (expected order {_relation(expected)}, "
+             f"{_values(v, expected)} (expected order in democracy {_relation(expected)}, "
              f"{v['order_source']}). ")
     if v.get("pairs"):
         text += "Differences: " + "; ".join(_pair(p) for p in v["pairs"]) + ". "
