@@ -5,12 +5,16 @@
     python analyses/democracy_sweep.py --out figures/sweep --tables-only   # re-render from runs
 
 On one pretrained reference base (``deltaspec.reference``; ``--model``), fine-tunes LoRA
-(rank 16), MultiLoRA with n ∈ {1, 2, 4, 8} parallel modules of rank 16/n (matched trainable
-parameters), full fine-tuning, and MultiLoRA with LoRA's initialisation (Bᵢ = 0, scalings 1)
-at n = 4 — each with several seeds (the seed sets initialisation and batch order; the base and
-the data are shared). Every run stops by patience on the held-out loss (the validation split,
-see ``deltaspec.reference.data``): evaluated every ``eval_every`` steps, stopped after
-``patience`` evaluations without improvement or at ``max_steps``, ending on the best parameters.
+(rank 16), MultiLoRA 4 × 4 (matched trainable parameters) and full fine-tuning by default
+(``--variants``: also MultiLoRA n ∈ {1, 2, 8} and LoRA-initialised arms), several seeds each (the
+seed sets initialisation and batch order; the base and the data are shared). Every run stops by
+patience on the held-out loss (the validation split, see ``deltaspec.reference.data``) or at
+``max_steps``, ending on the best parameters. Each run is analysed over the adapted linear layers
+only (the modules every arm has), with every σ of every module stored, the K-resolved metrics
+within the top r = 16 (the pre-registered primary: :data:`PRIMARY`) and the nulls of
+:mod:`deltaspec.report.null_updates`. Seeds: ``seeds`` of every arm, then more of the
+:data:`ADAPTIVE` pair until the primary interval is within ± ``half_width``, ``max_seeds`` is
+reached or ``wall_minutes`` have passed (no run starts after that).
 
 Each finished run is appended to ``OUT/runs.jsonl`` at once (a killed sweep keeps its runs and a
 rerun skips them); the tables (``OUT/summary.csv``, ``OUT/tables.md``), ``OUT/results.json`` and
