@@ -79,4 +79,4 @@ def test_committed_results_and_writeup_agree() -> None:
     assert T.tables_md(runs) == (root / "figures" / "sweep" / "tables.md").read_text()
     counts = {t: len(v) for t, v in build_mixture(quick_data_config(0)).heldout.items()}
     stated = ", ".join(f"{t} {n}" for t, n in counts.items())
-    assert f"held-out questions per task: {stated}" in writeup
+    assert f"held-out questions per task: {stated}" in " ".join(writeup.split())
