@@ -220,7 +220,7 @@ def _stream(sides: list[Mapping[str, Delta]], items: Sequence[Item], opts: Optio
 def _side_metrics(s: Solved, i: int, opts: Options, with_base: bool,
                   eigs: relative.BaseEigs) -> dict[str, Any]:
     sp, w = s.spectra[i], s.bases[i]
-    part = M.spectral_metrics(sp.values, sp.shape, opts.top_k)
+    part = M.spectral_metrics(sp.values, sp.shape, opts.top_k, s.deltas[i].rank_bound)
     if with_base and w is not None:
         part |= _base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts, eigs)
     return part | health.row_columns(sp, s.ops[i], w if with_base else None, opts, eigs)

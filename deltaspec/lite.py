@@ -246,7 +246,7 @@ def _row(fh: BinaryIO, entries: dict[str, Entry], name: str, keys: dict[str, str
         raise Declined(f"{name}: NaN/Inf")
     values = factored_values(b, a)
     return cols.identity(name, "lora", shape, r, "factored") \
-        | spectral_metrics(values, shape, opts.top_k)
+        | spectral_metrics(values, shape, opts.top_k, r)
 
 
 __all__ = ["HONOURED", "Declined", "Entry", "analyze_rows", "factored_values", "read_float32", "read_header"]

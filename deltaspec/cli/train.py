@@ -105,7 +105,7 @@ def _base(kw: dict[str, Any], out: Path, log: Any) -> tuple[Path, dict]:
 
     mcfg, pcfg, dcfg = resolve_base_configs(kw["quick"], kw["seed"])
     if kw["base_dir"] is None:
-        base_dir = _default_base_dir(pretrain_hash(mcfg, pcfg, dcfg))
+        base_dir = _default_base_dir(pretrain_hash(mcfg, pcfg, dcfg, kw["threads"], kw["device"]))
     else:
         base_dir = Path(kw["base_dir"])
         if (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file():

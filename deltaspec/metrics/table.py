@@ -26,6 +26,7 @@ from deltaspec.metrics import heavy_tail as HT
 from deltaspec.metrics import pairwise as P
 from deltaspec.metrics import ranks as RK
 from deltaspec.metrics import spectral as S
+from deltaspec.metrics.within import cap_k
 
 GROUPS = ("spectral", "base_relative", "heavy_tail", "pairwise")
 BETTER = ("higher", "lower", "neither")
@@ -195,11 +196,13 @@ def label(column: str) -> str:
 
 
 def spectral_metrics(values: S.Values, shape: tuple[int, int],
-                     top_k: int | None = None) -> dict[str, float]:
+                     top_k: int | None = None, rank_bound: int | None = None) -> dict[str, float]:
     """Every spectral metric of the table, over all values or over the top ``top_k`` only.
 
     With ``top_k``, the normalising k of the entropies is min(top_k, len(σ)), so that a rank-16
-    LoRA and a full fine-tune are compared over the same number of directions.
+    LoRA and a full fine-tune are compared over the same number of directions. A ``top_k`` above
+    the update's structural ``rank_bound`` is capped at it with a warning
+    (:func:`deltaspec.metrics.within.cap_k`), never padded with zeros.
 
     >>> m = spectral_metrics([2.0, 1.0, 0.0], (3, 3))
     >>> m["rank"], round(m["top1_share"], 2)
@@ -207,5 +210,5 @@ def spectral_metrics(values: S.Values, shape: tuple[int, int],
     """
     s = S.descending(values)
     if top_k is not None:
-        s = s[:top_k]
+        s = s[:top_k if rank_bound is None else cap_k(top_k, rank_bound)]
     return {m.name: m.of_spectrum(s, shape) for m in _SPECTRAL}

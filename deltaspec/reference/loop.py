@@ -193,6 +193,17 @@ def train_loop(
             **stopper.finish(len(losses))}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else the platform's processor string)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):  # noqa: SIM115
+            if line.lower().startswith("model name"):
+                return " ".join(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device | str, threads: int) -> dict:
     return {"device": str(device), "threads": threads, "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),

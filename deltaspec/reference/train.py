@@ -141,7 +141,7 @@ def pretrain(
     when ``overwrite``; a folder holding anything else is never replaced (ValueError).
     """
     mcfg, tcfg, dcfg = resolve_base_configs(quick, seed, model_config, train_config, data_config)
-    key, base = pretrain_hash(mcfg, tcfg, dcfg), Path(base_dir)
+    key, base = pretrain_hash(mcfg, tcfg, dcfg, threads, device), Path(base_dir)
     if cached_base(base, key):
         metrics_path = base / "metrics.json"
         cached = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -316,7 +316,8 @@ def finetune(
         ckpt = _save_method(method, model, layers, out, base, base_config)
     metrics = {
         "method": method, "stage": "finetune", "path": str(out), "base_path": str(base),
-        "checkpoint_format": ckpt, **stats, **_accuracy_block(acc, data=dcfg),
+        "checkpoint_format": ckpt, "base_sha256": file_sha256(base / "model.safetensors"),
+        **stats, **_accuracy_block(acc, data=dcfg),
         **_accuracy_block(train_acc, "train_"), "base_accuracy": _base_accuracy(base),
         "trainable_params": sum(p.numel() for p in params),
         "trainable_params_formula": _formula_params(method, layers),
@@ -328,6 +329,18 @@ def finetune(
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file (the base's weights, recorded in every fine-tune's metrics: which base
+    it was trained from, whatever the cache's history), None when it is missing."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def _base_accuracy(base: Path) -> dict | None:
@@ -363,7 +376,7 @@ def run_all(
     """
     out = Path(out_dir)
     mcfg, pcfg, dcfg = resolve_base_configs(quick, seed, model_config, pretrain_config, data_config)
-    key = pretrain_hash(mcfg, pcfg, dcfg)
+    key = pretrain_hash(mcfg, pcfg, dcfg, threads, device)
     base_dir = Path(cache_dir) / f"base-{key}" if cache_dir else out / "base"
     results = {"base": pretrain(base_dir, mcfg, pcfg, dcfg, seed=seed, device=device,
                                 threads=threads, log=log)}
