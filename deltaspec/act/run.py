@@ -10,7 +10,8 @@ mergekit's ``extract_lora`` keeps them out of the LoRA too (it saves them whole,
 ``modules_to_save``, unless ``--embed-lora``); here they are left out rather than copied whole
 (a vocabulary-sized full copy defeats a small adapter; the base's own rows are used), and the
 note says so — full ``modules_to_save``/trainable-token copies, and 1-D tensors (norms, biases:
-the loaders do not yield them as updates). Routed mixtures (MoE-LoRA experts) are refused: no single ΔW exists.
+the loaders do not yield them as updates). Routed mixtures (MoE-LoRA experts) are refused: no
+single ΔW exists.
 """
 
 from __future__ import annotations

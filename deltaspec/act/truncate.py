@@ -3,8 +3,8 @@ error of the tensors as saved.
 
 - Factored inputs (LoRA, MultiLoRA, AdaLoRA, VeRA, FourierFT's factors, …): the engine's exact
   factored route (QR of B and Aᵀ, SVD of the small core) gives every σ and the vectors; ΔW is
-  never formed. The saved error ‖B·A − B̂·Â‖_F comes from the QR of the stacked factors
-  [B, −B̂] and [A; Â]ᵀ (no dense matrix either).
+  never formed. The saved error ‖B·A − B̂·Â‖_F comes from the stacked factors X = [B, −B̂],
+  Y = [A; Â] as tr((XᵀX)(YYᵀ)), or from their QR where that would cancel (no dense matrix).
 - Dense inputs (a full fine-tune minus its base, DoRA, IA³, OFT, LoHa, LoKr, …): one operand read
   once as stored; its float64 Gram (when the machine's solver route uses one) is formed once and
   serves both the values (which pick k) and the exact top-k vectors; the saved error is summed
@@ -116,11 +116,16 @@ def saved_error(t: Truncation, b_hat: torch.Tensor, a_hat: torch.Tensor,
     if d.is_factored:
         b, a = d.factors(F64)
         x, y = torch.cat([b, -bh], dim=1), torch.cat([a, ah], dim=0)
-        if x.shape[1] < min(x.shape[0], y.shape[1]):  # QR of the stacked factors: no dense ΔW
-            rx = torch.linalg.qr(x, mode="r")[1]
-            ry = torch.linalg.qr(y.T, mode="r")[1]
-            return float(torch.linalg.matrix_norm(rx @ ry.T)) / total
-        return float(torch.linalg.matrix_norm(x @ y)) / total
+        if x.shape[1] >= min(x.shape[0], y.shape[1]):
+            return float(torch.linalg.matrix_norm(x @ y)) / total
+        # ‖X·Y‖²_F = tr((XᵀX)(YYᵀ)): small Gram products, no dense ΔW; where the error is
+        # below 1e-5 that cancels, and the QR of the stacked factors gives it to full precision
+        sq = float(((x.T @ x) * (y @ y.T)).sum())
+        if sq > 1e-10 * total * total:
+            return math.sqrt(sq) / total
+        rx = torch.linalg.qr(x, mode="r")[1]
+        ry = torch.linalg.qr(y.T, mode="r")[1]
+        return float(torch.linalg.matrix_norm(rx @ ry.T)) / total
     op = t.op if t.op is not None else operand(d, resolve_device(device))
     bh, ah = bh.to(op.device), ah.to(op.device)
     m, n = d.shape
