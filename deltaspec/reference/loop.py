@@ -146,11 +146,13 @@ def train_loop(
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     log: Log | None = None,
     evaluate: Callable[[], float] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Run up to ``cfg.steps`` AdamW steps on ``params``; return loss, throughput and memory stats.
 
     With ``evaluate`` (→ held-out loss) and ``cfg.eval_every`` > 0, training stops early by
-    patience and ends on the best evaluated parameters (see :class:`EarlyStop`).
+    patience and ends on the best evaluated parameters (see :class:`EarlyStop`). ``on_step(n)``
+    is called after the n-th optimiser step (its time is not counted in tokens/s).
     """
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     stopper = EarlyStop(params, cfg, evaluate)
@@ -175,6 +177,8 @@ def train_loop(
         if log and (step + 1) % max(1, cfg.steps // 5) == 0:
             log(f"  step {step + 1}/{cfg.steps}  loss {losses[-1]:.4f}")
         t_eval = time.perf_counter()
+        if on_step is not None:
+            on_step(step + 1)
         stop = stopper.check(step + 1, model)  # may lower lr_scale: the next step's rate
         eval_s += time.perf_counter() - t_eval
         sched.step()
@@ -187,6 +191,17 @@ def train_loop(
     return {"loss": _loss_summary(losses), "train_tokens": tokens, "train_time_s": seconds,
             "tokens_per_s": tokens / seconds, "steps_run": len(losses), **meter.summary(),
             **stopper.finish(len(losses))}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else the platform's processor string)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):  # noqa: SIM115
+            if line.lower().startswith("model name"):
+                return " ".join(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device | str, threads: int) -> dict:
