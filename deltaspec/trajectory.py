@@ -168,9 +168,11 @@ def _kept(factors: tuple[Any, Any]) -> Callable[[], tuple[Any, Any]]:
 
 
 def _load(p: Point, base: Any, opts: Options) -> Any:
-    from deltaspec.analyze import _load as load_one  # the core entry's one loading call
+    """One checkpoint read: located and its base decided as the plan does (the one loading call)."""
+    from deltaspec.loaders.registry import load_side
+    from deltaspec.plan import side
 
-    return load_one(p.source, base, opts)
+    return load_side(side(p.source, base, opts), opts)
 
 
 def _vectors(sp: Any, k: int) -> tuple[Any, Any]:
@@ -185,11 +187,11 @@ def _rows(p: Point, result: Any, prev: dict[str, Any], columns: list[str],
     """The rows of checkpoint ``p`` from its comparison with the final one; ``prev``: module →
     (U, V, ‖ΔW‖_F) of the previous checkpoint. Returns the rows and this step's ``prev``."""
     rows, now = [], {}
-    for rec in result.table.to_dict(orient="records"):
+    for rec in result.rows.rows:
         name = rec["module"]
         row: dict[str, Any] = {"step": p.step, "checkpoint": p.name}
         row |= {c: rec[c] if c in rec else rec.get(f"{c}_a") for c in columns}
-        row |= {new: rec[old] for old, new in _FROM_PAIR.items()}
+        row |= {new: rec.get(old) for old, new in _FROM_PAIR.items()}
         u, v = _vectors(result.spectra[name][0], k)
         fro = float(row["fro_norm"])
         now[name] = (u, v, fro)
@@ -242,7 +244,7 @@ def _final(pts: list[Point], base: Any, opts: Options, skip_bad: bool,
 def run(pts: Sequence[Point], base: Any = None, opts: Options | None = None, *,
         skip_bad: bool = False) -> Trajectory:
     """The trajectory of already listed checkpoints (:func:`points`); see the module docstring."""
-    from deltaspec.analyze import run as analyze_run
+    from deltaspec.loop import run as analyze_run
 
     opts = dataclasses.replace(opts or Options(), keep_spectra=True, vectors=True)
     todo, bad = list(pts), []  # type: list[Point], list[tuple[str, str]]
@@ -260,7 +262,7 @@ def run(pts: Sequence[Point], base: Any = None, opts: Options | None = None, *,
             if result.only_a or result.only_b:
                 extra = (result.only_a or result.only_b)[0]
                 raise MismatchError(f"module {extra} is in only one of {p.name} and {final.name}")
-            columns = columns or cols.analyze_columns(result.with_base)
+            columns = columns or cols.analyze_columns(result.with_base, opts.heavy_tail)
             got, now = _rows(p, result, prev, columns, opts.k)
         except (DeltaspecError, OSError, RuntimeError, ValueError) as exc:
             if not skip_bad or isinstance(exc, (ShapeError, MismatchError)):
@@ -271,7 +273,8 @@ def run(pts: Sequence[Point], base: Any = None, opts: Options | None = None, *,
         prev = now
         notes += [n for n in result.notes if n not in notes]
     used = [p for p in todo if p.name not in {n for n, _ in bad}]
-    table = cols.frame(rows, [*LEAD, *(columns or cols.analyze_columns(False)), *DRIFT])
+    table = cols.frame(rows, [*LEAD, *(columns or cols.analyze_columns(False, opts.heavy_tail)),
+                              *DRIFT])
     table["step"] = table["step"].astype("int64")
     table["checkpoint"] = table["checkpoint"].astype("string")
     return Trajectory(table, used, bad, notes)

@@ -36,6 +36,8 @@ WALK = {
     "mtl_temperature": (["--mtl-temperature", "2"], 2.0),
     "discover_base": (["--no-base-discovery"], False),
     "revision": (["--revision", "v2"], "v2"),
+    "merge_dtype": (["--merge-dtype", "float16"], "float16"),
+    "heavy_tail": (["--alpha"], True),
 }
 # the core's view of the few options a command spends on something else
 # (report's --top-k and collect's top_k are the K of the report's fair entropy, not Options.top_k)

@@ -69,13 +69,12 @@ class Acted:
 
 
 def load_deltas(path: Any, base: Any, opts: Options, config: Any = None) -> Any:
-    """The one call into the loaders (:func:`deltaspec.loaders.load`) with the options' fields."""
-    from deltaspec.loaders import load
+    """The one call into the loaders: ``path`` located and its base decided as the plan does
+    (:func:`deltaspec.plan.side`), read with ``opts`` (:func:`~deltaspec.loaders.registry.load_side`)."""
+    from deltaspec.loaders.registry import load_side
+    from deltaspec.plan import side
 
-    return load(path, base, allow_modified_base=opts.allow_modified_base,
-                discover_base=opts.discover_base, lora_alpha=opts.lora_alpha,
-                mtl_temperature=opts.mtl_temperature, revision=opts.revision, config=config,
-                adapter_name=opts.adapter_name)
+    return load_side(side(path, base, opts, config), opts)
 
 
 def selected(deltas: Mapping[str, Delta], opts: Options, notes: list[str]) -> list[str]:

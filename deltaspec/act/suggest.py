@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def suggestion_rows(path: Any, base: Any, policy: Policy | None, opts: Options,
                     config: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows, notes): one row per module with the rank of every suggested policy."""
-    from deltaspec.analyze import run
+    from deltaspec.loop import run
 
     deltas = load_deltas(path, base, opts, config)
     notes: list[str] = []

@@ -204,11 +204,13 @@ def verify_merge(merged: Any, adapter: Any, base: Any,
 def _load(path: Any, base: Any, opts: Options) -> Deltas:
     """The one call to the loaders: every adapter type, sharded checkpoints, Hub ids, live
     objects; the base is the one given (never discovered)."""
-    from deltaspec.loaders import load
+    import dataclasses
 
-    return load(path, base, allow_modified_base=opts.allow_modified_base, discover_base=False,
-                revision=opts.revision, lora_alpha=opts.lora_alpha,
-                mtl_temperature=opts.mtl_temperature, adapter_name=opts.adapter_name)
+    from deltaspec.loaders.registry import load_side
+    from deltaspec.plan import side
+
+    opts = dataclasses.replace(opts, discover_base=False)
+    return load_side(side(path, base, opts), opts)
 
 
 def records(checks: list[ModuleCheck]) -> list[dict[str, Any]]:

@@ -93,17 +93,20 @@ class Monitor:
     def measure(self, model: Any) -> tuple[dict[str, float], str | None]:
         """(scalars, the reason to stop or None) of the model as it is now. Raises on errors."""
         from deltaspec import metrics as M
-        from deltaspec.analyze import run
-        from deltaspec.loaders import load
+        from deltaspec.loaders.registry import load_side
+        from deltaspec.loop import run
+        from deltaspec.plan import side
 
         o = self.opts
-        deltas = dict(load(model, self.base, discover_base=False, adapter_name=o.adapter_name))
+        read = dataclasses.replace(o, discover_base=False)  # the base: the model's own or given
+        deltas = dict(load_side(side(model, self.base, read), read))
         if not any(m in ("relative_norm", "amplification", "intruders") for m in self.metrics):
             deltas = {n: dataclasses.replace(d, base=None) for n, d in deltas.items()}
         result = run(deltas, opts=o)
         per_kind: dict[str, list[dict[str, Any]]] = {}
         now: dict[str, tuple[Any, Any]] = {}
-        for rec in result.table.to_dict(orient="records"):
+        rows = [dict(r) for r in result.rows.rows]  # pandas-free; the drift columns added here
+        for rec in rows:
             sp = result.spectra[rec["module"]]
             r = min(o.k, M.numerical_rank(sp.values, sp.shape))
             u, v = sp.U[:, :r].cpu(), sp.V[:, :r].cpu()
@@ -120,13 +123,13 @@ class Monitor:
                 vals = [float(r[m]) for r in recs if m in r and not is_missing(r[m])]
                 if vals:
                     logs[key(kind, m)] = sum(vals) / len(vals)
-        return logs, self._violation(result.table)
+        return logs, self._violation(rows)
 
-    def _violation(self, table: Any) -> str | None:
+    def _violation(self, rows: list[dict[str, Any]]) -> str | None:
         """The first module outside a ``fail_on`` bound, as one line (None: all within)."""
         if self.rules is None:
             return None
-        for rec in table.to_dict(orient="records"):
+        for rec in rows:
             if self.rules.ignored(rec["module"]):
                 continue
             for metric, bound in self.rules.policy(str(rec["kind"])).bounds.items():

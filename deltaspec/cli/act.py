@@ -7,16 +7,17 @@ from typing import Any
 
 import click
 
-from deltaspec.cli.options import ANALYSIS, emit, format_option, output_dir_option, to_options
+from deltaspec.cli.options import analysis_options, emit, format_option, output_dir_option, to_options
 from deltaspec.errors import UsageError
 
-# The shared analysis options these commands use (the spectral-metric ones do not apply here).
-_SHARED = ("base", "no_base_discovery", "revision", "include", "device", "allow_modified_base",
-           "lora_alpha", "mtl_temperature", "quiet")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-def _act_options(base_help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _act_options(command: str,
+                 base_help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The command's own options, then the shared load options (those whose ``commands`` name
+    it: :data:`deltaspec.options.LOADING`; the spectral-metric ones do not apply here)."""
+
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
         own: list[Callable[[Any], Any]] = [
             click.option("--rank", "rank", default="gd", show_default=True, metavar="POLICY",
@@ -41,11 +42,10 @@ def _act_options(base_help: str | None = None) -> Callable[[Callable[..., Any]],
                               "(it must not exist or be empty)", alias=None),
             format_option("the error table", from_output=False),
         ]
-        shared: list[Callable[[Any], Any]] = [click.option(*ANALYSIS[n][0], **(ANALYSIS[n][1] | (
-            {"help": base_help} if n == "base" and base_help else {}))) for n in _SHARED]
-        for dec in reversed(own + shared):
+        for dec in reversed(own):
             f = dec(f)
-        return f
+        shared = analysis_options(command, **({"base": {"help": base_help}} if base_help else {}))
+        return shared(f)
 
     return deco
 
@@ -85,7 +85,7 @@ def _run(what: str, source: str, kw: dict[str, Any]) -> None:
 
 @click.command("compress")
 @click.argument("adapter")
-@_act_options()
+@_act_options("compress")
 def compress_cmd(adapter: str, **kw: Any) -> None:
     """Compress ADAPTER to a PEFT LoRA of the ranks --rank gives, with the error per module.
 
@@ -101,7 +101,7 @@ def compress_cmd(adapter: str, **kw: Any) -> None:
 
 @click.command("extract")
 @click.argument("finetuned")
-@_act_options(base_help="The base model FINETUNED was fine-tuned from (folder or Hub id "
+@_act_options("extract", base_help="The base model FINETUNED was fine-tuned from (folder or Hub id "
                         "org/name[@rev]) [required].")
 def extract_cmd(finetuned: str, **kw: Any) -> None:
     """Extract a PEFT LoRA from the full fine-tune FINETUNED: ΔW = FINETUNED − BASE, truncated

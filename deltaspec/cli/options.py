@@ -11,10 +11,10 @@ one (``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--inc
 without a metric table (zoo, compress, extract, verify-merge) call ``analysis_options(name)``
 and get the fields whose ``commands`` name them (the load options:
 :data:`deltaspec.options.LOADING`). A command may change a help text or a default (``check``
-reads K and top-K from its baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one
-that writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
-.csv), else ``table``. Older spellings stay as hidden aliases. Nothing here imports torch, numpy
-or pandas: ``--help`` and argument errors stay fast.
+reads K and top-K from its baseline) but not a name. A command that writes one file takes
+``-o/--output FILE``, one that writes a folder ``--out DIR``; ``--format`` defaults to the
+extension of ``--output`` (.json, .csv), else ``table``. Older spellings stay as hidden aliases.
+Nothing here imports torch, numpy or pandas: ``--help`` and argument errors stay fast.
 """
 
 from __future__ import annotations

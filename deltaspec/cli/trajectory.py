@@ -27,7 +27,7 @@ def _notes(skipped: list[tuple[str, str]], notes: list[str]) -> list[str]:
 
 @click.command("trajectory")
 @click.argument("run", nargs=-1, required=True)
-@analysis_options()
+@analysis_options("trajectory")
 @click.option("--skip-bad", is_flag=True,
               help="Leave out checkpoints that fail to load (each is listed on stderr) instead "
                    "of stopping at the first.")

@@ -7,29 +7,27 @@ from typing import Any
 
 import click
 
-from deltaspec.cli.options import ANALYSIS, emit, format_option, output_file_option, writable
-from deltaspec.options import Options
+from deltaspec.cli.options import (
+    analysis_options,
+    emit,
+    format_option,
+    output_file_option,
+    to_options,
+    writable,
+)
 
 TABLE = ("module", "dtype", "residual", "bound", "scale", "verdict")
-
-
-def _shared(name: str, **changes: Any) -> Any:
-    decls, kw = ANALYSIS[name]
-    return click.option(*decls, **(kw | changes))
 
 
 @click.command("verify-merge")
 @click.argument("merged")
 @click.option("--adapter", required=True, metavar="DIR|ID",
               help="The adapter that was merged (any adapter type deltaspec reads).")
-@_shared("base", required=True, help="The base model the adapter was merged into (folder or Hub "
-                                     "id org/name[@rev]).")
-@_shared("revision")
-@_shared("allow_modified_base")
-@_shared("lora_alpha")
+@analysis_options("verify-merge", base={
+    "required": True, "help": "The base model the adapter was merged into (folder or Hub id "
+                              "org/name[@rev])."})
 @format_option("the per-module verdicts")
 @output_file_option("the per-module verdicts")
-@_shared("quiet")
 def verify_merge_cmd(merged: str, **kw: Any) -> None:
     """Check that MERGED (a merged model: folder, sharded checkpoint or Hub id) holds ADAPTER.
 
@@ -42,8 +40,7 @@ def verify_merge_cmd(merged: str, **kw: Any) -> None:
     from deltaspec.act.verify import COLUMNS, records, verify_merge
     from deltaspec.output import Printable, Rows, fmt_number, text_table
 
-    opts = Options(allow_modified_base=bool(kw["allow_modified_base"]), revision=kw["revision"],
-                   lora_alpha=kw["lora_alpha"])
+    opts = to_options(kw)
     checks = verify_merge(merged, kw["adapter"], kw["base"], opts)
     rows = records(checks)
     failing = [c for c in checks if not c.holds]

@@ -16,12 +16,11 @@ from deltaspec.errors import UsageError, one_line
                    "modules.csv, zoo.json, figures). An earlier zoo folder there is replaced; any "
                    "other non-empty folder is refused.", alias=None)
 @analysis_options(
+    "zoo",
     base={"help": "Base model folder or Hub id: needed for full fine-tunes (every update must "
                   "pair with it)."},
     k={"help": "Subspace dimension K of the similarity φ(K, K) and the principal angles "
-               "[default: 8]."},
-    top_k={"help": "Not used by zoo (its numbers do not depend on a top-K of the spectrum)."},
-    intruders={"help": "Not used by zoo."})
+               "[default: 8]."})
 @click.option("--title", default=None, help="Title of the page.")
 @format_option("the summary: table (groups and closest pairs), json (zoo.json) or csv "
                "(clusters)", from_output=False)
@@ -50,7 +49,7 @@ def zoo_cmd(updates: tuple[str, ...], **kw: Any) -> None:
 
     labelled = parse_sources(list(updates))
     check_zoo_dir(out)  # fail before the analysis, not after it
-    result = run(labelled, kw["base"], to_options(kw, top_k=None, intruders=False))
+    result = run(labelled, kw["base"], to_options(kw))
     index = write(result, out, base=kw["base"], title=kw["title"])
     print_summary(result, index, kw)
 

@@ -168,7 +168,7 @@ def pretrain_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: Data
     """Hash of everything that determines the pretrained base (the cache key): the configs, and
     the thread count, device and CPU model it is trained with (the thread count splits float
     reductions and the CPU decides their vector kernels, so either changes the weights)."""
-    from .loop import cpu_name, default_threads
+    from .machine import cpu_name, default_threads
 
     blob = json.dumps({"model": model_cfg.to_dict(), "train": asdict(train_cfg),
                        "data": data_cfg.to_dict(), "version": _PRETRAIN_VERSION,

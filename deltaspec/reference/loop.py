@@ -21,6 +21,7 @@ from torch import nn
 
 from .configs import TrainConfig
 from .evaluate import IGNORE, MemoryMeter
+from .machine import default_threads
 
 Log = Callable[[str], None]
 
@@ -29,18 +30,6 @@ def seed_everything(seed: int) -> None:
     """Seed every random source the reference uses (Python's ``random`` and torch, all devices)."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def default_threads() -> int:
-    """Intra-op threads by default: 1.
-
-    The reference model is small (128 wide), so a second thread buys little, and two OpenMP
-    threads on a shared 2-core machine wait on each other at every barrier: measured here with
-    other jobs running (load average 2-4), a pretraining step ran 3-8x slower with 2 threads than
-    with 1. One thread also keeps tokens/s comparable between methods. Pass ``threads=2`` to use
-    both cores of an otherwise idle machine, or any other count on a bigger one.
-    """
-    return 1
 
 
 @contextmanager
@@ -191,17 +180,6 @@ def train_loop(
     return {"loss": _loss_summary(losses), "train_tokens": tokens, "train_time_s": seconds,
             "tokens_per_s": tokens / seconds, "steps_run": len(losses), **meter.summary(),
             **stopper.finish(len(losses))}
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else the platform's processor string)."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):  # noqa: SIM115
-            if line.lower().startswith("model name"):
-                return " ".join(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device | str, threads: int) -> dict:

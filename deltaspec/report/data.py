@@ -283,6 +283,16 @@ def spectra_table(metrics: pd.DataFrame, raw: dict[str, dict[str, Spectrum]]) ->
     return df.astype({"i": "int64", "modules": "int64"})
 
 
+def _load_all(every: Mapping[tuple[str, int], Any], base: Any, opts: Options) -> dict[str, Deltas]:
+    """Every run of every label (key ``label#j``), planned as one collection and checked to be
+    updates of one base."""
+    plan = build(Request(tuple(every.values()), base, opts, collection=True))
+    loaded = {f"{lb}#{j}": load_side(side, opts)
+              for (lb, j), side in zip(every, plan.sides, strict=True)}
+    _check_shapes(loaded, {f"{lb}#{j}": describe(p) for (lb, j), p in every.items()})
+    return loaded
+
+
 def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
             base: str | Path | None = None, *, top_k: int | None = None,
             module: str | None = None, options: Options | None = None,
@@ -313,10 +323,7 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
     runs = _runs(updates)
     paths = {label: ", ".join(describe(x) for x in r) for label, r in runs.items()}
     every = {(label, j): p for label, r in runs.items() for j, p in enumerate(r)}
-    plan = build(Request(tuple(every.values()), base, opts, collection=True))
-    loaded_all = {f"{lb}#{j}": load_side(side, opts)
-                  for (lb, j), side in zip(every, plan.sides, strict=True)}
-    _check_shapes(loaded_all, {f"{lb}#{j}": describe(p) for (lb, j), p in every.items()})
+    loaded_all = _load_all(every, base, opts)
     names_all, only_all = _common(loaded_all, opts.include)
     names = {label: names_all[f"{label}#0"] for label in labels}
     only = {label: only_all[f"{label}#0"] for label in labels}

@@ -76,7 +76,7 @@ def _figure_specs(data: ReportData) -> list[tuple[str, str, str, Plot]]:
              "evidence of shared directions.",
              lambda d, s, r: P.plot_similarity_by_layer(d.similarity)),
         ]
-    from deltaspec.report.trajectory import training_specs  # runs that carry a training log
+    from deltaspec.report.training import training_specs  # runs that carry a training log
 
     specs += training_specs(data.runs or {lb: [p] for lb, p in data.paths.items()})
     return specs
