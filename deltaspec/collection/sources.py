@@ -10,11 +10,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deltaspec import plan
 from deltaspec.errors import DeltaspecError, UsageError
 from deltaspec.loaders.live import describe
 from deltaspec.loaders.registry import Deltas, load_side
 from deltaspec.options import Options
-from deltaspec.plan import side
 from deltaspec.report.data import _check_shapes, _common, check_labels, parse_updates
 
 _BAD = re.compile(r"[^A-Za-z0-9_.+\-]+")
@@ -96,7 +96,7 @@ def labelled(sources: Sequence[Any] | Mapping[str, Any]) -> dict[str, Any]:
 def load_one(label: str, source: Any, base: Any, opts: Options) -> Deltas:
     """Load one update (the one place a collection calls the loaders); a failure names it."""
     try:
-        return load_side(side(source, base, opts), opts)
+        return load_side(plan.side(source, base, opts), opts)
     except DeltaspecError as exc:
         where = describe(source)
         msg = str(exc) if where in str(exc) else f"{where}: {exc}"
