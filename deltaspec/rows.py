@@ -1,6 +1,6 @@
 """The one row builder: one module's row of the result table — identity, the metric table's
 spectral metrics, the base-relative ones, and (a comparison) the pairwise ones — for both
-executors of a plan (:mod:`deltaspec.engine.host` builds from σ alone, :mod:`deltaspec.analyze`
+executors of a plan (:mod:`deltaspec.engine.host` builds from σ alone, :mod:`deltaspec.loop`
 from a solved :class:`~deltaspec.engine.pipeline.Solved`). Imports no torch until a base-relative
 or pairwise metric is asked for.
 """

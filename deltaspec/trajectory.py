@@ -8,7 +8,7 @@ columns of :data:`DRIFT` (declared here, once).
 
 How it runs: the final checkpoint is read first and, when its modules are factored (LoRA,
 MultiLoRA, …), its factors are kept in memory (adapter-sized); every checkpoint is then streamed
-once through the core entry's comparison with the final one (:func:`deltaspec.analyze.run`):
+once through the core loop's comparison with the final one (:func:`deltaspec.loop.run`):
 its metrics are that run's ``_a`` columns (the same functions as ``analyze``), cosine and φ to the
 final are the run's pairwise columns, and φ to the previous checkpoint comes from the top-K
 vectors kept from the previous step. A dense final update (a full fine-tune) is not held in

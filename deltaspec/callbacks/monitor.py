@@ -3,7 +3,7 @@
 Every ``every`` optimiser steps :meth:`Monitor.step` reads the model's live parameters in place
 (:mod:`deltaspec.loaders.live`: a PeftModel's active adapter, or a full model against its base;
 nothing is copied and no checkpoint is written), runs the core entry
-(:func:`deltaspec.analyze.run`: factored spectra, the metric table) and returns scalars per module
+(:func:`deltaspec.loop.run`: factored spectra, the metric table) and returns scalars per module
 kind — the mean over that kind's modules of each metric asked for, and the mean φ(K, K) of the
 left and right top-K singular vectors to the previous log point — under keys
 ``deltaspec/<kind>/<metric>``. ``fail_on`` holds bounds in the CI gate's syntax
