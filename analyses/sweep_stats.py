@@ -1,9 +1,12 @@
 """Tables, comparisons and figures of the democracy sweep, rebuilt from its ``runs.jsonl``.
 
 Every number of ``tables.md`` (and of the tables in ``analyses/democracy_sweep.md``) comes from
-here: per arm, the mean over seeds with a 95 % Student-t interval; per compared pair, the
-difference of means with a Welch 95 % interval, Hedges' g and a three-way verdict (holds: the
-interval lies on the expected side of 0; reversed: on the other side; inconclusive: it holds 0).
+here: per arm, the mean over seeds with a 95 % Student-t interval; per claim, the difference of
+seed-level means with a Welch 95 % interval, Hedges' g, a two-sided p, its Holm adjustment over
+all the claims, and a three-way verdict from the adjusted p (:mod:`deltaspec.report.seeds`: the
+same code as the report's). Nulls (a random update of the same shape and rank; full FT's update
+projected on a random rank-16 input subspace; MultiLoRA with equalised |sᵢ|) are columns
+``<kind>.<metric>`` of the same runs, compared by the same code.
 """
 
 from __future__ import annotations
@@ -18,36 +21,48 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from deltaspec.report.seeds import compare_seeds, holm  # noqa: F401  (holm: for the tests)
+from deltaspec.report.seeds import welch as welch  # re-exported: the tests check it against scipy
+
 LEVEL = 0.95
+PRIMARY = "share1_of_r"
 TASKS = ("reverse", "upper", "sort", "repeat", "parity", "sentiment", "capital")
-METRICS = {  # column: (heading, decimals)
-    "normalized_entropy_topk": ("top-16 norm. entropy", 4),
-    "effective_rank_topk": ("top-16 eff. rank", 2),
-    "top1_share": ("top-1 energy", 3),
-    "top8_share": ("top-8 energy", 3),
+METRICS = {  # column: (heading, decimals); the K-resolved ones within the top r = 16
+    "share1_of_r": ("top-1 share in top 16 (primary)", 4),
+    "entropy_top2": ("top-2 entropy", 4),
+    "entropy_top4": ("top-4 entropy", 4),
+    "entropy_top8": ("top-8 entropy", 4),
+    "entropy_top16": ("top-16 entropy", 4),
     "accuracy_mean": ("held-out acc.", 3),
 }
-# (a, b, metric, expected sign of b − a, the claim tested)
+DESCRIPTIVE = {  # all-σ quantities: capped by the rank, never in a claim
+    "top1_share": ("top-1 share, all σ", 3),
+    "normalized_entropy_all": ("entropy, all σ", 3),
+}
+NULL_COLUMNS = ("random.share1_of_r", "projected.share1_of_r", "equalised.share1_of_r",
+                "random.entropy_top4", "projected.entropy_top4", "equalised.entropy_top4")
+# (arm a, column of a, arm b, column of b, expected sign of b − a, the claim tested)
 PAIRS = (
-    ("lora", "multilora-n4", "normalized_entropy_topk", +1, "MultiLoRA (n=4) flatter than LoRA"),
-    ("lora", "multilora-n4", "top1_share", -1, "MultiLoRA (n=4) less top-1 dominated than LoRA"),
-    ("lora", "full", "normalized_entropy_topk", +1, "full FT flatter than LoRA"),
-    ("multilora-n4", "full", "normalized_entropy_topk", +1, "full FT flatter than MultiLoRA"),
-    ("multilora-n1", "multilora-n8", "normalized_entropy_topk", +1, "more modules (n 1 → 8) flatter"),
-    ("multilora-n4-lorainit", "multilora-n4", "normalized_entropy_topk", +1,
-     "MultiLoRA init flatter than LoRA init (n=4)"),
-    ("multilora-n1-lorainit", "multilora-n1", "normalized_entropy_topk", +1,
-     "MultiLoRA init flatter than LoRA init (n=1)"),
-    ("lora", "multilora-n1", "normalized_entropy_topk", +1, "n=1 MultiLoRA flatter than LoRA"),
-    ("lora", "multilora-n4", "accuracy_mean", +1, "MultiLoRA (n=4) more accurate than LoRA"),
-    ("multilora-n4-lorainit", "multilora-n4", "accuracy_mean", +1,
-     "MultiLoRA init more accurate than LoRA init (n=4)"),
+    ("lora", PRIMARY, "multilora-n4", PRIMARY, -1,
+     "PRIMARY: MultiLoRA (n=4) less top-1 dominated than LoRA"),
+    ("lora", "entropy_top4", "multilora-n4", "entropy_top4", +1,
+     "MultiLoRA (n=4) flatter than LoRA in its top 4"),
+    ("lora", PRIMARY, "full", PRIMARY, -1, "full FT less top-1 dominated than LoRA"),
+    ("multilora-n4", PRIMARY, "full", PRIMARY, -1, "full FT less top-1 dominated than MultiLoRA"),
+    ("lora", PRIMARY, "full", f"projected.{PRIMARY}", -1,
+     "full FT less dominated than LoRA beyond rank (full FT projected on a rank-16 subspace)"),
+    ("multilora-n4", f"equalised.{PRIMARY}", "multilora-n4", PRIMARY, +1,
+     "the spread of MultiLoRA's scalings makes it more top-1 dominated"),
+    ("lora", PRIMARY, "multilora-n4", f"equalised.{PRIMARY}", -1,
+     "MultiLoRA (n=4) with equalised scalings less top-1 dominated than LoRA"),
+    ("lora", "accuracy_mean", "multilora-n4", "accuracy_mean", +1,
+     "MultiLoRA (n=4) more accurate than LoRA"),
 )
 
 
 ORDER = ("lora", "multilora-n1", "multilora-n2", "multilora-n4", "multilora-n8", "full",
          "multilora-n4-lorainit", "multilora-n1-lorainit")
-UNIT = ("normalized_entropy", "share", "acc")  # columns bounded by [0, 1]: intervals are clipped
+UNIT = ("entropy", "share", "acc")  # columns bounded by [0, 1]: intervals are clipped
 
 
 def load_runs(path: Path) -> pd.DataFrame:
@@ -57,6 +72,7 @@ def load_runs(path: Path) -> pd.DataFrame:
         r = json.loads(line)
         r.pop("per_module", None)
         r |= {f"acc_{t}": v for t, v in r.pop("accuracy").items()}
+        r |= {f"{kind}.{k}": v for kind, vals in r.pop("nulls", {}).items() for k, v in vals.items()}
         rows.append(r)
     return pd.DataFrame(rows)
 
@@ -71,24 +87,8 @@ def mean_ci(x: np.ndarray, level: float = LEVEL) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def welch(a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> dict[str, float]:
-    """b − a: mean difference, Welch interval, Hedges' g (pooled SD, small-sample corrected)."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    d = float(b.mean() - a.mean())
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return {"diff": d, "lo": d, "hi": d, "g": math.nan}
-    dof = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
-    half = stats.t.ppf(0.5 + level / 2, dof) * se
-    pooled = math.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1))
-                       / (a.size + b.size - 2))
-    corr = 1 - 3 / (4 * (a.size + b.size) - 9)
-    return {"diff": d, "lo": d - half, "hi": d + half, "g": d / pooled * corr if pooled else math.nan}
-
-
 def three_way(lo: float, hi: float, sign: int) -> str:
-    """holds / reversed / inconclusive for an interval of b − a and the expected sign."""
+    """holds / reversed / inconclusive for an interval and the expected sign (unadjusted)."""
     if sign * lo > 0 and sign * hi > 0:
         return "holds"
     if sign * lo < 0 and sign * hi < 0:
@@ -98,39 +98,56 @@ def three_way(lo: float, hi: float, sign: int) -> str:
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per arm: seeds, and mean / lo / hi of every metric, accuracy and cost column."""
-    cols = [*METRICS, *(f"acc_{t}" for t in TASKS), "tokens_per_s", "peak_memory_mb",
-            "steps_run", "best_step", "trainable_params"]
+    cols = [*METRICS, *DESCRIPTIVE, *(c for c in NULL_COLUMNS if c in runs),
+            *(f"acc_{t}" for t in TASKS), "tokens_per_s", "peak_memory_mb", "steps_run",
+            "best_step", "trainable_params"]
     rows = []
     names = sorted(set(runs["variant"]), key=lambda v: (ORDER.index(v) if v in ORDER else 99, v))
     for name in names:
         g = runs[runs["variant"] == name]
         row: dict[str, Any] = {"variant": name, "n": int(g["n"].iloc[0]), "seeds": len(g)}
         for c in cols:
-            m, lo, hi = mean_ci(g[c].to_numpy())
+            m, lo, hi = mean_ci(g[c].dropna().to_numpy())
             top = 1.0 if any(u in c for u in UNIT) else math.inf
             row[c], row[f"{c}_lo"], row[f"{c}_hi"] = m, max(lo, 0.0), min(hi, top)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _values(runs: pd.DataFrame, arm: str, col: str) -> np.ndarray:
+    if col not in runs:
+        return np.array([])
+    return runs.loc[runs["variant"] == arm, col].dropna().to_numpy(float)
+
+
 def comparisons(runs: pd.DataFrame) -> list[dict[str, Any]]:
-    """Every pair of :data:`PAIRS` whose two arms have ≥ 2 seeds each."""
-    out = []
-    for a, b, metric, sign, claim in PAIRS:
-        xa = runs.loc[runs["variant"] == a, metric].to_numpy()
-        xb = runs.loc[runs["variant"] == b, metric].to_numpy()
-        if xa.size < 2 or xb.size < 2:
-            continue
-        w = welch(xa, xb)
-        out.append({"a": a, "b": b, "metric": metric, "claim": claim, "seeds": [xa.size, xb.size],
-                    **w, "level": LEVEL, "verdict": three_way(w["lo"], w["hi"], sign)})
-    return out
+    """Every claim of :data:`PAIRS` whose two sides have ≥ 2 seeds, Holm-adjusted together."""
+    found = []
+    for a, ca, b, cb, sign, claim in PAIRS:
+        xa, xb = _values(runs, a, ca), _values(runs, b, cb)
+        if xa.size >= 2 and xb.size >= 2:
+            found.append(((a, ca, b, cb, sign, claim), (xa, xb, sign)))
+    rows = compare_seeds([g for _, g in found], LEVEL)
+    return [{"a": a, "b": b, "metric": cb if ca == cb else f"{cb} − {ca}", "claim": claim,
+             "seeds": row.pop("n_runs"), **row} for ((a, ca, b, cb, _, claim), _), row
+            in zip(found, rows, strict=True)]
 
 
-def n_trend(runs: pd.DataFrame, metric: str = "normalized_entropy_topk") -> dict[str, float] | None:
+def primary_interval(runs: pd.DataFrame) -> tuple[float, float] | None:
+    """The Welch interval of the primary MultiLoRA − LoRA difference (None below 2 seeds each)."""
+    if runs.empty:
+        return None
+    xa, xb = _values(runs, "lora", PRIMARY), _values(runs, "multilora-n4", PRIMARY)
+    if xa.size < 2 or xb.size < 2:
+        return None
+    w = welch(xa, xb, LEVEL)
+    return w["lo"], w["hi"]
+
+
+def n_trend(runs: pd.DataFrame, metric: str = PRIMARY) -> dict[str, float] | None:
     """Least-squares slope of ``metric`` on log2 n over the MultiLoRA-init arms, with its CI."""
     sel = runs[(runs["method"] == "multilora") & (runs["init"] == "multilora")]
-    if sel["n"].nunique() < 2 or len(sel) < 3:
+    if sel["n"].nunique() < 3 or len(sel) < 4:
         return None
     fit = stats.linregress(np.log2(sel["n"].to_numpy(float)), sel[metric].to_numpy(float))
     half = stats.t.ppf(0.5 + LEVEL / 2, len(sel) - 2) * fit.stderr
@@ -157,10 +174,23 @@ def tables_md(runs: pd.DataFrame) -> str:
     demo_rows = [[r.variant, str(r.seeds), *(_cell(r, c, d) for c, (_, d) in METRICS.items())]
                  for _, r in s.iterrows()]
     parts = [f"Mean over seeds [{LEVEL:.0%} t-interval, clipped to the quantity's range]; "
-             "entropy and effective rank over the top "
-             "K = 16 singular values, energy shares over all of them; each seed's value is the "
-             f"mean over its {int(runs['modules'].iloc[0])} modules.\n",
+             "every metric within the top r = 16 singular values (the adapters' rank: the same "
+             "directions for every arm); each seed's value is the mean over its "
+             f"{int(runs['modules'].iloc[0])} adapted linear layers (the modules every arm has).\n",
              _md(["arm", "seeds", *(h for h, _ in METRICS.values())], demo_rows)]
+    desc = [[r.variant, *(_cell(r, c, d) for c, (_, d) in DESCRIPTIVE.items())]
+            for _, r in s.iterrows()]
+    parts += ["\nDescriptive only (over all singular values: capped by the rank, so a rank-16 "
+              "update and a full-rank one differ here by construction; in no claim):\n",
+              _md(["arm", *(h for h, _ in DESCRIPTIVE.values())], desc)]
+    nulls = [c for c in NULL_COLUMNS if c in s]
+    if nulls:
+        null_rows = [[r.variant, *("—" if math.isnan(r[c]) else _cell(r, c, 4) for c in nulls)]
+                     for _, r in s.iterrows()]
+        parts += ["\nNulls, per arm (random: a Gaussian update of the arm's shape and structural "
+                  "rank; projected: the arm's own ΔW·AᵀA, A a fresh Kaiming-uniform rank-16 matrix "
+                  "(full FT only); equalised: the arm's MultiLoRA factors with equalised |sᵢ|):\n",
+                  _md(["arm", *nulls], null_rows)]
     acc_rows = [[r.variant, *(_cell(r, f"acc_{t}", 2) for t in TASKS)] for _, r in s.iterrows()]
     parts += ["\nHeld-out exact-match accuracy per task:\n", _md(["arm", *TASKS], acc_rows)]
     cost_rows = [[r.variant, f"{r.trainable_params:,.0f}", _cell(r, "tokens_per_s", 0),
@@ -172,13 +202,16 @@ def tables_md(runs: pd.DataFrame) -> str:
               _md(["arm", "trainable params", "tokens/s", "peak memory (MiB)", "steps run",
                    "best step"], cost_rows)]
     cmp_rows = [[c["claim"], f"{c['b']} − {c['a']}", c["metric"], f"{c['diff']:+.4f}",
-                 f"[{c['lo']:+.4f}, {c['hi']:+.4f}]", f"{c['g']:+.2f}", c["verdict"]]
-                for c in comparisons(runs)]
-    parts += [f"\nComparisons (difference of means, Welch {LEVEL:.0%} interval, Hedges' g):\n",
-              _md(["claim", "difference", "metric", "mean", "interval", "g", "verdict"], cmp_rows)]
+                 f"[{c['lo']:+.4f}, {c['hi']:+.4f}]", f"{c['g']:+.2f}", f"{c['p']:.3g}",
+                 f"{c['p_holm']:.3g}", c["verdict"]] for c in comparisons(runs)]
+    parts += [f"\nClaims (difference of seed-level means, Welch {LEVEL:.0%} interval, Hedges' g, "
+              "two-sided p and its Holm adjustment over every claim below; the verdict is from "
+              "the adjusted p):\n",
+              _md(["claim", "difference", "metric", "mean", "interval", "g", "p", "p (Holm)",
+                   "verdict"], cmp_rows)]
     trend = n_trend(runs)
     if trend:
-        parts.append(f"\nEntropy against n (MultiLoRA init, {trend['runs']} runs): slope "
+        parts.append(f"\nTop-1 share in top 16 against n (MultiLoRA init, {trend['runs']} runs): slope "
                      f"{trend['slope_per_doubling']:+.4f} per doubling of n "
                      f"[{trend['lo']:+.4f}, {trend['hi']:+.4f}].")
     return "\n".join(parts) + "\n"
@@ -193,8 +226,7 @@ def _figure(runs: pd.DataFrame, path: Path) -> None:
     s = summary(runs)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
     x = np.arange(len(s))
-    for ax, col in zip(axes[:3], ("normalized_entropy_topk", "top1_share", "accuracy_mean"),
-                       strict=True):
+    for ax, col in zip(axes[:3], (PRIMARY, "entropy_top4", "accuracy_mean"), strict=True):
         err = np.vstack([s[col] - s[f"{col}_lo"], s[f"{col}_hi"] - s[col]])
         ax.errorbar(x, s[col], yerr=np.nan_to_num(err), fmt="o", capsize=3)
         for xi, name in zip(x, s["variant"], strict=True):
@@ -202,7 +234,7 @@ def _figure(runs: pd.DataFrame, path: Path) -> None:
             ax.plot(np.full(len(pts), xi + 0.15), pts, ".", color="0.6", ms=4)
         ax.set_xticks(x, s["variant"], rotation=60, ha="right", fontsize=8)
         ax.set_title(METRICS[col][0])
-        if col != "normalized_entropy_topk":
+        if col == "accuracy_mean":
             ax.set_ylim(0, 1)
     ml = s[s["variant"].str.fullmatch(r"multilora-n\d+")].sort_values("n")
     ax = axes[3]
@@ -224,18 +256,20 @@ def _figure(runs: pd.DataFrame, path: Path) -> None:
 _MARK = re.compile(r"(<!-- tables:start -->\n).*?(<!-- tables:end -->)", re.S)
 _CLAIMS = re.compile(r"(<!-- claims:start -->\n).*?(<!-- claims:end -->)", re.S)
 _WORDS = {"holds": "**holds**", "reversed": "**reversed** (the opposite is supported)",
-          "inconclusive": "**inconclusive** (the interval contains 0)"}
+          "inconclusive": "**inconclusive** (not significant after Holm)"}
 
 
 def claims_md(runs: pd.DataFrame) -> str:
     """One line per tested claim: its verdict and the numbers behind it."""
     lines = [f"- {c['claim']}: {_WORDS[c['verdict']]} — {c['b']} − {c['a']} on {c['metric']} = "
              f"{c['diff']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}], Hedges' g {c['g']:+.2f}, "
-             f"{c['seeds'][0]} and {c['seeds'][1]} seeds." for c in comparisons(runs)]
+             f"p {c['p']:.3g} (Holm {c['p_holm']:.3g}), {c['seeds'][0]} and {c['seeds'][1]} seeds."
+             for c in comparisons(runs)]
     trend = n_trend(runs)
     if trend:
-        verdict = three_way(trend["lo"], trend["hi"], +1)
-        lines.append(f"- Entropy grows with n (MultiLoRA init): {_WORDS[verdict]} — slope "
+        verdict = three_way(trend["lo"], trend["hi"], -1)
+        lines.append(f"- Top-1 share falls with n (MultiLoRA init; unadjusted): {_WORDS[verdict]} — "
+                     "slope "
                      f"{trend['slope_per_doubling']:+.4f} per doubling of n "
                      f"[{trend['lo']:+.4f}, {trend['hi']:+.4f}] over {trend['runs']} runs.")
     return "\n".join(lines) + "\n"

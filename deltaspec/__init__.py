@@ -18,12 +18,16 @@ from typing import TYPE_CHECKING, Any
 from deltaspec.errors import DeltaspecError
 
 if TYPE_CHECKING:
+    from deltaspec.act.run import compress, extract
+    from deltaspec.act.verify import verify_merge
     from deltaspec.analyze import analyze, compare, spectra
+    from deltaspec.collection import zoo
     from deltaspec.delta import Delta
     from deltaspec.engine.spectrum import Spectrum, spectrum
     from deltaspec.inline import plot_democracy
     from deltaspec.loaders import load
     from deltaspec.options import Options
+    from deltaspec.trajectory import trajectory
 
 _LAZY = {
     "Delta": "deltaspec.delta",
@@ -31,10 +35,15 @@ _LAZY = {
     "Spectrum": "deltaspec.engine.spectrum",
     "analyze": "deltaspec.analyze",
     "compare": "deltaspec.analyze",
+    "compress": "deltaspec.act.run",
+    "extract": "deltaspec.act.run",
     "load": "deltaspec.loaders",
     "plot_democracy": "deltaspec.inline",
     "spectra": "deltaspec.analyze",
     "spectrum": "deltaspec.engine.spectrum",
+    "trajectory": "deltaspec.trajectory",
+    "verify_merge": "deltaspec.act.verify",
+    "zoo": "deltaspec.collection",
 }
 
 __all__ = [
@@ -44,10 +53,15 @@ __all__ = [
     "Spectrum",
     "analyze",
     "compare",
+    "compress",
+    "extract",
     "load",
     "plot_democracy",
     "spectra",
     "spectrum",
+    "trajectory",
+    "verify_merge",
+    "zoo",
 ]
 __version__ = "0.1.0"
 

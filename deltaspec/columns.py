@@ -17,6 +17,7 @@ IDENTITY = ("module", "layer", "kind", "method", "shape", "rank_bound", "route")
 # The metric columns, in order, from the metric table (deltaspec.metrics.table).
 SPECTRAL = names("spectral")
 BASE_RELATIVE = names("base_relative")
+HEAVY_TAIL = names("heavy_tail")  # with Options.heavy_tail (--alpha) only
 PAIRWISE = names("pairwise")
 
 INTEGER = frozenset({"rank_bound"} | {m.name for m in METRICS.values() if m.integer})
@@ -25,20 +26,22 @@ PER_SIDE_IDENTITY = ("method", "rank_bound", "route")
 
 TABLE_ANALYZE = ("module", "shape", "rank_bound", "fro_norm", "entropy", "normalized_entropy",
                  "effective_rank", "stable_rank", "top1_share")
-TABLE_BASE = ("relative_norm", "intruders")
+TABLE_BASE = ("relative_norm", "intruders", "bf16_merge_error")
 TABLE_COMPARE = ("module", "shape", "normalized_entropy_a", "normalized_entropy_b",
                  "effective_rank_a", "effective_rank_b", "subspace_sim_left",
                  "subspace_sim_right", "cosine")
 
 
-def analyze_columns(with_base: bool) -> list[str]:
-    """Column order of an ``analyze`` table."""
-    return [*IDENTITY, *SPECTRAL, *(BASE_RELATIVE if with_base else ())]
+def analyze_columns(with_base: bool, heavy_tail: bool = False) -> list[str]:
+    """Column order of an ``analyze`` table (``heavy_tail``: with the α columns)."""
+    return [*IDENTITY, *SPECTRAL, *(BASE_RELATIVE if with_base else ()),
+            *(HEAVY_TAIL if heavy_tail else ())]
 
 
-def compare_columns(with_base: bool) -> list[str]:
+def compare_columns(with_base: bool, heavy_tail: bool = False) -> list[str]:
     """Column order of a ``compare`` table: identity, each side's metrics, then the pairwise ones."""
-    sided = [*PER_SIDE_IDENTITY, *SPECTRAL, *(BASE_RELATIVE if with_base else ())]
+    sided = [*PER_SIDE_IDENTITY, *SPECTRAL, *(BASE_RELATIVE if with_base else ()),
+             *(HEAVY_TAIL if heavy_tail else ())]
     ident = [c for c in IDENTITY if c not in PER_SIDE_IDENTITY]
     return [*ident, *(f"{c}_{s}" for c in sided for s in ("a", "b")), *PAIRWISE]
 
@@ -49,7 +52,7 @@ def table_columns(columns: list[str]) -> list[str]:
     if "cosine" in columns:
         wanted = TABLE_COMPARE
     else:
-        wanted = TABLE_ANALYZE + (TABLE_BASE if "relative_norm" in columns else ())
+        wanted = TABLE_ANALYZE + (TABLE_BASE if "relative_norm" in columns else ()) + HEAVY_TAIL
     return [c for c in wanted if c in columns]
 
 

@@ -98,10 +98,13 @@ def run(a: Mapping[str, Delta], b: Mapping[str, Delta] | None = None,
     spectra = {n: sp for n, (_, sp) in done.items() if sp is not None}
     sigmas = {n: r.pop(SIGMA) for n, r in rows.items() if SIGMA in r}
     order = [it[0] for it in items]
-    columns = (cols.analyze_columns(with_base) if b is None else cols.compare_columns(with_base)) \
-        if metrics else list(cols.IDENTITY)
+    ht = opts.heavy_tail
+    columns = (cols.analyze_columns(with_base, ht) if b is None else
+               cols.compare_columns(with_base, ht)) if metrics else list(cols.IDENTITY)
     skipped = list(getattr(a, "skipped", [])) + list(getattr(b, "skipped", []) if b else [])
     notes = list(dict.fromkeys([*getattr(a, "notes", []), *(getattr(b, "notes", []) if b else [])]))
+    if metrics and b is None:
+        notes += R.untrained_notes([rows[n] for n in order])
     return Analysis(Rows([rows[n] for n in order], columns),
                     {n: spectra[n] for n in order if n in spectra}, skipped, only_a, only_b,
                     with_base, {n: sigmas[n] for n in order if n in sigmas}, notes, k=opts.k)

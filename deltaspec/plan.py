@@ -172,6 +172,16 @@ def base_of(folder: Path | None, base: Any, opts: Options) -> Any:
     return discovery.choose_base(folder, base, discover=opts.discover_base)
 
 
+def side(source: Any, base: Any = None, opts: Options | None = None, config: Any = None) -> Side:
+    """One source located and its base decided (its format is left to the loaders): the side a
+    command reads without planning an analysis — ``deltaspec.load``, and the commands that act
+    on the deltas themselves (compress, extract, verify-merge, zoo, trajectory) through
+    :func:`deltaspec.loaders.registry.load_side`."""
+    opts = opts or Options()
+    folder = None if config is not None else locate(source, opts.revision)
+    return Side(source, describe(source), folder, None, base_of(folder, base, opts), config)
+
+
 def build(request: Request) -> Plan:
     """Decide everything about ``request`` that needs no weight (see the module doc)."""
     opts = request.options
@@ -325,4 +335,4 @@ def check_shapes(shapes: Sequence[Mapping[str, tuple[int, int]]], items: Sequenc
 
 __all__ = ["NUMPY", "TORCH", "HostWork", "Plan", "Request", "Side", "base_of", "build",
            "check_shapes", "choose_executor", "describe", "detect", "host_factors", "is_live",
-           "locate", "one_sided", "pair", "partner"]
+           "locate", "one_sided", "pair", "partner", "side"]

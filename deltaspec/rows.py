@@ -1,6 +1,6 @@
 """The one row builder: one module's row of the result table — identity, the metric table's
 spectral metrics, the base-relative ones, and (a comparison) the pairwise ones — for both
-executors of a plan (:mod:`deltaspec.engine.host` builds from σ alone, :mod:`deltaspec.analyze`
+executors of a plan (:mod:`deltaspec.engine.host` builds from σ alone, :mod:`deltaspec.loop`
 from a solved :class:`~deltaspec.engine.pipeline.Solved`). Imports no torch until a base-relative
 or pairwise metric is asked for.
 """
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from deltaspec import columns as cols
 from deltaspec import metrics as M
+from deltaspec.metrics.spectral import descending
 from deltaspec.options import Options
 
 if TYPE_CHECKING:
@@ -24,15 +25,28 @@ if TYPE_CHECKING:
 INTRUDER_TOP = 10  # Shuttleworth et al. look at the top-10 singular vectors of W + ΔW
 
 
-def side_metrics(values: Any, shape: tuple[int, int], opts: Options) -> dict[str, Any]:
+def side_metrics(values: Any, shape: tuple[int, int], opts: Options,
+                 rank_bound: int | None = None) -> dict[str, Any]:
     """The metric table's spectral metrics of σ ``values`` (numpy or torch) of a ``shape`` update,
-    over the top ``opts.top_k`` values when set.
+    over the top ``opts.top_k`` values when set (capped at the update's structural ``rank_bound``,
+    with a warning: :func:`deltaspec.metrics.within.cap_k`); with ``opts.heavy_tail``, the
+    heavy-tail α of ΔW's spectral density (over every value).
 
     >>> import numpy as np
     >>> side_metrics(np.array([2.0, 0.0]), (2, 3), Options())["rank"]
     1
     """
-    return M.spectral_metrics(values, shape, opts.top_k)
+    out: dict[str, Any] = M.spectral_metrics(values, shape, opts.top_k, rank_bound)
+    if opts.heavy_tail:
+        out["alpha"] = M.alpha(descending(values), shape)
+    return out
+
+
+def untrained_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The note an ``analyze`` result ends with when some modules have ΔW ≡ 0
+    (:func:`deltaspec.metrics.untrained_note`), as a list (empty: none)."""
+    note = M.untrained_note(rows)
+    return [note] if note else []
 
 
 def sigma(sp: Spectrum) -> Any:
@@ -85,10 +99,13 @@ def intruders(sp: Spectrum, op: Operand, w: Operand, eigs: BaseEigs) -> int:
 
 
 def _solved_side(s: Solved, i: int, opts: Options, with_base: bool, eigs: BaseEigs) -> dict[str, Any]:
+    from deltaspec.engine import health
+
     sp, w = s.spectra[i], s.bases[i]
-    part = side_metrics(sp.values, sp.shape, opts)
+    part = side_metrics(sp.values, sp.shape, opts, s.deltas[i].rank_bound)
     if with_base and w is not None:
         part |= base_metrics(sp, M.fro_norm(sp.values), s.ops[i], w, opts, eigs)
+        part |= health.base_columns(sp, s.ops[i], w, opts, eigs)
     return part
 
 
@@ -136,4 +153,4 @@ def pairwise(s: Solved, k: int) -> dict[str, float]:
 
 
 __all__ = ["INTRUDER_TOP", "base_metrics", "compare_row", "identity", "intruders", "pairwise",
-           "row", "side_metrics", "sigma"]
+           "row", "side_metrics", "sigma", "untrained_notes"]

@@ -268,3 +268,47 @@ def expected_deltas64(base_model, peft_model) -> dict[str, torch.Tensor]:
     """:func:`expected_deltas` with PEFT's merge run in float64 (no float32 cancellation in
     W + ΔW − W, so the oracle is exact where ΔW is small against W)."""
     return expected_deltas(copy.deepcopy(base_model).double(), copy.deepcopy(peft_model).double())
+
+
+def noisy_finetune(model, folder: Path, seed: int = 7, noise: float = 0.01, rank: int = 2,
+                   signal: float = 0.2, only: str = "layers") -> tuple[Path, object]:
+    """A 'fine-tuned' copy whose 2-D weights under ``only`` get a rank-``rank`` update plus a
+    dense noise floor (the regime the gd/mp rank policies separate). Returns (folder, model)."""
+    g = torch.Generator().manual_seed(seed)
+    ft = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if p.ndim == 2 and only in name:
+                m, n = p.shape
+                p.add_(noise * torch.randn(m, n, generator=g)
+                       + signal * torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / n)
+    ft.save_pretrained(folder)
+    return folder, ft
+
+
+def trainer_lora_run(folder: Path, *, steps: int = 24, save_steps: int = 8, callbacks=(),
+                     seed: int = 0, seq: int = 12, batch: int = 2, targets=("q_proj", "v_proj",
+                                                                             "down_proj")):
+    """A genuine transformers ``Trainer`` + PEFT LoRA run of the tiny Llama on random tokens:
+    ``checkpoint-N`` folders every ``save_steps`` under ``folder``, on one thread. Returns the
+    Trainer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    pm = get_peft_model(tiny_llama(seed), LoraConfig(r=4, lora_alpha=8,
+                                                     target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(0, 64, (steps * batch, seq), generator=g)]
+    args = TrainingArguments(output_dir=str(folder), max_steps=steps, save_steps=save_steps,
+                             per_device_train_batch_size=batch, learning_rate=1e-2, report_to=[],
+                             logging_steps=save_steps, use_cpu=True, disable_tqdm=True,
+                             save_only_model=True, seed=seed, dataloader_num_workers=0)
+    trainer = Trainer(model=pm, args=args, train_dataset=data, callbacks=list(callbacks))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only waits at barriers (2 shared cores)
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer

@@ -17,10 +17,11 @@ from deltaspec.demo import load_reference_results, readme_table, write_reference
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--cache-dir",
-                                    str(out / "cache"), "-q"])
+    res = CliRunner().invoke(main, ["demo", "--quick", "--seeds", "2", "--out", str(out),
+                                    "--cache-dir", str(out / "cache")])
     assert res.exit_code == 0, res.output
-    assert "report:" in res.output and "entropy" in res.output
+    assert "report:" in res.output and "top-1 energy share" in res.output
+    assert "module/s" not in res.output and "it/s" not in res.output  # stderr is no terminal: no bars
     return out
 
 
@@ -31,7 +32,13 @@ def test_demo_writes_report_with_training_table(demo_dir):
     summary = json.loads((report / "summary.json").read_text())
     verdict = summary["verdict"]
     assert verdict["expected_order"] == ["lora", "multilora", "full"]
-    assert isinstance(verdict["holds"], bool) and set(verdict["values"]) == {"lora", "multilora", "full"}
+    assert set(verdict["values"]) == {"lora", "multilora", "full"}
+    assert verdict["holds"] is {"holds": True, "reversed": False}.get(verdict["status"])
+    assert verdict["runs"] == {"lora": 2, "multilora": 2, "full": 2}  # seeds as the unit
+    assert all(p["unit"] == "seeds" and p["n_runs"] == [2, 2] for p in verdict["pairs"])
+    metrics = json.loads((demo_dir / "training.json").read_text())
+    shas = {m["base_sha256"] for k, runs in metrics.items() if k != "base" for m in runs}
+    assert len(shas) == 1 and None not in shas  # every fine-tune records the base it started from
     training = pd.read_csv(report / "training.csv")
     rows = training.set_index("method")
     assert {"lora", "multilora", "full"} <= set(rows.index)
@@ -40,7 +47,29 @@ def test_demo_writes_report_with_training_table(demo_dir):
     # LoRA rank n·r against MultiLoRA n×r: matched budgets (MultiLoRA adds only its scalings)
     assert abs(rows.loc["lora", "trainable_params"] - rows.loc["multilora", "trainable_params"]) \
         < 0.01 * rows.loc["lora", "trainable_params"]
+    assert (rows.loc[["lora", "multilora", "full"], "seeds"] == 2).all()
     assert "training" in (report / "index.html").read_text()
+
+
+def test_demo_report_shows_entropy_over_training(demo_dir):
+    """Each method logs its trajectory; the report draws it, numbers equal to analyze."""
+    import deltaspec
+
+    ckpt, report = demo_dir / "checkpoints", demo_dir / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert "entropy_over_training.png" in summary["figures"]
+    assert "Normalised entropy over training" in (report / "index.html").read_text()
+    for method in ("lora", "multilora", "full"):
+        log = pd.read_csv(ckpt / method / "trajectory.csv")
+        steps = sorted(set(log["step"]))
+        assert len(steps) == 4 and log["top_k"].eq(16).all()
+        if method != "full":  # the numbers: one method (the dense route) is enough
+            continue
+        last = deltaspec.analyze(ckpt / method / "trajectory" / f"checkpoint-{steps[-1]}",
+                                 base=ckpt / "base", top_k=16)
+        got = log[log["step"] == steps[-1]].set_index("module")["normalized_entropy"]
+        assert got.loc[last["module"]].tolist() == pytest.approx(
+            last["normalized_entropy"].tolist(), abs=1e-9)
 
 
 def _numbers(obj):
@@ -57,9 +86,10 @@ def _numbers(obj):
 def test_same_seed_gives_identical_summary_numbers(demo_dir, tmp_path):
     """A second `demo --quick` (fresh base cache) reproduces every number of the first."""
     out = tmp_path / "again"
-    res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--cache-dir",
-                                    str(tmp_path / "cache"), "-q"])
+    res = CliRunner().invoke(main, ["demo", "--quick", "--seeds", "2", "--out", str(out),
+                                    "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert res.exit_code == 0, res.output
+    assert not re.search(r"^\[\s*\d+\.\ds\]", res.output, re.M)  # -q: no progress lines
     first = json.loads((demo_dir / "report" / "summary.json").read_text())
     second = json.loads((out / "report" / "summary.json").read_text())
     assert _numbers(first) == _numbers(second)

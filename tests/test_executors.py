@@ -72,12 +72,30 @@ def assert_parity(folder, **opts) -> None:
             assert fa[c].tolist() == fb[c].tolist(), c
     for m, s in b.sigmas.items():
         np.testing.assert_allclose(a.sigmas[m], s, rtol=1e-10, atol=1e-12 * max(s[0], 1e-300))
+    assert a.notes == b.notes  # e.g. the untrained note
 
 
 @pytest.mark.parametrize("variant", list(EQUAL))
 def test_executors_agree(tmp_path, llama, variant):
     folder, _ = F.lora_adapter(llama[0], tmp_path / "a", **({"r": 4, "lora_alpha": 8} | EQUAL[variant]))
     assert_parity(folder)
+
+
+@pytest.mark.parametrize("opts", [{"heavy_tail": True}, {"top_k": 64}, {"top_k": 3},
+                                  {"merge_dtype": "float16"}])
+def test_executors_agree_on_the_health_columns_and_the_k_cap(tmp_path, llama, opts):
+    """α of ΔW (--alpha), noise_rank and untrained, and a top-K above a module's rank (capped at
+    it with a warning) on both executors; --merge-dtype has no use without a base."""
+    folder, _ = F.lora_adapter(llama[0], tmp_path / "a", **({"r": 4, "lora_alpha": 8}
+                                                           | EQUAL["patterns"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cap's warning (tests/test_verdict.py checks it)
+        assert_parity(folder, **opts)
+        rows = host.run(plan_of(folder, **opts)).rows
+    assert {"noise_rank", "untrained"} <= set(rows.columns)
+    assert ("alpha" in rows.columns) == bool(opts.get("heavy_tail"))
+    if opts.get("top_k") == 64:  # capped at each module's rank: every value is kept
+        assert all(r["rank"] == r["rank_bound"] for r in rows.rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -311,7 +329,10 @@ def test_zero_update_subfolder_and_conv1d_adapters(tmp_path, llama, gpt2):
                              fan_in_fan_out=True)
     for folder in (zero, named, conv):
         assert_parity(folder)
-    assert all(r["fro_norm"] == 0.0 for r in host.run(plan_of(zero)).rows.rows)
+    result = host.run(plan_of(zero))
+    assert all(r["fro_norm"] == 0.0 and r["untrained"] == 1 for r in result.rows.rows)
+    assert result.notes == [f"{len(result.rows.rows)} of {len(result.rows.rows)} modules have B = 0: "
+                            "this adapter never trained there"]
 
 
 def test_a_full_rank_module_takes_the_torch_executor(tmp_path, llama):

@@ -95,9 +95,9 @@ def test_spectra_of_any_float_dtype_and_unsorted_input_with_nan():
 
 def test_zero_spectrum_is_all_zero_not_nan():
     m = M.spectral_metrics([0.0] * 8, (8, 8))
-    assert all(v == 0 for v in m.values()), m
+    assert m.pop("untrained") == 1 and all(v == 0 for v in m.values()), m
     m = M.spectral_metrics([], (0, 0))
-    assert all(v == 0 for v in m.values()), m
+    assert m.pop("untrained") == 1 and all(v == 0 for v in m.values()), m
 
 
 def test_top_k_restricts_every_metric():

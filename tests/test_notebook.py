@@ -23,7 +23,7 @@ def test_notebook_runs_end_to_end(tmp_path):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # spectra, energy, entropy per layer, heatmap, own axes
     texts = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "Mean normalised singular-value entropy" in texts
+    assert "lower is more democratic" in texts  # the verdict (deltaspec.report.verdict_text)
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("normalized_entropy" in h for h in html)  # DataFrames render as tables
     assert list(tmp_path.iterdir()) == []  # the notebook cleans up after itself

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from deltaspec.cli import main
 from deltaspec.errors import DeltaspecError, UsageError
 from deltaspec.report import collect, save_report, summary_table, verdict, write_report
-from deltaspec.report.verdict import expected_order, holds
+from deltaspec.report.verdict import ONE_RUN, expected_order, in_order
 
 FIGURES = ("entropy_summary", "spectra", "energy", "entropy_by_layer", "effective_rank_by_layer",
            "similarity_heatmap", "similarity_by_layer")
@@ -43,7 +43,7 @@ def report_dir(tmp_path_factory, updates):
     args = ["report", *(f"{k}={v}" for k, v in ups.items()), "--base", base, "--out", str(out), "-q"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "holds" in res.output or "does NOT hold" in res.output
+    assert "No method verdict: one run per method" in res.output  # one run each: no verdict
     return out
 
 
@@ -64,6 +64,10 @@ def test_report_folder_has_every_file(report_dir):
     assert doc["modules"] == {"lora": 14, "multilora": 14, "full": 14}
     assert set(doc["not_compared"]) == {"full"}  # embeddings and lm_head: only the full FT has them
     assert doc["top_k"] == 4  # the LoRA's rank, the smallest compared
+    nulls = pd.read_csv(report_dir / "nulls.csv")
+    assert set(nulls.groupby("label")["null"].unique().map(frozenset)) == {
+        frozenset({"random"}), frozenset({"random", "equalised"}),
+        frozenset({"random", "projected"})}
     assert sorted(doc["figures"]) == sorted(f"{f}.png" for f in FIGURES)
     page = (report_dir / "index.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES)
@@ -80,20 +84,24 @@ def test_cli_prints_the_summary_in_every_format(report_dir, capsys):
     assert capsys.readouterr().out.splitlines()[0].startswith("label,method,modules,")
     print_summary(index, "table", quiet=False)
     out, err = capsys.readouterr()
-    assert "Mean normalised singular-value entropy" in out and f"wrote {index}" in err
+    assert "Mean top-1 energy share within the top r" in " ".join(out.split()) and f"wrote {index}" in err
 
 
 def test_verdict_matches_the_tables(report_dir):
     doc = json.loads((report_dir / "summary.json").read_text())
     metrics = pd.read_csv(report_dir / "metrics.csv")
     v = doc["verdict"]
-    means = metrics.groupby("label")["normalized_entropy_topk"].mean()
+    means = metrics.groupby("label")["share1_of_r"].mean()
     for label, value in v["values"].items():
         assert value == pytest.approx(means[label], rel=1e-12)
     assert v["expected_order"] == ["lora", "multilora", "full"]
-    assert v["holds"] == holds([means["lora"], means["multilora"], means["full"]])
-    assert ("holds on these checkpoints" in v["text"]) == v["holds"]
-    assert f"K={doc['top_k']}" in v["text"]
+    assert v["status"] == ONE_RUN and v["holds"] is None  # one run per method: no method verdict
+    assert v["point_order"] == in_order([means["lora"], means["multilora"], means["full"]])
+    assert all(p["verdict"] is None and p["unit"] == "modules" for p in v["pairs"])
+    assert "says nothing about seed-to-seed variation" in v["text"] and "HOLDS" not in v["text"]
+    assert f"r = {doc['top_k']}" in v["text"] and "Descriptive only" in v["text"]
+    page = (report_dir / "index.html").read_text()
+    assert "no method verdict (one run per method)" in page
 
 
 def _svd(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,16 +163,16 @@ def test_dataframes_are_tidy(data):
 
 
 def _summary(values: dict[str, float]) -> pd.DataFrame:
-    rows = [{"label": k, "method": k, "modules": 3, "normalized_entropy_topk": v,
+    rows = [{"label": k, "method": k, "modules": 3, "runs": 1, "share1_of_r": v,
              "normalized_entropy": v / 2} for k, v in values.items()]
     return pd.DataFrame(rows)
 
 
-def test_verdict_wording_when_the_order_fails():
-    v = verdict(_summary({"LoRA-r8": 0.9, "MultiLoRA-n4": 0.8, "Full": 0.95}), top_k=8)
+def test_verdict_without_module_data_gives_no_verdict():
+    v = verdict(_summary({"LoRA-r8": 0.5, "MultiLoRA-n4": 0.6, "Full": 0.3}), top_k=8)
     assert v["expected_order"] == ["LoRA-r8", "MultiLoRA-n4", "Full"]
-    assert v["holds"] is False
-    assert "does NOT hold" in v["text"] and "MultiLoRA-n4 (0.800) is not above LoRA-r8 (0.900)" in v["text"]
+    assert v["holds"] is None and v["status"] is None and v["point_order"] is False
+    assert "no verdict" in v["text"] and "HOLDS" not in v["text"]
 
 
 def test_verdict_order_sources():
@@ -175,9 +183,10 @@ def test_verdict_order_sources():
         expected_order(["x", "y"], {}, ["x", "z"])
     v = verdict(_summary({"lora_a": 0.5, "lora_b": 0.6}), top_k=4)  # two LoRAs: no role order
     assert v["holds"] is None and "No expected ordering" in v["text"] and "lora_a 0.500" in v["text"]
-    v = verdict(_summary({"lora": 0.5, "full": 0.7}), top_k=4)  # only two roles: checks lora < full
-    assert v["expected_order"] == ["lora", "full"] and v["holds"] is True
-    assert holds([0.1, 0.2, 0.2]) and not holds([0.2, 0.2, 0.3]) and not holds([0.1, 0.3, 0.2])
+    v = verdict(_summary({"lora": 0.5, "full": 0.3}), top_k=4)  # only two roles: lora → full
+    assert v["expected_order"] == ["lora", "full"] and v["point_order"] is True
+    assert in_order([0.3, 0.2, 0.2]) and not in_order([0.2, 0.2, 0.1])
+    assert not in_order([0.3, 0.1, 0.2])
 
 
 def _tiny_png() -> bytes:

@@ -36,6 +36,8 @@ WALK = {
     "mtl_temperature": (["--mtl-temperature", "2"], 2.0),
     "discover_base": (["--no-base-discovery"], False),
     "revision": (["--revision", "v2"], "v2"),
+    "merge_dtype": (["--merge-dtype", "float16"], "float16"),
+    "heavy_tail": (["--alpha"], True),
 }
 # the core's view of the few options a command spends on something else
 # (report's --top-k and collect's top_k are the K of the report's fair entropy, not Options.top_k)
@@ -86,6 +88,36 @@ def test_every_command_hands_every_option_to_the_plan(command, spy, llama_lora, 
         assert isinstance(res.exception, Seen), (field.name, res.output)
         got = getattr(spy[-1], field.name)
         assert got == OWN.get((command, field.name), want), (command, field.name, got)
+
+
+# the commands that read updates through plan.side (no analysis plan): argv → the flags they take
+READERS = {
+    "trajectory": lambda a, t: ["trajectory", f"1={a}", f"2={a}", "-q"],
+    "zoo": lambda a, t: ["zoo", f"x={a}", f"y={a}", "--out", str(t / "zoo"), "-q"],
+    "compress": lambda a, t: ["compress", str(a), "--dry-run", "-q"],
+    "extract": lambda a, t: ["extract", str(a), "--base", str(a), "--dry-run", "-q"],
+    "verify-merge": lambda a, t: ["verify-merge", str(a), "--adapter", str(a), "--base", str(a)],
+}
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_every_reading_command_hands_its_options_to_the_loaders(command, llama_lora, tmp_path,
+                                                                monkeypatch):
+    seen: list[Options] = []
+
+    def side(source, base=None, opts=None, config=None):
+        seen.append(opts)
+        raise Seen
+
+    monkeypatch.setattr(P, "side", side)
+    fields = cli_fields(command)
+    assert {"revision", "lora_alpha", "allow_modified_base"} <= {f.name for f in fields}
+    for field in fields:
+        args, want = WALK[field.name]
+        seen.clear()
+        res = CliRunner().invoke(main, READERS[command](llama_lora[0], tmp_path) + args)
+        assert isinstance(res.exception, Seen), (command, field.name, res.output)
+        assert getattr(seen[-1], field.name) == want, (command, field.name)
 
 
 @pytest.mark.parametrize("entry", ["analyze", "compare", "spectra", "snapshot", "check",

@@ -72,6 +72,29 @@ def test_train_reuses_base_dir_and_prints_json(tmp_path: Path, tiny_base: Path) 
     assert len(result.output.splitlines()) == 1 + 7
 
 
+def test_train_logs_its_trajectory(tmp_path: Path, tiny_base: Path) -> None:
+    """--log-points: the update saved at evenly spaced steps and their trajectory logged, its
+    numbers those of deltaspec.analyze over the top n·r values."""
+    import pandas as pd
+
+    import deltaspec
+
+    for method in ("lora", "full"):
+        out = tmp_path / method
+        result = CliRunner().invoke(main, ["train", "--method", method, "--steps", "4", "--n",
+                                           "2", "--r", "2", "--log-points", "2", "--out",
+                                           str(out), "--base-dir", str(tiny_base)])
+        assert result.exit_code == 0, result.output
+        assert f"trajectory: {out / 'trajectory.csv'}" in result.output
+        log = pd.read_csv(out / "trajectory.csv")
+        assert sorted(set(log["step"])) == [2, 4] and log["top_k"].eq(4).all()
+        ref = deltaspec.analyze(out / "trajectory" / "checkpoint-2", base=tiny_base, top_k=4)
+        got = log[log["step"] == 2].set_index("module").loc[ref["module"]]
+        for col in ("normalized_entropy", "effective_rank", "top1_share"):
+            assert got[col].tolist() == pytest.approx(ref[col].tolist(), abs=1e-9), col
+        assert all(c == pytest.approx(1.0) for c in log.loc[log["step"] == 4, "cosine_final"])
+
+
 @pytest.mark.parametrize(
     "bad",
     [["--n", "0"], ["--r", "-1"], ["--steps", "0"], ["--alpha", "0"], ["--lr", "-1"]],

@@ -11,6 +11,7 @@ from deltaspec.errors import UsageError
 from deltaspec.report import collect, summary_table, verdict
 from deltaspec.report.data import parse_updates
 from deltaspec.report.uncertainty import bootstrap_difference, combine, random_subspace_phi
+from deltaspec.report.verdict import ONE_RUN
 
 
 def test_bootstrap_is_seeded_and_matches_hand_cases() -> None:
@@ -76,8 +77,13 @@ def test_verdict_pairs_with_several_runs(tmp_path, llama, llama_lora) -> None:
     row = summary.set_index("label").loc["lora"]
     assert row["runs"] == 2 and row["modules"] == data.metrics.query("label == 'multilora'").shape[0]
     v = verdict(summary, data.top_k, metrics=data.metrics)
-    (pair,) = v["pairs"]
+    (pair,) = v["pairs"]  # one run of multilora: the module bootstrap, and no method verdict
     assert pair["a"] == "lora" and pair["b"] == "multilora" and pair["n_runs"] == [2, 1]
-    assert pair["ci_low"] <= pair["diff"] <= pair["ci_high"]
-    assert v["status"] == pair["verdict"] and pair["verdict"] in ("holds", "reversed", "inconclusive")
-    assert f"{pair['verdict'].upper()}" in v["text"] and "CI" in v["text"]
+    assert pair["ci_low"] <= pair["diff"] <= pair["ci_high"] and pair["unit"] == "modules"
+    assert v["status"] == ONE_RUN and pair["verdict"] is None and v["holds"] is None
+    assert "says nothing about seed-to-seed variation" in v["text"] and "CI" in v["text"]
+    data2 = collect({"lora": [str(lora1), str(lora2)], "multilora": [str(ml), str(ml)]}, base)
+    v2 = verdict(summary_table(data2.metrics), data2.top_k, metrics=data2.metrics)
+    (pair2,) = v2["pairs"]  # two runs each: Welch over the seed-level means
+    assert pair2["unit"] == "seeds" and pair2["n_runs"] == [2, 2]
+    assert v2["status"] == pair2["verdict"] in ("holds", "reversed", "inconclusive")

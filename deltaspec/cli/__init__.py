@@ -17,7 +17,8 @@ import click
 
 from deltaspec.errors import DeltaspecError, DeltaspecWarning, one_line
 
-_COMMAND_MODULES = ("analyze", "report", "check", "train", "demo", "calibrate")
+_COMMAND_MODULES = ("analyze", "report", "check", "train", "demo", "act", "verify", "zoo",
+                    "trajectory", "calibrate")
 
 
 def error_line(exc: BaseException) -> str:

@@ -2,16 +2,19 @@
 :class:`deltaspec.options.Options` (each field's flag, help, value kind and commands: see
 :func:`deltaspec.options.flag`), and their one mapping back (:func:`to_options`).
 
-Every command that analyses (analyze, compare, report, snapshot, check) takes
+Every command that analyses (analyze, compare, report, snapshot, check, trajectory) takes
 :func:`analysis_options`: ``--base`` and ``-q`` (declared here: a source and an output setting,
 not options of the analysis) and one flag per :class:`~deltaspec.options.Options` field that has
 one (``--top-k``, ``--k``, ``--device``, ``--intruders/--no-intruders``, ``--include``,
 ``--allow-modified-base``, ``--lora-alpha``, ``--mtl-temperature``, ``--no-base-discovery``,
-``--revision``, …); a command may change a help text or a default (``check`` reads K and top-K
-from its baseline) but not a name. A command that writes one file takes ``-o/--output FILE``, one
-that writes a folder ``--out DIR``; ``--format`` defaults to the extension of ``--output`` (.json,
-.csv), else ``table``. Older spellings stay as hidden aliases. Nothing here imports torch, numpy
-or pandas: ``--help`` and argument errors stay fast.
+``--revision``, ``--merge-dtype``, ``--alpha/--no-alpha``, …). The commands that read updates
+without a metric table (zoo, compress, extract, verify-merge) call ``analysis_options(name)``
+and get the fields whose ``commands`` name them (the load options:
+:data:`deltaspec.options.LOADING`). A command may change a help text or a default (``check``
+reads K and top-K from its baseline) but not a name. A command that writes one file takes
+``-o/--output FILE``, one that writes a folder ``--out DIR``; ``--format`` defaults to the
+extension of ``--output`` (.json, .csv), else ``table``. Older spellings stay as hidden aliases.
+Nothing here imports torch, numpy or pandas: ``--help`` and argument errors stay fast.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ KINDS: dict[str, dict[str, Any]] = {
     "device": dict(type=DEVICE),
     "flag": dict(is_flag=True),
     "switch": {},
+    "choice": {},  # click.Choice of the field's choices (see _declared)
     "text": {},
 }
 
@@ -73,6 +77,8 @@ def _declared(command: str | None = None) -> dict[str, tuple[tuple[str, ...], di
     for f in cli_fields(command):
         meta = f.metadata
         kw = dict(KINDS[meta["kind"]], help=meta["help"], show_default=meta["show_default"])
+        if meta["kind"] == "choice":
+            kw["type"] = click.Choice(meta["choices"])
         if meta["kind"] != "flag":
             kw["default"] = f.default
         if meta["metavar"]:

@@ -17,13 +17,13 @@ from deltaspec.errors import one_line
 @output_dir_option("Report folder to write (index.html, figures, CSV, summary.json). An earlier "
                    "report there is replaced; any other non-empty folder is refused.")
 @click.option("--order", default=None, metavar="A,B,C",
-              help="Expected ascending order of entropy, as labels (default: labels containing "
-                   "lora / multilora / full, i.e. LoRA < MultiLoRA ≤ full FT).")
+              help="Expected order, least democratic first, as labels (default: labels "
+                   "containing lora / multilora / full, i.e. LoRA < MultiLoRA ≤ full FT).")
 @analysis_options(
     base={"help": "Base model folder: needed for full checkpoints; every update must pair with it."},
     k={"help": "Subspace dimension K for the similarity φ(K, K) and the heatmaps."},
-    top_k={"help": "K of the fair entropy (top K values of every update) [default: the "
-                   "smallest rank compared]."},
+    top_k={"help": "r of the rank-matched metrics (top r values of every update) [default: "
+                   "the smallest rank compared; a larger one is capped at it with a warning]."},
     intruders={"help": "Also count intruder dimensions in metrics.csv (with --base; needs a "
                        "full decomposition of every base matrix)."},
     quiet={"help": "No progress bar or notes on stderr; print only the summary."})
@@ -47,7 +47,10 @@ def report(updates: tuple[str, ...], **kw: Any) -> None:
     Each NAME=PATH is a labelled update: a PEFT LoRA adapter, a MultiLoRA folder or a full
     checkpoint (with --base). Writes DIR/index.html (self-contained: open it in a browser), the
     figures as PNG, the tables as CSV and summary.json with the headline numbers and a written
-    verdict: does the mean normalised singular-value entropy order LoRA < MultiLoRA ≤ full FT?
+    verdict: is LoRA's update the most dominated by its top direction (top-1 energy share within
+    the top r values), MultiLoRA's less, full FT's least? With several runs per label
+    (lora=run1,run2,…) the verdict is over seeds (Welch, Holm over pairs); with one run per method
+    the page shows the module-level interval and gives no method verdict. Nulls stand beside it.
     """
     out = take(kw, "out", required=True)
     from deltaspec.demo import load_reference_results

@@ -80,8 +80,20 @@ def _run(kw: dict[str, Any]) -> tuple[dict, dict | None]:
                            quick=kw["quick"], seed=kw["seed"], threads=kw["threads"], log=log), None
     base_dir, base = _base(kw, out, log)
     metrics = ref.finetune(kw["method"], base_dir, out, adapter, tcfg, seed=kw["seed"],
-                           device=kw["device"], threads=kw["threads"], log=log)
+                           device=kw["device"], threads=kw["threads"], log=log,
+                           log_points=kw["log_points"])
+    metrics["trajectory_log"] = _trajectory_log(out, base_dir, adapter)
     return metrics, base
+
+
+def _trajectory_log(out: Path, base_dir: Path, adapter: Any) -> str | None:
+    """``out/trajectory.csv`` from the log-point checkpoints, over the top n·r singular values
+    (the K at which the three methods are compared); None without log points."""
+    from deltaspec.reference.train import TRAJECTORY
+    from deltaspec.trajectory import write_log
+
+    path = write_log(out, out / TRAJECTORY, base_dir, top_k=adapter.n * adapter.r)
+    return None if path is None else str(path)
 
 
 def _base(kw: dict[str, Any], out: Path, log: Any) -> tuple[Path, dict]:
@@ -93,7 +105,7 @@ def _base(kw: dict[str, Any], out: Path, log: Any) -> tuple[Path, dict]:
 
     mcfg, pcfg, dcfg = resolve_base_configs(kw["quick"], kw["seed"])
     if kw["base_dir"] is None:
-        base_dir = _default_base_dir(pretrain_hash(mcfg, pcfg, dcfg))
+        base_dir = _default_base_dir(pretrain_hash(mcfg, pcfg, dcfg, kw["threads"], kw["device"]))
     else:
         base_dir = Path(kw["base_dir"])
         if (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file():
@@ -135,6 +147,8 @@ def _summary(m: dict, base: dict | None) -> str:
         f"  peak mem:   {m['peak_memory_mb']:.1f} MiB ({m['peak_memory_method']})",
         f"  wall time:  {m['wall_time_s']:.1f} s",
     ]
+    if m.get("trajectory_log"):
+        lines.append(f"  trajectory: {m['trajectory_log']} (deltaspec trajectory of the log points)")
     return "\n".join(lines)
 
 
@@ -172,6 +186,10 @@ def _csv(m: dict) -> str:
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: tuned].")
 @click.option("--match-params/--no-match-params", default=True, show_default=True,
               help="LoRA gets rank n·r: the trainable parameters of MultiLoRA n x r.")
+@click.option("--log-points", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Save the update at this many evenly spaced steps (--out/trajectory/"
+                   "checkpoint-N) and write their spectral trajectory to --out/trajectory.csv "
+                   "(0: none; the reference model only, not --hf-model).")
 @click.option("--quick", is_flag=True, help="Small model and few steps (a smoke test, seconds).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data and training.")
 @click.option("--threads", type=int, default=None,

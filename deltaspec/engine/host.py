@@ -29,7 +29,7 @@ from deltaspec.loaders.header import read_float32
 from deltaspec.loaders.peft import config as peft_config
 from deltaspec.output import Rows
 from deltaspec.result import Analysis
-from deltaspec.rows import side_metrics
+from deltaspec.rows import side_metrics, untrained_notes
 
 if TYPE_CHECKING:
     from deltaspec.plan import Plan
@@ -56,10 +56,11 @@ def run(plan: Plan) -> Analysis:
                                          f"NaN/Inf value(s) in a tensor of shape {t.shape}")
             values = factored_values(b, a)
             rows.append(cols.identity(name, "lora", shape, r, "factored")
-                        | side_metrics(values, shape, plan.options))
+                        | side_metrics(values, shape, plan.options, r))
             sigmas[name] = values
-    return Analysis(rows=Rows(rows, cols.analyze_columns(False)), sigmas=sigmas,
-                    executor=plan.reason, k=plan.options.k)
+    return Analysis(rows=Rows(rows, cols.analyze_columns(False, plan.options.heavy_tail)),
+                    sigmas=sigmas, notes=untrained_notes(rows), executor=plan.reason,
+                    k=plan.options.k)
 
 
 def factored_values(b: np.ndarray, a: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ The defaults and their semantics are documented in :mod:`deltaspec.gate.check`. 
     [bounds]                      # absolute bounds on the current value
     normalized_entropy = ">= 0.3"
     top1_share = {max = 0.6}
+    untrained = "<= 0"            # no module with ΔW ≡ 0 (a LoRA B never trained)
     [subspace]
     min_similarity = 0.5          # false: no subspace check
     k = 8                         # ≤ the baseline's k

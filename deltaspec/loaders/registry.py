@@ -154,10 +154,7 @@ def load(path: Any, base: Any = None, *, config: Any = None, **options: Any) -> 
     from deltaspec import plan
 
     opts = make_options(options)
-    folder = None if config is not None else plan.locate(path, opts.revision)
-    side = plan.Side(path, plan.describe(path), folder, None, plan.base_of(folder, base, opts),
-                     config)
-    return load_side(side, opts)
+    return load_side(plan.side(path, base, opts, config), opts)
 
 
 def load_side(side: Side, opts: Options) -> Deltas:

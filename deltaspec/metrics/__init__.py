@@ -5,6 +5,8 @@ No pandas, matplotlib or click here: tensors in, floats out.
 """
 
 from deltaspec.metrics.base_relative import amplification, intruders, relative_norm
+from deltaspec.metrics.health import untrained, untrained_note
+from deltaspec.metrics.heavy_tail import alpha
 from deltaspec.metrics.pairwise import (
     cosine,
     min_angle_degrees,
@@ -30,6 +32,7 @@ from deltaspec.metrics.table import METRICS, Metric, spectral_metrics
 __all__ = [
     "METRICS",
     "Metric",
+    "alpha",
     "amplification",
     "cosine",
     "effective_rank",
@@ -50,4 +53,6 @@ __all__ = [
     "subspace_similarity",
     "subspace_similarity_grid",
     "top_share",
+    "untrained",
+    "untrained_note",
 ]

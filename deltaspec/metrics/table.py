@@ -21,10 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deltaspec.metrics import base_relative as B
+from deltaspec.metrics import health as H
+from deltaspec.metrics import heavy_tail as HT
 from deltaspec.metrics import pairwise as P
+from deltaspec.metrics import ranks as RK
 from deltaspec.metrics import spectral as S
+from deltaspec.metrics.within import cap_k
 
-GROUPS = ("spectral", "base_relative", "pairwise")
+GROUPS = ("spectral", "base_relative", "heavy_tail", "pairwise")
 BETTER = ("higher", "lower", "neither")
 INF = math.inf
 
@@ -112,6 +116,12 @@ _SPECTRAL = (
              bounds=(0.0, 1.0), gate=GateDefault(abs=0.15, rel=0.30), t=1),
     spectral("top8_share", S.top_share, "top-8 energy share", "Σ_{i≤8}σᵢ²/Σσ²", better="lower",
              bounds=(0.0, 1.0), t=8),
+    spectral("noise_rank", RK.noise_rank, "rank above the noise threshold",
+             "#{σᵢ > ω(β)·median σ}: the Gavish–Donoho threshold, unknown noise, β = min/max "
+             "shape (parity with `optht`)", integer=True, shape=True),
+    spectral("untrained", H.untrained, "untrained (ΔW ≡ 0)", "1 when ΔW is exactly zero: LoRA B = 0 "
+             "(never trained) or a tensor bit-identical to the base (frozen); else 0",
+             better="lower", bounds=(0.0, 1.0), integer=True),
 )
 
 _BASE_RELATIVE = (
@@ -124,6 +134,21 @@ _BASE_RELATIVE = (
            "with `--base`, when intruders are counted: top-10 left singular vectors of W+ΔW with "
            "max \\|cos\\| < 0.5 against every one of W (Shuttleworth et al. 2024)", better="lower",
            bounds=(0.0, 10.0), integer=True),
+    Metric("lost_in_bf16", "base_relative", H.lost_share, "share of ΔW lost in bf16",
+           "with `--base`: share of entries with \\|ΔWᵢⱼ\\| < ½ ulp(Wᵢⱼ) in bf16 (`--merge-dtype`): "
+           "they vanish when W+ΔW is stored so", better="lower", bounds=(0.0, 1.0)),
+    Metric("bf16_merge_error", "base_relative", H.merge_error, "bf16 merge error",
+           "with `--base`: ‖round(W+ΔW) − W − ΔW‖_F/‖ΔW‖_F, rounded once to bf16 (`--merge-dtype`)",
+           better="lower"),
+)
+
+_HEAVY_TAIL = (
+    Metric("alpha", "heavy_tail", HT.alpha, "heavy-tail α of ΔW",
+           "with `--alpha`: power-law exponent of ΔW's ESD λ = σ², Hill MLE with λ_min by KS "
+           "distance (as WeightWatcher fits it)", bounds=(1.0, INF), takes_shape=True),
+    Metric("alpha_base", "heavy_tail", HT.alpha, "heavy-tail α of W",
+           "with `--alpha` and `--base`: the same of the base weight W", bounds=(1.0, INF),
+           takes_shape=True),
 )
 
 _PAIRWISE = (
@@ -141,12 +166,14 @@ _PAIRWISE = (
            "in `compare`: the same between the top-K right subspaces", bounds=(0.0, 90.0)),
 )
 
-METRICS: dict[str, Metric] = {m.name: m for m in (*_SPECTRAL, *_BASE_RELATIVE, *_PAIRWISE)}
+METRICS: dict[str, Metric] = {m.name: m for m in (*_SPECTRAL, *_BASE_RELATIVE, *_HEAVY_TAIL,
+                                                   *_PAIRWISE)}
 """Every metric by name, in column order."""
 
 
 def group(name: str) -> tuple[Metric, ...]:
-    """The metrics of one group (``spectral``, ``base_relative`` or ``pairwise``), in order."""
+    """The metrics of one group (``spectral``, ``base_relative``, ``heavy_tail`` or ``pairwise``),
+    in order."""
     return tuple(m for m in METRICS.values() if m.group == name)
 
 
@@ -169,11 +196,13 @@ def label(column: str) -> str:
 
 
 def spectral_metrics(values: S.Values, shape: tuple[int, int],
-                     top_k: int | None = None) -> dict[str, float]:
+                     top_k: int | None = None, rank_bound: int | None = None) -> dict[str, float]:
     """Every spectral metric of the table, over all values or over the top ``top_k`` only.
 
     With ``top_k``, the normalising k of the entropies is min(top_k, len(σ)), so that a rank-16
-    LoRA and a full fine-tune are compared over the same number of directions.
+    LoRA and a full fine-tune are compared over the same number of directions. A ``top_k`` above
+    the update's structural ``rank_bound`` is capped at it with a warning
+    (:func:`deltaspec.metrics.within.cap_k`), never padded with zeros.
 
     >>> m = spectral_metrics([2.0, 1.0, 0.0], (3, 3))
     >>> m["rank"], round(m["top1_share"], 2)
@@ -181,5 +210,5 @@ def spectral_metrics(values: S.Values, shape: tuple[int, int],
     """
     s = S.descending(values)
     if top_k is not None:
-        s = s[:top_k]
+        s = s[:top_k if rank_bound is None else cap_k(top_k, rank_bound)]
     return {m.name: m.of_spectrum(s, shape) for m in _SPECTRAL}

@@ -10,6 +10,7 @@ your own figure. ``reference`` (same schema) is overlaid dashed, e.g. the shippe
 matplotlib is imported only when a plot is made.
 """
 
+from deltaspec.plots.act import plot_truncation_error
 from deltaspec.plots.curves import (
     plot_energy,
     plot_entropy_by_layer,
@@ -17,6 +18,8 @@ from deltaspec.plots.curves import (
     plot_spectra,
 )
 from deltaspec.plots.similarity import plot_similarity_by_layer, plot_similarity_heatmap
+from deltaspec.plots.trajectory import plot_drift, plot_trajectory, plot_trajectory_heatmap
 
-__all__ = ["plot_energy", "plot_entropy_by_layer", "plot_entropy_summary", "plot_similarity_by_layer",
-           "plot_similarity_heatmap", "plot_spectra"]
+__all__ = ["plot_drift", "plot_energy", "plot_entropy_by_layer", "plot_entropy_summary",
+           "plot_similarity_by_layer", "plot_similarity_heatmap", "plot_spectra", "plot_trajectory",
+           "plot_trajectory_heatmap", "plot_truncation_error"]

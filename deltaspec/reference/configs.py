@@ -163,8 +163,15 @@ def resolve_finetune_configs(
     )
 
 
-def pretrain_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig) -> str:
-    """Hash of everything that determines the pretrained base (the cache key)."""
+def pretrain_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
+                  threads: int | None = None, device: str = "cpu") -> str:
+    """Hash of everything that determines the pretrained base (the cache key): the configs, and
+    the thread count, device and CPU model it is trained with (the thread count splits float
+    reductions and the CPU decides their vector kernels, so either changes the weights)."""
+    from .machine import cpu_name, default_threads
+
     blob = json.dumps({"model": model_cfg.to_dict(), "train": asdict(train_cfg),
-                       "data": data_cfg.to_dict(), "version": _PRETRAIN_VERSION}, sort_keys=True)
+                       "data": data_cfg.to_dict(), "version": _PRETRAIN_VERSION,
+                       "threads": threads or default_threads(), "device": str(device),
+                       "cpu": cpu_name()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ from torch import nn
 
 from .configs import TrainConfig
 from .evaluate import IGNORE, MemoryMeter
+from .machine import default_threads
 
 Log = Callable[[str], None]
 
@@ -29,18 +30,6 @@ def seed_everything(seed: int) -> None:
     """Seed every random source the reference uses (Python's ``random`` and torch, all devices)."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def default_threads() -> int:
-    """Intra-op threads by default: 1.
-
-    The reference model is small (128 wide), so a second thread buys little, and two OpenMP
-    threads on a shared 2-core machine wait on each other at every barrier: measured here with
-    other jobs running (load average 2-4), a pretraining step ran 3-8x slower with 2 threads than
-    with 1. One thread also keeps tokens/s comparable between methods. Pass ``threads=2`` to use
-    both cores of an otherwise idle machine, or any other count on a bigger one.
-    """
-    return 1
 
 
 @contextmanager
@@ -146,11 +135,13 @@ def train_loop(
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     log: Log | None = None,
     evaluate: Callable[[], float] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Run up to ``cfg.steps`` AdamW steps on ``params``; return loss, throughput and memory stats.
 
     With ``evaluate`` (→ held-out loss) and ``cfg.eval_every`` > 0, training stops early by
-    patience and ends on the best evaluated parameters (see :class:`EarlyStop`).
+    patience and ends on the best evaluated parameters (see :class:`EarlyStop`). ``on_step(n)``
+    is called after the n-th optimiser step (its time is not counted in tokens/s).
     """
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     stopper = EarlyStop(params, cfg, evaluate)
@@ -175,6 +166,8 @@ def train_loop(
         if log and (step + 1) % max(1, cfg.steps // 5) == 0:
             log(f"  step {step + 1}/{cfg.steps}  loss {losses[-1]:.4f}")
         t_eval = time.perf_counter()
+        if on_step is not None:
+            on_step(step + 1)
         stop = stopper.check(step + 1, model)  # may lower lr_scale: the next step's rate
         eval_s += time.perf_counter() - t_eval
         sched.step()

@@ -7,6 +7,7 @@ parameters, wall time, config) and writes them to ``metrics.json`` next to its c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -140,7 +141,7 @@ def pretrain(
     when ``overwrite``; a folder holding anything else is never replaced (ValueError).
     """
     mcfg, tcfg, dcfg = resolve_base_configs(quick, seed, model_config, train_config, data_config)
-    key, base = pretrain_hash(mcfg, tcfg, dcfg), Path(base_dir)
+    key, base = pretrain_hash(mcfg, tcfg, dcfg, threads, device), Path(base_dir)
     if cached_base(base, key):
         metrics_path = base / "metrics.json"
         cached = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -236,6 +237,27 @@ def _save_method(
     return "hf-full"
 
 
+TRAJECTORY = "trajectory"  # sub-folder of a fine-tune's output with its log-point checkpoints
+
+
+def snapshots(method: str, model: nn.Module, layers: dict, out: Path, base: Path,
+              base_config: dict, steps: int, points: int) -> Callable[[int], None] | None:
+    """The ``on_step`` hook that writes the update at ``points`` evenly spaced steps into
+    ``out/trajectory/checkpoint-N`` (the method's own format; None when ``points`` is 0)."""
+    if points <= 0:
+        return None
+    every = max(1, steps // points)
+    shutil.rmtree(out / TRAJECTORY, ignore_errors=True)  # an earlier run's log points
+
+    def save(step: int) -> None:
+        if step % every == 0:
+            in_place = method != "full" or next(model.parameters()).device.type == "cpu"
+            _save_method(method, model if in_place else copy.deepcopy(model), layers,
+                         out / TRAJECTORY / f"checkpoint-{step}", base, base_config)
+
+    return save
+
+
 def base_data_config(base_dir: str | os.PathLike) -> DataConfig | None:
     """The DataConfig a reference base was pretrained with (None when the folder has none)."""
     try:
@@ -259,11 +281,14 @@ def finetune(
     device: str = "cpu",
     threads: int | None = None,
     log: Log | None = None,
+    log_points: int = 0,
 ) -> dict:
     """Fine-tune the base in ``base_dir`` on the task mixture with ``method`` and save to ``out_dir``.
 
     ``method`` is "lora" (PEFT-style adapter), "multilora" (MultiLoRA folder) or "full" (HF-style
     full checkpoint). ``data_config`` defaults to the one stored with the base (same facts).
+    ``log_points``: also save the update at that many evenly spaced steps into
+    ``out_dir/trajectory/checkpoint-N`` (what ``deltaspec trajectory`` reads).
     Returns the metrics, also written to ``out_dir/metrics.json``.
     """
     adapter, tcfg, dcfg = resolve_finetune_configs(
@@ -280,8 +305,10 @@ def finetune(
         train_enc = {t: [encode(e) for e in exs] for t, exs in mix.train.items()}
         batches = finetune_batches(train_enc, tcfg.batch_size, tcfg.seed, tok.pad_id, device)
         val_enc = [encode(e) for exs in mix.validation.values() for e in exs]
+        hook = snapshots(method, model, layers, out, base, base_config, tcfg.steps, log_points)
         stats = train_loop(model, params, batches, tcfg, device, log=log,
-                           evaluate=lambda: answer_loss(model, val_enc, tok.pad_id, device))
+                           evaluate=lambda: answer_loss(model, val_enc, tok.pad_id, device),
+                           on_step=hook)
         acc = evaluate_tasks(model, mix.heldout, encode, tok.pad_id, device)
         train_acc = evaluate_tasks(model, mix.train, encode, tok.pad_id, device, limit=64)
         samples = _samples(model, mix.heldout, tok)
@@ -289,7 +316,8 @@ def finetune(
         ckpt = _save_method(method, model, layers, out, base, base_config)
     metrics = {
         "method": method, "stage": "finetune", "path": str(out), "base_path": str(base),
-        "checkpoint_format": ckpt, **stats, **_accuracy_block(acc, data=dcfg),
+        "checkpoint_format": ckpt, "base_sha256": file_sha256(base / "model.safetensors"),
+        **stats, **_accuracy_block(acc, data=dcfg),
         **_accuracy_block(train_acc, "train_"), "base_accuracy": _base_accuracy(base),
         "trainable_params": sum(p.numel() for p in params),
         "trainable_params_formula": _formula_params(method, layers),
@@ -301,6 +329,18 @@ def finetune(
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file (the base's weights, recorded in every fine-tune's metrics: which base
+    it was trained from, whatever the cache's history), None when it is missing."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def _base_accuracy(base: Path) -> dict | None:
@@ -325,16 +365,18 @@ def run_all(
     device: str = "cpu",
     threads: int | None = None,
     log: Log | None = None,
+    log_points: int = 0,
 ) -> dict[str, dict]:
     """Pretrain (or reuse) the base, then fine-tune every method of ``methods``.
 
-    Writes ``out_dir/base`` and ``out_dir/<method>`` for each method and returns
+    Writes ``out_dir/base`` and ``out_dir/<method>`` for each method (with ``log_points``, also
+    ``out_dir/<method>/trajectory/checkpoint-N``: see :func:`finetune`) and returns
     ``{"base": base metrics, "<method>": metrics, ...}``. With ``cache_dir``, the base is trained
     once into ``cache_dir/base-<hash>`` and copied into ``out_dir/base``.
     """
     out = Path(out_dir)
     mcfg, pcfg, dcfg = resolve_base_configs(quick, seed, model_config, pretrain_config, data_config)
-    key = pretrain_hash(mcfg, pcfg, dcfg)
+    key = pretrain_hash(mcfg, pcfg, dcfg, threads, device)
     base_dir = Path(cache_dir) / f"base-{key}" if cache_dir else out / "base"
     results = {"base": pretrain(base_dir, mcfg, pcfg, dcfg, seed=seed, device=device,
                                 threads=threads, log=log)}
@@ -347,5 +389,6 @@ def run_all(
     for method in methods:
         tcfg = (finetune_configs or {}).get(method) or default_train_config(method, quick, seed)
         results[method] = finetune(method, out / "base", out / method, adapter, tcfg, dcfg,
-                                   seed=seed, device=device, threads=threads, log=log)
+                                   seed=seed, device=device, threads=threads, log=log,
+                                   log_points=log_points)
     return results

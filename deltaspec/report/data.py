@@ -11,7 +11,14 @@ builds the tables the figures and the verdict are drawn from:
   normalised spectrum σᵢ/σ₁ and of the cumulative energy Σ_{j≤i}σⱼ²/Σσ²;
 - ``similarity``: per (pair of labels, module): subspace similarity φ at K of the left and right
   singular vectors;
-- ``grids``: φ(i, j) for one chosen module, one grid per pair of labels (for heatmaps).
+- ``grids``: φ(i, j) for one chosen module, one grid per pair of labels (for heatmaps);
+- ``nulls``: one row per (label, run, module, null kind): the K-resolved metrics of that module's
+  null updates (:mod:`deltaspec.report.null_updates`: random same-rank; a full FT's update
+  projected on a random rank-r input subspace; MultiLoRA with equalised |sᵢ|).
+
+Every update also gets the K-resolved metrics (:mod:`deltaspec.metrics.within`) at r = the report's
+K (default: the smallest structural rank compared; a larger ``top_k`` is capped at it, with a
+warning).
 
 A label may name several runs of one method (seeds: ``lora=run1,run2`` or a glob): ``metrics``
 then holds one row per (label, run, module) (column ``run``), the spectra bands pool the runs, and
@@ -36,14 +43,17 @@ import pandas as pd
 import torch
 
 from deltaspec import metrics as M
+from deltaspec.delta import Delta
 from deltaspec.engine.spectrum import Spectrum
 from deltaspec.errors import ShapeError, UsageError
 from deltaspec.loaders.registry import Deltas, load_side
 from deltaspec.loaders.sources.live import describe
 from deltaspec.loop import run
+from deltaspec.metrics.within import cap_k, k_columns, k_metrics
 from deltaspec.names import kind_order, match_key
 from deltaspec.options import Options, make_options
 from deltaspec.plan import Request, build, one_sided, pair
+from deltaspec.report.null_updates import NULL_KINDS, null_spectra
 from deltaspec.report.similarity import (
     SimilarityGrid,
     pick_module,
@@ -72,6 +82,7 @@ class ReportData:
     only_in: dict[str, list[str]] = field(default_factory=dict)
     raw: dict[str, dict[str, Spectrum]] = field(default_factory=dict, repr=False)
     runs: dict[str, list[str]] = field(default_factory=dict)  # label → every run's folder
+    nulls: pd.DataFrame = field(default_factory=pd.DataFrame)  # see the module docstring
 
     def methods(self) -> dict[str, str]:
         """Label → the update's method as its checkpoint says (lora, multilora, full, …)."""
@@ -173,7 +184,30 @@ def _topk_columns(df: pd.DataFrame, spectra: dict[str, Spectrum], top_k: int) ->
     df = df.copy()
     df["normalized_entropy_topk"] = [M.normalized_entropy(v) for v in vals]
     df["effective_rank_topk"] = [M.effective_rank(v) for v in vals]
-    return df
+    kframe = pd.DataFrame([k_metrics(v, top_k) for v in vals], columns=list(k_columns(top_k)),
+                          index=df.index)
+    return pd.concat([df, kframe], axis=1)
+
+
+def _nulls_table(loaded: dict[str, Deltas], names: dict[str, list[str]],
+                 every: Mapping[tuple[str, int], Any], r: int) -> pd.DataFrame:
+    """The K-resolved metrics of every compared module's nulls: one row per (label, run, module,
+    null kind); run j's draws are seeded by j. A full-rank update is projected at rank ``r`` when
+    some compared update is factored (an adapter)."""
+    project = any(loaded[key][n].is_factored for key, ns in names.items() for n in ns)
+    rows = []
+    for (label, j), source in every.items():
+        key = f"{label}#{j}"
+        deltas: Mapping[str, Delta] = {n: loaded[key][n] for n in names[key]}
+        spectra = null_spectra(deltas, j, project_rank=r if project else None, source=source)
+        rows += [{"label": label, "run": j, "module": module, "null": kind, **k_metrics(s, r)}
+                 for kind, per in spectra.items() if kind in NULL_KINDS for module, s in per.items()]
+    return pd.DataFrame(rows, columns=["label", "run", "module", "null", *k_columns(r)])
+
+
+def common_rank(loaded: dict[str, Deltas], names: dict[str, list[str]]) -> int:
+    """The smallest structural rank among the compared modules (every K stays at or below it)."""
+    return max(1, min(loaded[label][n].rank_bound for label, ns in names.items() for n in ns))
 
 
 def fair_k(bounds: Sequence[int], dims: Sequence[int]) -> int:
@@ -249,6 +283,16 @@ def spectra_table(metrics: pd.DataFrame, raw: dict[str, dict[str, Spectrum]]) ->
     return df.astype({"i": "int64", "modules": "int64"})
 
 
+def _load_all(every: Mapping[tuple[str, int], Any], base: Any, opts: Options) -> dict[str, Deltas]:
+    """Every run of every label (key ``label#j``), planned as one collection and checked to be
+    updates of one base."""
+    plan = build(Request(tuple(every.values()), base, opts, collection=True))
+    loaded = {f"{lb}#{j}": load_side(side, opts)
+              for (lb, j), side in zip(every, plan.sides, strict=True)}
+    _check_shapes(loaded, {f"{lb}#{j}": describe(p) for (lb, j), p in every.items()})
+    return loaded
+
+
 def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
             base: str | Path | None = None, *, top_k: int | None = None,
             module: str | None = None, options: Options | None = None,
@@ -279,18 +323,16 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
     runs = _runs(updates)
     paths = {label: ", ".join(describe(x) for x in r) for label, r in runs.items()}
     every = {(label, j): p for label, r in runs.items() for j, p in enumerate(r)}
-    plan = build(Request(tuple(every.values()), base, opts, collection=True))
-    loaded_all = {f"{lb}#{j}": load_side(side, opts)
-                  for (lb, j), side in zip(every, plan.sides, strict=True)}
-    _check_shapes(loaded_all, {f"{lb}#{j}": describe(p) for (lb, j), p in every.items()})
+    loaded_all = _load_all(every, base, opts)
     names_all, only_all = _common(loaded_all, opts.include)
     names = {label: names_all[f"{label}#0"] for label in labels}
     only = {label: only_all[f"{label}#0"] for label in labels}
-    kk = top_k if top_k is not None else common_top_k(loaded_all, names_all)
+    kk = cap_k(top_k if top_k is not None else common_top_k(loaded_all, names_all),
+               common_rank(loaded_all, names_all), "top_k")
     frames: dict[str, pd.DataFrame] = {}
     raw: dict[str, dict[str, Spectrum]] = {label: {} for label in labels}
     chosen_opts = dataclasses.replace(opts, include=None)  # the common modules are chosen already
-    for (label, j), _path in every.items():
+    for label, j in every:
         key = f"{label}#{j}"
         result = run(loaded_all[key], opts=chosen_opts, modules=names_all[key])
         raw[label] |= {spectrum_key(m, j): sp for m, sp in result.spectra.items()}
@@ -307,10 +349,10 @@ def collect(updates: Mapping[str, str | Path | Sequence[str | Path]],
         metrics=metrics, spectra=spectra_table(metrics, raw),
         similarity=similarity,
         grids=similarity_grids(labels, names, raw, chosen, k) if len(labels) > 1 else [],
-        module=chosen, only_in={lb: v for lb, v in only.items() if v}, raw=raw, runs=runs)
+        module=chosen, only_in={lb: v for lb, v in only.items() if v}, raw=raw, runs=runs,
+        nulls=_nulls_table(loaded_all, names_all, every, kk))
 
 
-__all__ = ["ReportData", "SimilarityGrid", "check_labels", "collect", "common_top_k", "fair_k",
-           "kind_order",
-           "parse_updates", "pick_module", "similarity_grids", "similarity_table", "spectra_table",
-           "spectrum_key"]
+__all__ = ["ReportData", "SimilarityGrid", "check_labels", "collect", "common_rank", "common_top_k",
+           "fair_k", "kind_order", "parse_updates", "pick_module", "similarity_grids", "similarity_table",
+           "spectra_table", "spectrum_key"]

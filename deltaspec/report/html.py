@@ -139,33 +139,43 @@ def _inputs(paths: dict[str, str], methods: dict[str, str], modules: dict[str, i
                          for lb, p in paths.items()])
 
 
+def _ci(p: dict[str, Any]) -> str:
+    lo, hi = p.get("ci_low", float("nan")), p.get("ci_high", float("nan"))
+    return "—" if lo != lo else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
 def _pairs_table(verdict: dict[str, Any]) -> str:
     pairs = verdict.get("pairs") or []
     if not pairs:
         return ""
     level = f"{verdict.get('level', 0.95):.0%}"
     rows = [{"pair": f"{p['b']} − {p['a']}", "difference": f"{p['diff']:+.4f}",
-             f"{level} interval": f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]",
-             "effect size d_z": f"{p['effect_size']:+.2f}", "modules": p["n_modules"],
-             "runs": " / ".join(map(str, p["n_runs"])), "verdict": p["verdict"]}
-            for p in pairs]
-    return table_html(pd.DataFrame(rows))
+             f"{level} interval": _ci(p), "interval over": p.get("unit", ""),
+             "runs": " / ".join(map(str, p["n_runs"])),
+             "p (Holm)": f"{p['p_holm']:.3g}" if "p_holm" in p else "—",
+             "verdict": p["verdict"] or "none: one run per method"} for p in pairs]
+    nulls = [{"pair": f"{n['b']} − {n['a']}", "with": n["what"], "difference": f"{n['diff']:+.4f}",
+              f"{level} interval": _ci(n), "observed": f"{n['observed']:+.4f}"}
+             for n in verdict.get("nulls") or []]
+    null_html = ("<p class='meta'>Beside the nulls (each pair with one side replaced by its null; "
+                 "descriptive, not in the Holm family):</p>" + table_html(pd.DataFrame(nulls))
+                 if nulls else "")
+    return table_html(pd.DataFrame(rows)) + null_html
 
 
 def _verdict_box(verdict: dict[str, Any]) -> str:
+    from deltaspec.report.verdict_text import headline
+
     status = verdict.get("status")
+    state = {"holds": "holds", "reversed": "reversed", "inconclusive": "inconclusive"}.get(
+        status or "", "none")
     if status is None:
-        state = "none" if verdict.get("holds") is None else ("holds" if verdict["holds"] else "fails")
         return f"<div class='verdict {state}'><p class='text'>{html.escape(verdict['text'])}</p></div>"
-    order = " < ".join(verdict.get("expected_order", []))
-    level = f"{verdict.get('level', 0.95):.0%}"
-    headline = {"holds": f"{order}: holds at the {level} level",
-                "reversed": f"{order}: reversed at the {level} level",
-                "inconclusive": f"{order}: inconclusive at the {level} level"}[status]
-    metric = f"mean normalised entropy over the top K={verdict.get('top_k')} singular values"
-    return (f"<div class='verdict {status}'><p class='status'>{html.escape(headline)}</p>"
-            f"<p class='meta'>{html.escape(metric)}; difference of means with a bootstrap "
-            "interval</p>"
+    metric = (f"{verdict.get('metric_title', verdict.get('metric'))}, r = {verdict.get('top_k')}; "
+              + ("Welch's t over seed-level means, Holm over the pairs" if state != "none" else
+                 "bootstrap over modules (no seed variation)"))
+    return (f"<div class='verdict {state}'><p class='status'>{html.escape(headline(verdict))}</p>"
+            f"<p class='meta'>{html.escape(metric)}</p>"
             f"{_pairs_table(verdict)}<p class='text'>{html.escape(verdict['text'])}</p></div>")
 
 

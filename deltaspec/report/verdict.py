@@ -1,19 +1,27 @@
-"""The report's headline numbers and its written verdict: does entropy order LoRA < MultiLoRA ≤ full?
+"""The report's headline numbers and its written verdict: is LoRA's update the most dominated by its
+top direction, MultiLoRA's less, full fine-tuning's least (LoRA < MultiLoRA ≤ full in democracy)?
 
-The verdict compares the mean (over the modules common to every update) normalised singular-value
-entropy of each update, over the top K values with one K for all updates (so that a rank-r LoRA and
-a full fine-tune are compared over the same number of directions). The same comparison over all
-values (normalised by ln min(m, n)) is reported beside it.
+What is measured: the pre-registered :data:`PRIMARY` metric, the top-1 energy share *within the top
+r* singular values (r = the smallest structural rank compared, so every update is read over the
+same number of directions, none padded with zeros); lower is more democratic. The K-resolved
+metrics (:mod:`deltaspec.metrics.within`: entropy within the top K and top-t shares within the top
+r, K ∈ {1, 2, 4, 8, r}) are shown beside it; the all-σ quantities (normalised by ln min(m, n)) are
+descriptive only — capped by each update's rank, they differ between a rank-16 adapter and a
+full fine-tune by construction — and never enter a verdict.
 
-Every consecutive pair of the expected order is also compared with its uncertainty
-(:mod:`deltaspec.report.uncertainty`): the mean difference with a bootstrap interval over modules
-(and over runs, when a method is given as several seeds), an effect size and a three-way verdict
-— holds / reversed / inconclusive — and the chain gets the combined ``status``.
+What decides: seeds are the unit. With ≥ 2 runs (seeds) of every compared method, each
+consecutive pair of the expected order is compared by Welch's t on the seed-level means, Holm over
+the pairs (:mod:`deltaspec.report.seeds`), and the chain gets one ``status``: holds / reversed /
+inconclusive. With one run of some method there is no method verdict (``status`` =
+:data:`ONE_RUN`): the module-level bootstrap interval is shown, and the page says that it carries
+no seed-to-seed variation. ``holds`` is True / False only when the status is holds / reversed.
+Beside each pair stand its nulls (:mod:`deltaspec.report.null_effects`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,36 +29,42 @@ import pandas as pd
 
 from deltaspec.errors import UsageError
 from deltaspec.names import match_key
+from deltaspec.report import seeds as SD
 from deltaspec.report import uncertainty as U
+from deltaspec.report.null_effects import null_effects, run_means
+from deltaspec.report.verdict_text import ONE_RUN, ONE_RUN_NOTE, compose, digits
 
 ROLES = ("lora", "multilora", "full")
 ROLE_NAMES = {"lora": "LoRA", "multilora": "MultiLoRA", "full": "full FT"}
-PRIMARY = "normalized_entropy_topk"
-SECONDARY = "normalized_entropy"
+PRIMARY = "share1_of_r"  # pre-registered: the top-1 energy share within the top r values
+PRIMARY_SIGN = -1  # a more democratic update has a lower share: b − a < 0 is expected
+PRIMARY_TITLE = "top-1 energy share within the top r singular values"
+SECONDARY = "normalized_entropy"  # over all values: descriptive only
 
-# Metric-table columns averaged per update (``_topk``: over the top K values); the verdict's two
-# also get their spread across modules (``*_std``).
-SUMMARY_METRICS = (PRIMARY, SECONDARY, "effective_rank_topk", "effective_rank", "stable_rank",
-                   "top1_share")
-SPREAD = (PRIMARY, SECONDARY)
-SUMMARY_COLUMNS = ("label", "method", "modules", "runs",
-                   *(c for m in SUMMARY_METRICS for c in (m, f"{m}_std")[: 2 if m in SPREAD else 1]))
+# Metric-table columns averaged per update (``_topk``: over the top K values); the verdict's
+# metric also gets its spread across modules (``*_std``). K-resolved columns are appended.
+SUMMARY_METRICS = (PRIMARY, "normalized_entropy_topk", "effective_rank_topk", SECONDARY,
+                   "effective_rank", "stable_rank", "top1_share")
+SPREAD = (PRIMARY, "normalized_entropy_topk", SECONDARY)
+_KCOL = re.compile(r"^(entropy_top\d+|share\d+_of_r)$")  # the K-resolved columns
 
 
 def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per label: means over its modules (``*_std``: standard deviation across modules)."""
+    """One row per label: means over its modules and runs (``*_std``: spread across modules),
+    the verdict's metric first, then the K-resolved ones (``entropy_top*``, ``share*_of_r``)."""
+    kcols = [c for c in metrics.columns if _KCOL.match(c) and c not in SUMMARY_METRICS]
     rows = []
     for label, g in metrics.groupby("label", observed=True, sort=True):
         methods = sorted(set(g["method"].dropna().astype(str)))
         n_runs = int(g["run"].nunique()) if "run" in g else 1
         row: dict[str, Any] = {"label": str(label), "method": "+".join(methods),
                                "modules": len(g) // n_runs, "runs": n_runs}
-        for m in SUMMARY_METRICS:
-            row[m] = g[m].mean()
+        for m in (*SUMMARY_METRICS, *kcols):
+            row[m] = g[m].mean() if m in g else math.nan
             if m in SPREAD:
-                row[f"{m}_std"] = g[m].std(ddof=0)
+                row[f"{m}_std"] = g[m].std(ddof=0) if m in g else math.nan
         rows.append(row)
-    df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    df = pd.DataFrame(rows)
     return df.astype({"label": "string", "method": "string", "runs": "int64", "modules": "int64"})
 
 
@@ -77,7 +91,7 @@ def _by_role(names: Mapping[str, str]) -> dict[str, str] | None:
 
 def expected_order(labels: Sequence[str], methods: Mapping[str, str],
                    order: Sequence[str] | None = None) -> tuple[list[str], str]:
-    """The expected ascending order of entropy and how it was found.
+    """The expected order, least democratic first, and how it was found.
 
     ``order`` (explicit) wins; else labels containing "lora"/"multilora"/"full" (case-insensitive);
     else the methods the checkpoints declare. Returns ([], reason) when none applies.
@@ -98,54 +112,17 @@ def expected_order(labels: Sequence[str], methods: Mapping[str, str],
     return [], "no order could be inferred from the labels or the checkpoints"
 
 
-def holds(values: Sequence[float]) -> bool:
-    """First < second ≤ third ≤ …: the shape of 'LoRA < MultiLoRA ≤ full FT'."""
-    if any(math.isnan(v) for v in values):
-        return False
-    return values[0] < values[1] and all(a <= b for a, b in zip(values[1:], values[2:], strict=False))
+def in_order(values: Sequence[float], sign: int = PRIMARY_SIGN) -> bool:
+    """Whether point values follow the expected order (first step strict, then non-strict) in the
+    direction ``sign`` (−1: decreasing). Descriptive: it is not a verdict.
 
-
-def digits(values: Sequence[float]) -> int:
-    """Decimals (3 to 6) enough to print distinct values distinctly.
-
-    >>> digits([0.98012, 0.98049])
-    4
+    >>> in_order([0.5, 0.4, 0.4]), in_order([0.4, 0.5], sign=+1), in_order([0.4, 0.5])
+    (True, True, False)
     """
-    vals = [v for v in values if not math.isnan(v)]
-    for d in range(3, 7):
-        shown = [f"{v:.{d}f}" for v in vals]
-        if all(a != b for i, a in enumerate(shown) for b, w in zip(shown[i + 1:], vals[i + 1:],
-                                                                      strict=False) if w != vals[i]):
-            return d
-    return 6
-
-
-def _sign(a: float, b: float) -> str:
-    """The observed relation between two values, as printed in the verdict."""
-    if math.isnan(a) or math.isnan(b):
-        return "?"
-    return "<" if a < b else ("=" if a == b else ">")
-
-
-def _chain(order: Sequence[str], values: Mapping[str, float]) -> str:
-    """The values in the expected order, joined by the relations actually observed."""
-    d = digits([values[lb] for lb in order])
-    parts = [f"{order[0]} {values[order[0]]:.{d}f}"]
-    for prev, label in zip(order, order[1:], strict=False):
-        parts.append(f"{_sign(values[prev], values[label])} {label} {values[label]:.{d}f}")
-    return " ".join(parts)
-
-
-def _relation(order: Sequence[str]) -> str:
-    return " ".join([order[0]] + [f"{'<' if i == 0 else '≤'} {lb}" for i, lb in enumerate(order[1:])])
-
-
-def _failure(order: Sequence[str], values: Mapping[str, float]) -> str:
-    d = digits([values[lb] for lb in order])
-    for i, (a, b) in enumerate(zip(order, order[1:], strict=False)):
-        if (values[a] >= values[b]) if i == 0 else (values[a] > values[b]):
-            return f"{b} ({values[b]:.{d}f}) is not above {a} ({values[a]:.{d}f})"
-    return "a value is undefined"
+    v = [sign * x for x in values]
+    if any(math.isnan(x) for x in v):
+        return False
+    return v[0] < v[1] and all(a <= b for a, b in zip(v[1:], v[2:], strict=False))
 
 
 def _runs_by_module(metrics: pd.DataFrame, label: str, metric: str) -> pd.DataFrame:
@@ -157,92 +134,93 @@ def _runs_by_module(metrics: pd.DataFrame, label: str, metric: str) -> pd.DataFr
     return frame.pivot_table(index="run", columns="key", values="v", aggfunc="mean")
 
 
+def _module_pair(metrics: pd.DataFrame, a: str, b: str, metric: str) -> dict[str, Any] | None:
+    """One run per method: b − a with a module-level bootstrap interval and NO verdict."""
+    ta, tb = _runs_by_module(metrics, a, metric), _runs_by_module(metrics, b, metric)
+    common = [c for c in ta.columns if c in tb.columns]
+    ta, tb = ta[common].dropna(), tb[common].dropna()
+    if not common or ta.empty or tb.empty:
+        return None
+    r = U.bootstrap_difference(ta.to_numpy(), tb.to_numpy())
+    return {"diff": r["diff"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "level": r["level"],
+            "effect_size": r["effect_size"], "effect_size_kind": r["effect_size_kind"],
+            "n_modules": r["n_modules"], "n_runs": r["n_runs"], "unit": "modules",
+            "verdict": None, "method": r["method"] + ": " + ONE_RUN_NOTE}
+
+
 def compare_pairs(metrics: pd.DataFrame, order: Sequence[str], metric: str = PRIMARY,
-                  level: float = U.LEVEL, seed: int = U.SEED) -> list[dict[str, Any]]:
-    """Each consecutive pair (a, b) of ``order``: b − a with its interval, effect size, verdict."""
+                  sign: int = PRIMARY_SIGN) -> list[dict[str, Any]]:
+    """Each consecutive pair (a, b) of ``order``: b − a, its interval and (over seeds) its verdict.
+
+    Every method with ≥ 2 runs: Welch over seed-level means, Holm over the pairs. Otherwise the
+    module-level bootstrap interval with ``verdict`` None (no method verdict from one run).
+    """
+    pairs = list(zip(order, order[1:], strict=False))
+    means = {lb: run_means(metrics, lb, metric) for lb in order}
+    base = [{"a": a, "b": b, "metric": metric, "expected": f"{b} {'<' if sign < 0 else '>'} {a}"}
+            for a, b in pairs]
+    if all(means[lb].size >= 2 for lb in order):
+        rows = SD.compare_seeds([(means[a], means[b], sign) for a, b in pairs])
+        return [p | {"ci_low": r["lo"], "ci_high": r["hi"], "effect_size": r["g"],
+                     "effect_size_kind": "Hedges' g (seed-level)", "unit": "seeds",
+                     **{k: r[k] for k in ("diff", "p", "p_holm", "level", "n_runs", "verdict",
+                                          "method")}}
+                for p, r in zip(base, rows, strict=True)]
     out = []
-    for a, b in zip(order, order[1:], strict=False):
-        ta, tb = _runs_by_module(metrics, a, metric), _runs_by_module(metrics, b, metric)
-        common = [c for c in ta.columns if c in tb.columns]
-        ta, tb = ta[common].dropna(), tb[common].dropna()
-        if not common or ta.empty or tb.empty:
-            continue
-        res = U.bootstrap_difference(ta.to_numpy(), tb.to_numpy(), level=level, seed=seed)
-        out.append({"a": a, "b": b, "metric": metric, "expected": f"{b} > {a}", **res})
+    for p, (a, b) in zip(base, pairs, strict=True):
+        r = _module_pair(metrics, a, b, metric)
+        if r is not None:
+            out.append(p | r)
     return out
 
 
-def _pairs_text(pairs: Sequence[Mapping[str, Any]]) -> str:
+def status_of(pairs: Sequence[Mapping[str, Any]]) -> str | None:
+    """The chain's status: :data:`ONE_RUN` when any pair has no method verdict, else
+    reversed / holds / inconclusive (:func:`uncertainty.combine`); None without pairs."""
     if not pairs:
-        return ""
-    level = f"{pairs[0]['level']:.0%}"
-    parts = [f"{p['b']} − {p['a']} = {p['diff']:+.4f} [{level} CI {p['ci_low']:+.4f}, "
-             f"{p['ci_high']:+.4f}], d_z {p['effect_size']:+.2f}: {p['verdict']}" for p in pairs]
-    runs = max(max(p["n_runs"]) for p in pairs)
-    how = "modules" + (" and runs" if runs > 1 else "")
-    return (f"With uncertainty (bootstrap over {how}): " + "; ".join(parts) + ". ")
-
-
-_STATUS = {
-    "holds": "Verdict: {relation} HOLDS at the {level} level.",
-    "reversed": "Verdict: {relation} is REVERSED at the {level} level.",
-    "inconclusive": "Verdict: INCONCLUSIVE at the {level} level: the data cannot tell whether "
-                    "{relation} holds.",
-}
+        return None
+    if any(p["verdict"] is None for p in pairs):
+        return ONE_RUN
+    return U.combine([p["verdict"] for p in pairs])
 
 
 def verdict(summary: pd.DataFrame, top_k: int, order: Sequence[str] | None = None,
-            metrics: pd.DataFrame | None = None) -> dict[str, Any]:
-    """The verdict as a dict: expected order, values, whether it holds, and a paragraph (``text``).
+            metrics: pd.DataFrame | None = None,
+            nulls: pd.DataFrame | None = None) -> dict[str, Any]:
+    """The verdict as a dict: expected order, values, pairs, ``status``, nulls and a paragraph.
 
-    With the per-module ``metrics``, also ``pairs`` (each consecutive pair of the expected order
-    with its difference, interval, effect size and verdict) and ``status``: holds / reversed /
-    inconclusive for the whole chain at the stated ``level``.
+    ``values``: per label the mean of :data:`PRIMARY`; with the per-module ``metrics`` also
+    ``pairs`` (:func:`compare_pairs`), ``status`` (:func:`status_of`) and ``holds`` (True / False
+    only for status holds / reversed, else None); with the ``nulls`` table (report data) also
+    ``nulls``: each pair's difference with a side replaced by its null. ``point_order`` says only
+    whether the point values are in the expected order. ``text`` never says more than the status.
     """
-    labels = list(summary["label"])
-    primary = dict(zip(labels, summary[PRIMARY].astype(float), strict=False))
-    secondary = dict(zip(labels, summary[SECONDARY].astype(float), strict=False))
-    methods = dict(zip(labels, summary["method"].astype(str), strict=False))
-    expected, how = expected_order(labels, methods, order)
-    n_mod = int(summary["modules"].min()) if len(summary) else 0
-    intro = (f"Mean normalised singular-value entropy over the top K={top_k} singular values (one K "
-             f"for every update, so ranks are comparable), averaged over {n_mod} module(s) common "
-             "to every update")
-    ranking = sorted(labels, key=lambda lb: primary[lb])
+    labels = [str(x) for x in summary["label"]]
+    col = summary[PRIMARY] if PRIMARY in summary else pd.Series(math.nan, index=summary.index)
+    values = dict(zip(labels, col.astype(float), strict=True))
+    expected, how = expected_order(labels, dict(zip(labels, summary["method"].astype(str),
+                                                    strict=True)), order)
+    kcols = [c for c in summary.columns if _KCOL.match(c)]
     out: dict[str, Any] = {
-        "metric": PRIMARY, "top_k": top_k, "expected_order": expected, "order_source": how,
-        "values": primary, "values_all": secondary, "ranking": ranking, "holds": None,
-        "holds_all_values": None, "status": None, "level": U.LEVEL, "pairs": [],
-    }
-    if not expected:
-        d = digits(list(primary.values()))
-        observed = " ≤ ".join(f"{lb} {primary[lb]:.{d}f}" for lb in ranking)
-        out["text"] = (f"{intro}, lowest first: {observed}. No expected ordering was checked: {how} "
-                       "(name the updates lora/multilora/full, or pass --order a,b,c).")
-        return out
-    out["holds"] = holds([primary[lb] for lb in expected])
-    out["holds_all_values"] = holds([secondary[lb] for lb in expected])
-    if metrics is not None:
+        "metric": PRIMARY, "metric_title": PRIMARY_TITLE, "sign": PRIMARY_SIGN, "top_k": top_k,
+        "expected_order": expected, "order_source": how, "values": values,
+        "runs": dict(zip(labels, summary["runs"].astype(int), strict=True)),
+        "modules": int(summary["modules"].min()) if len(summary) else 0,
+        "k_resolved": {lb: {c: float(v) for c, v in zip(kcols, row, strict=True)}
+                       for lb, row in zip(labels, summary[kcols].to_numpy(float), strict=True)},
+        "values_all_descriptive": dict(zip(labels, summary[SECONDARY].astype(float), strict=True)),
+        "point_order": None, "holds": None, "status": None, "level": SD.LEVEL, "pairs": [],
+        "nulls": []}
+    if expected:
+        out["point_order"] = in_order([values[lb] for lb in expected])
+    if expected and metrics is not None:
         out["pairs"] = compare_pairs(metrics, expected)
-        out["status"] = U.combine([p["verdict"] for p in out["pairs"]])
-    relation = _relation(expected)
-    roles = _relation([ROLE_NAMES.get(_role(lb) or "", lb) for lb in expected])
-    text = f"{intro}: {_chain(expected, primary)}. "
-    if out["status"] is not None:
-        text = (f"{_STATUS[out['status']].format(relation=relation, level=f'{U.LEVEL:.0%}')} "
-                f"{text}{_pairs_text(out['pairs'])}Point estimates alone: ")
-    if out["holds"]:
-        text += f"The expected ordering {relation} holds on these checkpoints"
-    else:
-        text += (f"The expected ordering {relation} does NOT hold on these checkpoints: "
-                 f"{_failure(expected, primary)}")
-    text += f" (order {how}: {roles}). "
-    d = digits([secondary[lb] for lb in expected])
-    all_vals = ", ".join(f"{lb} {secondary[lb]:.{d}f}" for lb in expected)
-    text += (f"Over all singular values (normalised by ln min(m, n)): {all_vals}; the ordering "
-             f"{'holds' if out['holds_all_values'] else 'does not hold'} there.")
-    out["text"] = text
+        out["status"] = status_of(out["pairs"])
+        out["holds"] = {"holds": True, "reversed": False}.get(out["status"] or "")
+        if nulls is not None and not nulls.empty:
+            out["nulls"] = null_effects(metrics, nulls, expected, PRIMARY)
+    out["text"] = compose(out)
     return out
 
-
-__all__ = ["compare_pairs", "expected_order", "holds", "summary_table", "verdict"]
+__all__ = ["ONE_RUN", "ONE_RUN_NOTE", "PRIMARY", "compare_pairs", "digits", "expected_order",
+           "in_order", "run_means", "status_of", "summary_table", "verdict"]

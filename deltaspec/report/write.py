@@ -26,7 +26,7 @@ from deltaspec.report.verdict import expected_order, summary_table, verdict
 
 GENERATOR = "deltaspec report"
 DPI = 110
-BUILTIN_TABLES = ("summary", "metrics", "spectra", "similarity")
+BUILTIN_TABLES = ("summary", "metrics", "spectra", "similarity", "nulls")
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 Plot = Callable[[ReportData, pd.DataFrame, Mapping[str, Any]], Any]
@@ -76,6 +76,9 @@ def _figure_specs(data: ReportData) -> list[tuple[str, str, str, Plot]]:
              "evidence of shared directions.",
              lambda d, s, r: P.plot_similarity_by_layer(d.similarity)),
         ]
+    from deltaspec.report.training import training_specs  # runs that carry a training log
+
+    specs += training_specs(data.runs or {lb: [p] for lb, p in data.paths.items()})
     return specs
 
 
@@ -250,10 +253,10 @@ def save_report(data: ReportData, out_dir: str | Path, *, order: Sequence[str] |
     _check_extra(extra)
     summary = summary_table(data.metrics)
     summary.attrs["top_k"] = data.top_k
-    v = verdict(summary, data.top_k, order, data.metrics)
+    v = verdict(summary, data.top_k, order, data.metrics, data.nulls)
     figures = render_figures(data, summary, reference, svg)
     tables = {"summary": summary, "metrics": data.metrics, "spectra": data.spectra,
-              "similarity": data.similarity, **extra}
+              "similarity": data.similarity, "nulls": data.nulls, **extra}
     first = [(_TITLES.get(n, f"Table: {n}"), f"{n}.csv", extra[n]) for n in extra if n in _FIRST]
     shown = [(f"Table: {n}", f"{n}.csv", extra[n]) for n in extra if n not in _FIRST]
     shown.append(("Mean φ(K, K) per pair and module kind", "similarity.csv", _similarity_means(data)))

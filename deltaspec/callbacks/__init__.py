@@ -1,0 +1,32 @@
+"""Live spectral monitoring during training: ``SpectralCallback`` for the transformers ``Trainer``
+and ``SpectralLightningCallback`` for Lightning (when it is installed).
+
+Importing this package imports neither framework: each class is imported on first use::
+
+    from deltaspec.callbacks import SpectralCallback
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds,
+                      callbacks=[SpectralCallback(every=200, fail_on={"top1_share": "<= 0.9"})])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deltaspec.callbacks.hf import SpectralCallback
+    from deltaspec.callbacks.lightning import SpectralLightningCallback
+    from deltaspec.callbacks.monitor import Monitor
+
+_LAZY = {"SpectralCallback": "deltaspec.callbacks.hf",
+         "SpectralLightningCallback": "deltaspec.callbacks.lightning",
+         "Monitor": "deltaspec.callbacks.monitor"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'deltaspec.callbacks' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+__all__ = ["Monitor", "SpectralCallback", "SpectralLightningCallback"]
