@@ -177,8 +177,8 @@ def source_config(path: Any, base: Any) -> dict[str, Any]:
     ``task_type`` of its adapter config (a folder's, or a PeftModel's), else the base given."""
     import json
 
-    from deltaspec.loaders import live
     from deltaspec.loaders.registry import resolve
+    from deltaspec.loaders.sources import live
 
     cfg: dict[str, Any] = {}
     if live.is_peft_model(path):

@@ -1,7 +1,7 @@
 """The live monitor behind the training callbacks, free of any training framework.
 
 Every ``every`` optimiser steps :meth:`Monitor.step` reads the model's live parameters in place
-(:mod:`deltaspec.loaders.live`: a PeftModel's active adapter, or a full model against its base;
+(:mod:`deltaspec.loaders.sources.live`: a PeftModel's active adapter, or a full model against its base;
 nothing is copied and no checkpoint is written), runs the core entry
 (:func:`deltaspec.loop.run`: factored spectra, the metric table) and returns scalars per module
 kind — the mean over that kind's modules of each metric asked for, and the mean φ(K, K) of the
@@ -85,7 +85,7 @@ class Monitor:
 
     def begin(self, model: Any) -> None:
         """At the start of training: a full model without a base keeps its weights as the base."""
-        from deltaspec.loaders.live import is_peft_model
+        from deltaspec.loaders.sources.live import is_peft_model
 
         if self.base is None and model is not None and not is_peft_model(model):
             self.base = {n: p.detach().to("cpu", copy=True) for n, p in model.state_dict().items()}

@@ -25,7 +25,7 @@ from deltaspec.engine.collection import Member, ModuleStats, module_stats
 from deltaspec.engine.pipeline import prefetch
 from deltaspec.engine.spectrum import resolve_device, route
 from deltaspec.loaders import Deltas
-from deltaspec.loaders.live import describe
+from deltaspec.loaders.sources.live import describe
 from deltaspec.metrics.collection import Clusters
 from deltaspec.options import Options, make_options
 

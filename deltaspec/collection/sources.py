@@ -12,8 +12,8 @@ from typing import Any
 
 from deltaspec import plan
 from deltaspec.errors import DeltaspecError, UsageError
-from deltaspec.loaders.live import describe
 from deltaspec.loaders.registry import Deltas, load_side
+from deltaspec.loaders.sources.live import describe
 from deltaspec.options import Options
 from deltaspec.report.data import _check_shapes, _common, check_labels, parse_updates
 

@@ -39,7 +39,7 @@ def multilora_parts(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.
     ({} when ``folder`` is not one)."""
     from safetensors import safe_open
 
-    from deltaspec.loaders import multilora as ML
+    from deltaspec.loaders.multi import multilora as ML
 
     folder = Path(folder)
     if not (folder / ML.CONFIG).is_file() or not (folder / ML.WEIGHTS).is_file():
