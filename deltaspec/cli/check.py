@@ -26,6 +26,7 @@ from deltaspec.cli.options import (
 )
 from deltaspec.errors import one_line
 from deltaspec.names import kind_of
+from deltaspec.world import this_rank_writes
 from deltaspec.options import CORE_ONLY, FIELDS
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ def snapshot_cmd(path: str, **kw: Any) -> None:
 
     b = take_snapshot(path, kw["base"], sketch=kw["sketch"], options=to_options(kw))
     write_baseline(b, out)
-    if not kw["quiet"]:
+    if not kw["quiet"] and this_rank_writes():  # other ranks wrote nothing: no file to measure
         size = os.path.getsize(out)
         click.echo(one_line(f"wrote {out}: {len(b.modules)} modules, k={b.k}, {size / 1e6:.2f} MB"),
                    err=True)
