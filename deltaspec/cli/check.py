@@ -26,8 +26,8 @@ from deltaspec.cli.options import (
 )
 from deltaspec.errors import one_line
 from deltaspec.names import kind_of
-from deltaspec.world import this_rank_writes
 from deltaspec.options import CORE_ONLY, FIELDS
+from deltaspec.world import this_rank_writes
 
 if TYPE_CHECKING:
     from deltaspec.gate.check import Outcome
