@@ -13,18 +13,13 @@ imported on first use (torch and pandas load only then).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from deltaspec.lazy import exports
 
 _LAZY = {"compress": "deltaspec.act.run", "extract": "deltaspec.act.run",
          "suggest_ranks": "deltaspec.act.suggest",
          "verify_merge": "deltaspec.act.verify"}
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'deltaspec.act' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = exports(__name__, _LAZY)
 
 
 __all__ = ["compress", "extract", "suggest_ranks", "verify_merge"]

@@ -10,8 +10,9 @@ Importing this package imports neither framework: each class is imported on firs
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from deltaspec.lazy import exports
 
 if TYPE_CHECKING:
     from deltaspec.callbacks.hf import SpectralCallback
@@ -22,11 +23,7 @@ _LAZY = {"SpectralCallback": "deltaspec.callbacks.hf",
          "SpectralLightningCallback": "deltaspec.callbacks.lightning",
          "Monitor": "deltaspec.callbacks.monitor"}
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'deltaspec.callbacks' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = exports(__name__, _LAZY)
 
 
 __all__ = ["Monitor", "SpectralCallback", "SpectralLightningCallback"]
